@@ -1,0 +1,1 @@
+"""`ditserve bench ...`: each module here exposes add_arguments(parser) and run(args) -> dict."""

@@ -1,0 +1,56 @@
+"""What every benchmark result file shares: machine facts, medians, the writer."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+from pathlib import Path
+from typing import Any
+
+import ditserve
+
+
+def machine_info() -> dict[str, Any]:
+    """Facts that decide whether two result files are comparable."""
+    import torch
+
+    info: dict[str, Any] = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "ditserve": ditserve.__version__,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def result_document(
+    bench: str, model: str, config: dict[str, Any], rows: list[dict[str, Any]], summary: dict[str, Any]
+) -> dict[str, Any]:
+    """The DESIGN.md shape: bench, machine, model, config, rows, summary."""
+    return {
+        "bench": bench,
+        "machine": machine_info(),
+        "model": model,
+        "config": config,
+        "rows": rows,
+        "summary": summary,
+    }
+
+
+def write_result(path: str | Path, document: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
+    return path
