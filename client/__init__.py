@@ -1,0 +1,8 @@
+"""Client side of ditserve: gRPC stubs for the gateway and each stage, and the CLI.
+
+Imports without torch so that a thin client install stays thin.
+"""
+
+from ditserve.client.stub import AsyncPipelineClient, GenerateOutput, PipelineClient
+
+__all__ = ["AsyncPipelineClient", "GenerateOutput", "PipelineClient"]

@@ -1,0 +1,1 @@
+"""Server side of ditserve: the encoder, denoiser, VAE and gateway services."""

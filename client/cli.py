@@ -1,0 +1,257 @@
+"""The `ditserve` command: serve, up, demo, generate, info, make-tiny-model, bench.
+
+Imports no torch at module level, so `ditserve generate` stays light; server
+commands import the server side only when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+
+from ditserve.client.config import DEFAULT_PORTS, default_model_dir
+
+ROLES = ("gateway", "encoder", "denoiser", "vae")
+BENCHES = ("transport", "attention")
+
+
+def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", default="out.png", help="image path; several images get _N suffixes")
+    parser.add_argument("--negative-prompt", default="", help="used with --true-cfg-scale > 1")
+    parser.add_argument("--width", type=int, default=0, help="pixels, multiple of 16 (default: the model's)")
+    parser.add_argument("--height", type=int, default=0, help="pixels, multiple of 16 (default: the model's)")
+    parser.add_argument("--steps", type=int, default=0, help="denoising steps (default: the model's)")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="distilled guidance (FLUX.1-dev)")
+    parser.add_argument("--true-cfg-scale", type=float, default=None, help="true CFG scale; > 1 also runs the negative")
+    parser.add_argument("--seed", type=int, default=None, help="default: random, printed after the run")
+    parser.add_argument("--num-images", type=int, default=1)
+    parser.add_argument("--format", default="png", choices=["png", "jpeg", "webp", "raw"])
+    parser.add_argument("--timeout", type=float, default=600.0, help="deadline for the whole request, seconds")
+
+
+def _generate(client: object, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    bar = tqdm(desc="denoise", unit="step", leave=True)
+
+    def on_progress(progress: object) -> None:
+        if progress.stage == "denoise":
+            bar.total = progress.total_steps
+            bar.update(progress.step - bar.n)
+        else:
+            bar.set_postfix_str(f"{progress.stage} done")
+
+    try:
+        output = client.generate(
+            args.prompt,
+            timeout=args.timeout,
+            on_progress=on_progress,
+            negative_prompt=args.negative_prompt,
+            width=args.width,
+            height=args.height,
+            steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            true_cfg_scale=args.true_cfg_scale,
+            seed=args.seed,
+            num_images=args.num_images,
+            output_format=args.format,
+        )
+    except grpc.RpcError as error:
+        bar.close()
+        print(f"ditserve generate: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    bar.close()
+    target = Path(args.output)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(output.images):
+        path = target if len(output.images) == 1 else target.with_stem(f"{target.stem}_{index}")
+        image.save(path)
+        print(f"wrote {path} ({image.width}x{image.height})")
+    stages = ", ".join(f"{name} {ms:.0f} ms" for name, ms in output.timing.stage_ms.items())
+    print(f"seed {output.seed}; total {output.timing.total_ms:.0f} ms ({stages})")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from ditserve.client.stub import PipelineClient
+
+    with PipelineClient(args.target) as client:
+        if args.wait_ready:
+            client.wait_ready(args.wait_ready)
+        return _generate(client, args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ditserve.services.serve import run
+
+    return run(args.role, args)
+
+
+def _wait_for_interrupt() -> None:
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+
+
+def _stack(args: argparse.Namespace) -> object:
+    from ditserve.client.launcher import Ports, Stack
+
+    ports = Ports.free() if getattr(args, "free_ports", False) else Ports.defaults()
+    extra = {role: ["--device", args.device] for role in ("encoder", "denoiser", "vae")}
+    return Stack(model=Path(args.model), ports=ports, host=args.host, extra_args=extra)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    stack = _stack(args)
+    print("starting encoder, denoiser, vae, then gateway ...", flush=True)
+    stack.start(timeout=args.start_timeout)
+    for role in ROLES:
+        print(f"  {role:9s} grpc {stack.ports.address(role, args.host)}  metrics :{stack.ports.metrics[role]}")
+    print(f"ready: ditserve generate 'a red circle on a blue background' --target {stack.gateway}", flush=True)
+    _wait_for_interrupt()
+    print("stopping ...", flush=True)
+    stack.stop()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ditserve.client.stub import PipelineClient
+
+    args.free_ports = True
+    stack = _stack(args)
+    print("starting the four services on free loopback ports ...", flush=True)
+    stack.start(timeout=args.start_timeout)
+    try:
+        with PipelineClient(stack.gateway) as client:
+            return _generate(client, args)
+    finally:
+        stack.stop()
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToJson
+
+    from ditserve.client.stub import StageClient
+    from ditserve.v1 import common_pb2
+
+    client = StageClient(args.target)
+    try:
+        print(MessageToJson(client.admin.Info(common_pb2.InfoRequest(), timeout=10)))
+    finally:
+        client.close()
+    return 0
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from ditserve.services.modelgen.tiny_flux import write_tiny_flux
+
+    path = write_tiny_flux(Path(args.dir), seed=args.seed)
+    print(f"wrote a tiny FLUX-architecture model to {path}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    from ditserve.services.bench.common import write_result
+
+    module = importlib.import_module(f"ditserve.services.bench.{args.bench}")
+    path = write_result(args.out, module.run(args))
+    print(f"wrote {path}")
+    return 0
+
+
+def _stack_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=str(default_model_dir()), help="model folder (default: the shipped model)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address of all four services")
+    parser.add_argument("--device", default="auto", help="device of the model stages (default: auto)")
+    parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for SERVING")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ditserve", description="Serve diffusion transformers as gRPC microservices (encoder, denoiser, vae, gateway)."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run one service", description="Run one service until SIGTERM.")
+    roles = serve.add_subparsers(dest="role", required=True, metavar="ROLE")
+    for role in ROLES:
+        grpc_port, metrics_port = DEFAULT_PORTS[role]
+        sub = roles.add_parser(role, help=f"the {role} (gRPC :{grpc_port}, metrics :{metrics_port})")
+        _add_serve_arguments(sub, role)
+        sub.set_defaults(func=cmd_serve)
+
+    up = commands.add_parser("up", help="run all four services locally; Ctrl-C stops them")
+    _stack_arguments(up)
+    up.set_defaults(func=cmd_up)
+
+    demo = commands.add_parser("demo", help="start the stack on free ports, generate one image, stop")
+    _stack_arguments(demo)
+    demo.add_argument("--prompt", default="a red circle on a blue background")
+    _add_generation_arguments(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    generate = commands.add_parser("generate", help="generate images through a running gateway")
+    generate.add_argument("prompt")
+    generate.add_argument("--target", default=f"127.0.0.1:{DEFAULT_PORTS['gateway'][0]}", help="gateway address")
+    generate.add_argument("--wait-ready", type=float, default=0, help="first wait this many seconds for SERVING")
+    _add_generation_arguments(generate)
+    generate.set_defaults(func=cmd_generate)
+
+    info = commands.add_parser("info", help="print a service's Info (model, dtype, device, version)")
+    info.add_argument("--target", default=f"127.0.0.1:{DEFAULT_PORTS['gateway'][0]}")
+    info.set_defaults(func=cmd_info)
+
+    tiny = commands.add_parser("make-tiny-model", help="write a deterministic tiny FLUX-architecture model")
+    tiny.add_argument("dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_make_tiny_model)
+
+    bench = commands.add_parser("bench", help="benchmarks that write a JSON result file")
+    benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    for name in BENCHES:
+        sub = benches.add_parser(name, help=f"the {name} benchmark")
+        sub.add_argument("--out", required=True, help="result JSON path")
+        _add_bench_arguments(sub, name)
+        sub.set_defaults(func=cmd_bench)
+    return parser
+
+
+def _add_serve_arguments(parser: argparse.ArgumentParser, role: str) -> None:
+    """Server flags live with the server code; without the [serve] extra, say so when it runs."""
+    try:
+        from ditserve.services.serve import add_arguments
+    except ImportError as error:
+        parser.set_defaults(missing_extra=str(error))
+        return
+    add_arguments(parser, role)
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    import importlib
+
+    try:
+        module = importlib.import_module(f"ditserve.services.bench.{name}")
+    except ImportError as error:
+        parser.set_defaults(missing_extra=str(error))
+        return
+    module.add_arguments(parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "missing_extra", None):
+        raise SystemExit(f"ditserve {args.command}: needs the server extra (pip install 'ditserve[serve]'): "
+                         f"{args.missing_extra}")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""What every service shares: tensor codec, errors, metrics, server bootstrap, model loading."""

@@ -1,0 +1,47 @@
+"""Our exception classes and the gRPC status each one maps to.
+
+Handlers raise these; the one interceptor in rpc.py turns them into statuses,
+so no handler calls context.abort itself.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ServiceError(Exception):
+    """An error that ends one request, never the process."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(ServiceError):
+    """The request can never work; `field` names the offending field."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+
+
+class ResourceExhausted(ServiceError):
+    """Full queue or over a limit: the caller may retry later."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(ServiceError):
+    """The stage is down, draining or not loaded yet."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Cancelled(ServiceError):
+    """The caller went away or its deadline passed while we worked."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
+class ModelLoadError(RuntimeError):
+    """A model folder that cannot be served: raised at start-up, with the path and what is wrong."""

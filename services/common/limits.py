@@ -1,0 +1,69 @@
+"""Request bounds every stage checks, and the pure validation of generation settings."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+
+from ditserve.services.common.errors import InvalidArgument
+
+SIZE_MULTIPLE = 16  # VAE factor 8 x 2x2 latent packing
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Configurable bounds; each is a flag `--max-...` on every service."""
+
+    max_prompt_chars: int = 2048
+    """Longest prompt accepted, in characters."""
+    min_size: int = 64
+    """Smallest height or width in pixels."""
+    max_size: int = 2048
+    """Largest height or width in pixels."""
+    max_steps: int = 200
+    """Most denoising steps per request."""
+    max_num_images: int = 8
+    """Most images per request."""
+    max_sequence_length: int = 512
+    """Most text tokens kept by the sequence encoder."""
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("request limits")
+        for f in fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            group.add_argument(flag, type=int, default=f.default, help=f"(default: {f.default})")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RequestLimits:
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def check_range(field: str, value: int | float, low: int | float, high: int | float) -> None:
+    if not low <= value <= high:
+        raise InvalidArgument(field, f"{value} is outside [{low}, {high}]")
+
+
+def check_size(field: str, value: int, limits: RequestLimits) -> None:
+    check_range(field, value, limits.min_size, limits.max_size)
+    if value % SIZE_MULTIPLE:
+        raise InvalidArgument(field, f"{value} is not a multiple of {SIZE_MULTIPLE}")
+
+
+def check_prompt(field: str, prompt: str, limits: RequestLimits, allow_empty: bool = False) -> None:
+    if not allow_empty and not prompt.strip():
+        raise InvalidArgument(field, "is empty")
+    if len(prompt) > limits.max_prompt_chars:
+        raise InvalidArgument(field, f"has {len(prompt)} characters, over the limit of {limits.max_prompt_chars}")
+
+
+def check_generation(
+    limits: RequestLimits, *, height: int, width: int, steps: int, num_images: int, true_cfg_scale: float
+) -> None:
+    """The settings every stage agrees on, already resolved from their defaults."""
+    check_size("height", height, limits)
+    check_size("width", width, limits)
+    check_range("num_inference_steps", steps, 1, limits.max_steps)
+    check_range("num_images", num_images, 1, limits.max_num_images)
+    if not 0.0 <= true_cfg_scale <= 100.0:
+        raise InvalidArgument("true_cfg_scale", f"{true_cfg_scale} is outside [0, 100]")

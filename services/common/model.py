@@ -1,0 +1,89 @@
+"""Local diffusers-format model folders: checked at start-up, loaded per component.
+
+Each service loads only its own components, through the same `from_pretrained`
+path for the shipped model and for a real FLUX.1 folder. Nothing is fetched
+from a hub, and weights load from safetensors only (no pickle).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ditserve.services.common.errors import ModelLoadError
+
+SIDECAR = "ditserve.json"
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """Request defaults; FLUX.1's unless the folder's ditserve.json says otherwise."""
+
+    height: int = 1024
+    width: int = 1024
+    steps: int = 28
+    guidance_scale: float = 3.5
+    true_cfg_scale: float = 1.0
+    max_sequence_length: int = 512
+
+
+class ModelFolder:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser().resolve()
+        index_path = self.path / "model_index.json"
+        if not self.path.is_dir():
+            raise ModelLoadError(f"model folder {self.path} does not exist")
+        if not index_path.is_file():
+            raise ModelLoadError(f"{self.path} is not a diffusers model folder: model_index.json is missing")
+        try:
+            self.index: dict[str, Any] = json.loads(index_path.read_text())
+        except json.JSONDecodeError as error:
+            raise ModelLoadError(f"{index_path} is not valid JSON: {error}") from error
+        self.sidecar: dict[str, Any] = self._read_sidecar()
+        self.defaults = self._defaults()
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def family(self) -> str:
+        return str(self.sidecar.get("family", "flux"))
+
+    def _read_sidecar(self) -> dict[str, Any]:
+        path = self.path / SIDECAR
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def _defaults(self) -> ModelDefaults:
+        known = {f.name for f in fields(ModelDefaults)}
+        values = {key.removeprefix("default_"): value for key, value in self.sidecar.items()}
+        return ModelDefaults(**{key: value for key, value in values.items() if key in known})
+
+    def component_dir(self, component: str) -> Path:
+        entry = self.index.get(component)
+        folder = self.path / component
+        if not isinstance(entry, list) or entry[0] is None or not folder.is_dir():
+            raise ModelLoadError(f"{self.path}: component {component!r} is missing from model_index.json or disk")
+        return folder
+
+    def config(self, component: str) -> dict[str, Any]:
+        """A component's config.json, for facts a service needs without loading the weights."""
+        return json.loads((self.component_dir(component) / "config.json").read_text())
+
+    def load(self, component: str, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
+        """Loads one component with the class model_index.json names for it."""
+        folder = self.component_dir(component)
+        library, class_name = self.index[component]
+        cls = getattr(importlib.import_module(library), class_name)
+        if component.startswith("tokenizer") or component == "scheduler":
+            return cls.from_pretrained(folder, local_files_only=True)
+        try:
+            model = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True, torch_dtype=dtype)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"{folder}: cannot load {class_name} from safetensors: {error}") from error
+        return model.to(device).eval().requires_grad_(False)

@@ -1,0 +1,111 @@
+"""The one server interceptor: maps our errors to statuses and records RPC metrics.
+
+Every handler of every service passes through here, so status codes, request
+counters, durations and in-flight gauges are uniform and no handler aborts by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from ditserve.client.tensors import TensorError
+from ditserve.services.common.errors import ServiceError
+from ditserve.services.common.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+
+def _status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(error, ServiceError):
+        return error.code, str(error)
+    if isinstance(error, TensorError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
+
+
+def _ended_code(context: grpc.ServicerContext) -> grpc.StatusCode:
+    """Why a stream stopped early: the caller's deadline or its cancellation."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
+class ObservabilityInterceptor(grpc.ServerInterceptor):
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self.metrics = metrics
+
+    def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None], details: Any
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        method = details.method.rsplit("/", 1)[-1]
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # streaming-request RPCs (reflection) pass through untouched
+
+    def _record(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        service = self.metrics.service
+        self.metrics.requests.labels(service, method, code.name).inc()
+        self.metrics.duration.labels(service, method).observe(time.perf_counter() - started)
+        self.metrics.in_flight.dec()
+
+    @staticmethod
+    def _status(context: grpc.ServicerContext, error: Exception) -> tuple[grpc.StatusCode, str]:
+        """The status to end with: one the handler already set wins, else the mapped one."""
+        if context.code() not in (None, grpc.StatusCode.OK):
+            return context.code(), context.details() or ""
+        code, message = _status_of(error)
+        if code is grpc.StatusCode.INTERNAL:
+            log.exception("unhandled error in %s", type(error).__name__)
+        return code, message
+
+    def _unary(self, method: str, behavior: Callable) -> Callable:
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.perf_counter()
+            self.metrics.in_flight.inc()
+            code = grpc.StatusCode.OK
+            try:
+                return behavior(request, context)
+            except Exception as error:
+                code, message = self._status(context, error)
+                context.abort(code, message)  # raises: grpc sends the status
+            finally:
+                self._record(method, code, started)
+
+        return wrapped
+
+    def _stream(self, method: str, behavior: Callable) -> Callable:
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            started = time.perf_counter()
+            self.metrics.in_flight.inc()
+            code = grpc.StatusCode.OK
+            try:
+                yield from behavior(request, context)
+            except GeneratorExit:  # grpc closes the stream when the caller goes away
+                code = _ended_code(context)
+                raise
+            except Exception as error:
+                code, message = self._status(context, error)
+                context.abort(code, message)
+            finally:
+                self._record(method, code, started)
+
+        return wrapped

@@ -1,0 +1,142 @@
+"""Server bootstrap shared by the four roles: create, serve, drain on SIGTERM.
+
+`start_server` binds (port 0 picks a free port, for tests), registers health,
+reflection and Admin next to the role's servicers, and returns a handle;
+`serve_forever` adds signal handling for the `ditserve serve` processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ditserve.services.common.metrics import ServiceMetrics
+from ditserve.services.common.rpc import ObservabilityInterceptor
+from ditserve.v1 import common_pb2, common_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+
+
+def channel_options(max_message_mb: int) -> list[tuple[str, int]]:
+    """Raised limits on both sides: a FLUX T5 embedding alone is gRPC's 4 MiB default."""
+    size = max_message_mb * MiB
+    return [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int | None = 0
+    max_workers: int = 32
+    max_message_mb: int = 256
+    grace_seconds: float = 30.0
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser, port: int, metrics_port: int) -> None:
+        group = parser.add_argument_group("server")
+        group.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+        group.add_argument("--port", type=int, default=port, help=f"gRPC port (default: {port}; 0 = any free)")
+        group.add_argument(
+            "--metrics-port", type=int, default=metrics_port, help=f"Prometheus /metrics port (default: {metrics_port})"
+        )
+        group.add_argument("--max-workers", type=int, default=32, help="gRPC handler threads (default: 32)")
+        group.add_argument("--max-message-mb", type=int, default=256, help="gRPC message size limit (default: 256)")
+        group.add_argument(
+            "--grace-seconds", type=float, default=30.0, help="SIGTERM drain time for in-flight requests"
+        )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServerOptions:
+        return cls(
+            host=args.host,
+            port=args.port,
+            metrics_port=args.metrics_port,
+            max_workers=args.max_workers,
+            max_message_mb=args.max_message_mb,
+            grace_seconds=args.grace_seconds,
+        )
+
+
+class Service(Protocol):
+    """What a role plugs into the bootstrap."""
+
+    role: str
+    metrics: ServiceMetrics
+
+    def grpc_service_names(self) -> list[str]: ...
+
+    def register(self, server: grpc.Server) -> None: ...
+
+    def info(self) -> common_pb2.InfoResponse: ...
+
+    def close(self) -> None: ...
+
+
+class AdminServicer(common_pb2_grpc.AdminServicer):
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def Info(self, request: common_pb2.InfoRequest, context: grpc.ServicerContext) -> common_pb2.InfoResponse:
+        return self.service.info()
+
+
+@dataclass
+class RunningServer:
+    service: Service
+    server: grpc.Server
+    health: health.HealthServicer
+    port: int
+    metrics_port: int | None
+
+    def stop(self, grace: float) -> None:
+        """Health goes NOT_SERVING first, then new RPCs are refused and in-flight ones get `grace` seconds."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.service.close()
+
+
+def start_server(service: Service, options: ServerOptions) -> RunningServer:
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix=f"{service.role}-rpc"),
+        interceptors=[ObservabilityInterceptor(service.metrics)],
+        options=channel_options(options.max_message_mb),
+    )
+    service.register(server)
+    common_pb2_grpc.add_AdminServicer_to_server(AdminServicer(service), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [*service.grpc_service_names(), "ditserve.v1.Admin"]
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(f"{options.host}:{options.port}")
+    server.start()
+    for name in ["", *names]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    metrics_port = None
+    if options.metrics_port is not None:
+        metrics_port = service.metrics.serve_http(options.host, options.metrics_port)
+    log.info("%s serving gRPC on %s:%d, metrics on %s", service.role, options.host, port, metrics_port)
+    return RunningServer(service, server, health_servicer, port, metrics_port)
+
+
+def serve_forever(service: Service, options: ServerOptions) -> None:
+    """Runs until SIGTERM or SIGINT, then drains within the grace period."""
+    running = start_server(service, options)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    log.info("%s draining (grace %.0fs)", service.role, options.grace_seconds)
+    running.stop(options.grace_seconds)
+    log.info("%s stopped", service.role)

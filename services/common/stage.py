@@ -1,0 +1,56 @@
+"""What the three model-holding stages share: folder, device, dtype, limits, metrics, Info."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import ditserve
+from ditserve.services.common.device import dtype_name
+from ditserve.services.common.limits import RequestLimits
+from ditserve.services.common.metrics import ServiceMetrics
+from ditserve.services.common.model import ModelFolder
+from ditserve.v1 import common_pb2
+
+
+@dataclass
+class StageContext:
+    """Everything a stage is configured with, built once from the command line."""
+
+    role: str
+    folder: ModelFolder
+    device: torch.device
+    dtype: torch.dtype
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    metrics: ServiceMetrics = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.metrics is None:
+            self.metrics = ServiceMetrics(self.role)
+
+    def publish_model_info(self, attention_backend: str = "") -> None:
+        self.metrics.set_model_info(
+            model=self.folder.name,
+            dtype=dtype_name(self.dtype),
+            device=str(self.device),
+            attention_backend=attention_backend,
+            version=ditserve.__version__,
+        )
+        self.metrics.watch_device_memory()
+
+    def info(self, attention_backend: str = "", **details: object) -> common_pb2.InfoResponse:
+        return common_pb2.InfoResponse(
+            service=self.role,
+            model=str(self.folder.path),
+            dtype=dtype_name(self.dtype),
+            device=str(self.device),
+            version=ditserve.__version__,
+            attention_backend=attention_backend,
+            details={key: str(value) for key, value in details.items()},
+        )
+
+
+def elapsed_ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0

@@ -1,0 +1,55 @@
+"""torch <-> Tensor messages, with the same validation as the numpy codec.
+
+Decoding is zero-copy: the returned tensor views the message's bytes and is
+read-only in spirit; callers that write in place must clone first.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ditserve.client.tensors import DEFAULT_LIMITS, TensorError, TensorLimits, validate
+from ditserve.v1 import tensor_pb2
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "UINT8": torch.uint8,
+    "INT8": torch.int8,
+    "INT16": torch.int16,
+    "INT32": torch.int32,
+    "INT64": torch.int64,
+    "FP16": torch.float16,
+    "BF16": torch.bfloat16,
+    "FP32": torch.float32,
+    "FP64": torch.float64,
+}
+DATATYPES: dict[torch.dtype, str] = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+
+
+def encode(tensor: torch.Tensor) -> tensor_pb2.Tensor:
+    """One copy into the message bytes; the tensor may live on any device."""
+    if tensor.dtype not in DATATYPES:
+        raise TensorError("tensor.datatype", f"torch dtype {tensor.dtype} has no wire datatype")
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return tensor_pb2.Tensor(
+        datatype=DATATYPES[tensor.dtype],
+        shape=list(tensor.shape),
+        raw_data=flat.view(torch.uint8).numpy().tobytes(),
+    )
+
+
+def decode(
+    message: tensor_pb2.Tensor, field: str = "tensor", limits: TensorLimits = DEFAULT_LIMITS
+) -> torch.Tensor:
+    """Validates, then views the bytes as a CPU tensor without copying."""
+    count = validate(message, field, limits)
+    dtype = TORCH_DTYPES[message.datatype]
+    shape = tuple(message.shape)
+    if count == 0:
+        return torch.empty(shape, dtype=dtype)
+    with warnings.catch_warnings():
+        # protobuf bytes are immutable; torch warns that the view is not writable.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(message.raw_data, dtype=dtype).reshape(shape)

@@ -1,0 +1,1 @@
+"""The denoiser service: runs the diffusion transformer (FLUX) step by step."""

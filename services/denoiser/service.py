@@ -1,0 +1,155 @@
+"""Denoiser.Denoise: validate, admit to the engine, stream step progress, then the latents."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import replace
+from collections.abc import Iterator
+
+import grpc
+import torch
+
+from ditserve.services.common import flux, tensor_codec
+from ditserve.services.common.errors import Cancelled, InvalidArgument
+from ditserve.services.common.limits import check_generation, check_range
+from ditserve.services.common.stage import StageContext
+from ditserve.services.denoiser import job as events
+from ditserve.services.denoiser.engine import Engine
+from ditserve.services.denoiser.flux_runner import Conditioning, FluxInputs, FluxRunner
+from ditserve.services.denoiser.job import DenoiseJob
+from ditserve.v1 import common_pb2, denoiser_pb2, denoiser_pb2_grpc, encoder_pb2
+
+FLOAT_DATATYPES = ("FP32", "FP16", "BF16")
+
+
+class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
+    role = "denoiser"
+
+    def __init__(self, stage: StageContext, max_queue: int = 64) -> None:
+        self.stage = stage
+        self.metrics = stage.metrics
+        folder = stage.folder
+        self.transformer = folder.load("transformer", stage.device, stage.dtype)
+        runner = FluxRunner(
+            self.transformer,
+            folder.load("scheduler"),
+            flux.vae_scale_factor(folder.config("vae")),
+            stage.device,
+            stage.dtype,
+        )
+        self.engine = Engine(runner, stage.metrics, max_queue=max_queue)
+        stage.publish_model_info()
+
+    def grpc_service_names(self) -> list[str]:
+        return ["ditserve.v1.Denoiser"]
+
+    def register(self, server: grpc.Server) -> None:
+        denoiser_pb2_grpc.add_DenoiserServicer_to_server(self, server)
+
+    def info(self) -> common_pb2.InfoResponse:
+        defaults = self.stage.folder.defaults
+        return self.stage.info(
+            default_height=defaults.height, default_width=defaults.width, default_steps=defaults.steps
+        )
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def _conditioning(self, message: encoder_pb2.PromptEmbedding, field: str) -> Conditioning:
+        config = self.transformer.config
+        embeds = _float_tensor(message.prompt_embeds, f"{field}.prompt_embeds")
+        pooled = _float_tensor(message.pooled_prompt_embeds, f"{field}.pooled_prompt_embeds")
+        if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[2] != config.joint_attention_dim:
+            raise InvalidArgument(
+                f"{field}.prompt_embeds", f"shape {list(embeds.shape)} is not [1, tokens, {config.joint_attention_dim}]"
+            )
+        check_range(f"{field}.prompt_embeds.shape[1]", embeds.shape[1], 1, self.stage.limits.max_sequence_length)
+        if list(pooled.shape) != [1, config.pooled_projection_dim]:
+            raise InvalidArgument(
+                f"{field}.pooled_prompt_embeds", f"shape {list(pooled.shape)} is not [1, {config.pooled_projection_dim}]"
+            )
+        return Conditioning(embeds, pooled)
+
+    def parse(self, request: denoiser_pb2.DenoiseRequest) -> FluxInputs:
+        defaults = self.stage.folder.defaults
+        if not request.HasField("prompt"):
+            raise InvalidArgument("prompt", "is missing: send the encoder's embedding")
+        prompt = self._conditioning(request.prompt, "prompt")
+        true_cfg = request.true_cfg_scale if request.HasField("true_cfg_scale") else defaults.true_cfg_scale
+        guidance = request.guidance_scale if request.HasField("guidance_scale") else defaults.guidance_scale
+        inputs = FluxInputs(
+            prompt=prompt,
+            negative=None,
+            height=request.height or defaults.height,
+            width=request.width or defaults.width,
+            steps=request.num_inference_steps or defaults.steps,
+            guidance_scale=guidance,
+            true_cfg_scale=true_cfg,
+            seed=request.seed,
+            num_images=request.num_images or 1,
+        )
+        check_generation(
+            self.stage.limits,
+            height=inputs.height,
+            width=inputs.width,
+            steps=inputs.steps,
+            num_images=inputs.num_images,
+            true_cfg_scale=true_cfg,
+        )
+        if not (math.isfinite(guidance) and 0.0 <= guidance <= 100.0):
+            raise InvalidArgument("guidance_scale", f"{guidance} is outside [0, 100]")
+        if true_cfg > 1.0:
+            if not request.HasField("negative_prompt"):
+                raise InvalidArgument("negative_prompt", "is required when true_cfg_scale > 1")
+            negative = self._conditioning(request.negative_prompt, "negative_prompt")
+            if negative.embeds.shape != prompt.embeds.shape:
+                raise InvalidArgument(
+                    "negative_prompt.prompt_embeds",
+                    f"shape {list(negative.embeds.shape)} differs from the prompt's {list(prompt.embeds.shape)}",
+                )
+            inputs = replace(inputs, negative=negative)
+        return inputs
+
+    def Denoise(
+        self, request: denoiser_pb2.DenoiseRequest, context: grpc.ServicerContext
+    ) -> Iterator[denoiser_pb2.DenoiseEvent]:
+        self.metrics.count_bytes("in", request.ByteSize())
+        inputs = self.parse(request)
+        job = DenoiseJob(request.request_id or uuid.uuid4().hex, inputs, inputs.steps)
+        context.add_callback(job.cancel)
+        self.engine.submit(job)
+        while True:
+            event = job.events.get()
+            if isinstance(event, events.Progress):
+                yield denoiser_pb2.DenoiseEvent(
+                    progress=denoiser_pb2.StepProgress(
+                        step=event.step, total_steps=event.total_steps, step_ms=event.step_ms
+                    )
+                )
+            elif isinstance(event, events.Finished):
+                yield self._result(event, inputs)
+                return
+            elif isinstance(event, events.Failed):
+                raise event.error
+            else:
+                raise Cancelled("the caller cancelled or its deadline passed")
+
+    def _result(self, event: events.Finished, inputs: FluxInputs) -> denoiser_pb2.DenoiseEvent:
+        latents = tensor_codec.encode(event.latents)
+        self.metrics.count_bytes("out", len(latents.raw_data))
+        denoise_ms = event.total_ms - event.queue_ms
+        timing = common_pb2.Timing(
+            queue_ms=event.queue_ms, stage_ms={"denoise": denoise_ms}, step_ms=event.step_ms, total_ms=event.total_ms
+        )
+        result = denoiser_pb2.DenoiseResult(latents=latents, height=inputs.height, width=inputs.width, timing=timing)
+        return denoiser_pb2.DenoiseEvent(result=result)
+
+
+def _float_tensor(message: object, field: str) -> torch.Tensor:
+    if message.datatype not in FLOAT_DATATYPES:
+        raise InvalidArgument(f"{field}.datatype", f"{message.datatype!r} is not one of {', '.join(FLOAT_DATATYPES)}")
+    tensor = tensor_codec.decode(message, field)
+    if not torch.isfinite(tensor).all():
+        raise InvalidArgument(field, "contains NaN or Inf")
+    return tensor

@@ -1,0 +1,1 @@
+"""The text-encoder stage: tokenizers + text encoders -> prompt embeddings."""

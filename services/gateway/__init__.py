@@ -1,0 +1,1 @@
+"""The gateway: a stateless Pipeline.Generate that chains encoder -> denoiser -> vae."""

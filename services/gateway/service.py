@@ -1,0 +1,198 @@
+"""Pipeline.Generate: encode -> denoise -> decode over gRPC, streaming progress.
+
+Stateless and weightless: it validates early (before spending an encode),
+forwards the caller's deadline to every stage, and cancels the stage call in
+flight when its caller goes away.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+
+import ditserve
+from ditserve.services.common.errors import ServiceError
+from ditserve.services.common.limits import RequestLimits, check_prompt, check_range, check_size
+from ditserve.services.common.metrics import ServiceMetrics
+from ditserve.services.common.server import channel_options
+from ditserve.services.common.stage import elapsed_ms
+from ditserve.services.gateway.pool import StagePool
+from ditserve.v1 import (
+    common_pb2,
+    denoiser_pb2,
+    denoiser_pb2_grpc,
+    encoder_pb2,
+    encoder_pb2_grpc,
+    pipeline_pb2,
+    pipeline_pb2_grpc,
+    vae_pb2,
+    vae_pb2_grpc,
+)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    encoders: list[str]
+    denoisers: list[str]
+    vaes: list[str]
+    limits: RequestLimits
+    stage_timeout_s: float = 600.0
+    max_message_mb: int = 256
+
+
+class CallTracker:
+    """Remembers the stage calls of one request so they can be cancelled together."""
+
+    def __init__(self) -> None:
+        self._calls: list[grpc.Future] = []
+        self._lock = threading.Lock()
+
+    def track(self, call: grpc.Future) -> grpc.Future:
+        with self._lock:
+            self._calls.append(call)
+        return call
+
+    def cancel_all(self) -> None:
+        with self._lock:
+            for call in self._calls:
+                call.cancel()
+
+
+def _progress(stage: str, started: float, step: int = 0, total: int = 0) -> pipeline_pb2.GenerateEvent:
+    return pipeline_pb2.GenerateEvent(
+        progress=pipeline_pb2.Progress(stage=stage, step=step, total_steps=total, elapsed_ms=elapsed_ms(started))
+    )
+
+
+class GatewayService(pipeline_pb2_grpc.PipelineServicer):
+    role = "gateway"
+
+    def __init__(self, config: GatewayConfig, metrics: ServiceMetrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or ServiceMetrics(self.role)
+        options = channel_options(config.max_message_mb)
+        self.encoder = StagePool("encoder", config.encoders, encoder_pb2_grpc.TextEncoderStub, options)
+        self.denoiser = StagePool("denoiser", config.denoisers, denoiser_pb2_grpc.DenoiserStub, options)
+        self.vae = StagePool("vae", config.vaes, vae_pb2_grpc.VaeDecoderStub, options)
+        self.metrics.set_model_info(model="", dtype="", device="", attention_backend="", version=ditserve.__version__)
+
+    def grpc_service_names(self) -> list[str]:
+        return ["ditserve.v1.Pipeline"]
+
+    def register(self, server: grpc.Server) -> None:
+        pipeline_pb2_grpc.add_PipelineServicer_to_server(self, server)
+
+    def info(self) -> common_pb2.InfoResponse:
+        stages = {"encoders": self.encoder, "denoisers": self.denoiser, "vaes": self.vae}
+        return common_pb2.InfoResponse(
+            service=self.role,
+            version=ditserve.__version__,
+            details={name: ",".join(pool.addresses) for name, pool in stages.items()},
+        )
+
+    def close(self) -> None:
+        for pool in (self.encoder, self.denoiser, self.vae):
+            pool.close()
+
+    def _validate(self, request: pipeline_pb2.GenerateRequest) -> None:
+        """Checks what the gateway can know; stages check the values they resolve from defaults."""
+        limits = self.config.limits
+        check_prompt("prompt", request.prompt, limits)
+        check_prompt("negative_prompt", request.negative_prompt, limits, allow_empty=True)
+        for field in ("width", "height"):
+            if getattr(request, field):
+                check_size(field, getattr(request, field), limits)
+        if request.num_inference_steps:
+            check_range("num_inference_steps", request.num_inference_steps, 1, limits.max_steps)
+        if request.num_images:
+            check_range("num_images", request.num_images, 1, limits.max_num_images)
+        if request.max_sequence_length:
+            check_range("max_sequence_length", request.max_sequence_length, 1, limits.max_sequence_length)
+        if request.quality:
+            check_range("quality", request.quality, 1, 100)
+
+    def _timeout(self, context: grpc.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        return self.config.stage_timeout_s if remaining is None else min(remaining, self.config.stage_timeout_s)
+
+    def Generate(
+        self, request: pipeline_pb2.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[pipeline_pb2.GenerateEvent]:
+        started = time.perf_counter()
+        self._validate(request)
+        request_id = request.request_id or uuid.uuid4().hex
+        seed = request.seed if request.HasField("seed") else secrets.randbits(63)
+        calls = CallTracker()
+        context.add_callback(calls.cancel_all)
+        true_cfg = request.HasField("true_cfg_scale") and request.true_cfg_scale > 1.0
+        stage_ms: dict[str, float] = {}
+
+        t0 = time.perf_counter()
+        prompts = [request.prompt, request.negative_prompt] if true_cfg else [request.prompt]
+        encode_request = encoder_pb2.EncodeRequest(
+            prompts=prompts, max_sequence_length=request.max_sequence_length, allow_empty=true_cfg
+        )
+        encoded = self.encoder.call(
+            lambda stub: calls.track(stub.Encode.future(encode_request, timeout=self._timeout(context))).result()
+        )
+        stage_ms["encode"] = elapsed_ms(t0)
+        yield _progress("encode", started)
+
+        denoise_request = denoiser_pb2.DenoiseRequest(
+            request_id=request_id,
+            prompt=encoded.embeddings[0],
+            height=request.height,
+            width=request.width,
+            num_inference_steps=request.num_inference_steps,
+            seed=seed,
+            num_images=request.num_images,
+        )
+        if request.HasField("guidance_scale"):
+            denoise_request.guidance_scale = request.guidance_scale
+        if request.HasField("true_cfg_scale"):
+            denoise_request.true_cfg_scale = request.true_cfg_scale
+        if true_cfg:
+            denoise_request.negative_prompt.CopyFrom(encoded.embeddings[1])
+        t0 = time.perf_counter()
+        result: denoiser_pb2.DenoiseResult | None = None
+        for event in self.denoiser.stream(
+            lambda stub: calls.track(stub.Denoise(denoise_request, timeout=self._timeout(context)))
+        ):
+            if event.HasField("progress"):
+                yield _progress("denoise", started, event.progress.step, event.progress.total_steps)
+            else:
+                result = event.result
+        if result is None:
+            raise ServiceError("denoiser: the stream ended without a result")
+        stage_ms["denoise"] = elapsed_ms(t0)
+
+        t0 = time.perf_counter()
+        decode_request = vae_pb2.DecodeRequest(
+            latents=result.latents,
+            height=result.height,
+            width=result.width,
+            format=request.output_format,
+            quality=request.quality,
+        )
+        decoded = self.vae.call(
+            lambda stub: calls.track(stub.Decode.future(decode_request, timeout=self._timeout(context))).result()
+        )
+        stage_ms["decode"] = elapsed_ms(t0)
+        yield _progress("decode", started)
+
+        total = elapsed_ms(started)
+        timing = common_pb2.Timing(
+            queue_ms=encoded.timing.queue_ms + result.timing.queue_ms + decoded.timing.queue_ms,
+            stage_ms={**stage_ms, "gateway": total - sum(stage_ms.values())},
+            step_ms=result.timing.step_ms,
+            total_ms=total,
+        )
+        yield pipeline_pb2.GenerateEvent(
+            result=pipeline_pb2.GenerateResult(images=decoded.images, timing=timing, seed=seed, request_id=request_id)
+        )

@@ -1,0 +1,88 @@
+"""`ditserve serve ROLE`: builds one role from its flags and serves until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ditserve.client.config import DEFAULT_PORTS, default_model_dir
+from ditserve.services.common import device as device_flags
+from ditserve.services.common.errors import ModelLoadError
+from ditserve.services.common.limits import RequestLimits
+from ditserve.services.common.server import ServerOptions, Service, serve_forever
+
+ROLES = ("gateway", "encoder", "denoiser", "vae")
+
+
+def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
+    grpc_port, metrics_port = DEFAULT_PORTS[role]
+    ServerOptions.add_arguments(parser, grpc_port, metrics_port)
+    RequestLimits.add_arguments(parser)
+    if role == "gateway":
+        group = parser.add_argument_group("stages (comma-separated addresses: round-robin, retry on UNAVAILABLE)")
+        for stage in ("encoder", "denoiser", "vae"):
+            group.add_argument(
+                f"--{stage}", default=f"127.0.0.1:{DEFAULT_PORTS[stage][0]}", help=f"{stage} address(es)"
+            )
+        group.add_argument("--stage-timeout", type=float, default=600.0, help="per-stage deadline in seconds")
+        return
+    parser.add_argument(
+        "--model", default=str(default_model_dir()), help="local diffusers-format folder (default: the shipped model)"
+    )
+    device_flags.add_arguments(parser)
+    if role == "denoiser":
+        parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before RESOURCE_EXHAUSTED")
+
+
+def _addresses(value: str) -> list[str]:
+    return [address.strip() for address in value.split(",") if address.strip()]
+
+
+def build_service(role: str, args: argparse.Namespace) -> Service:
+    """Loads the role's model components; a bad --model is a ModelLoadError here, before binding."""
+    limits = RequestLimits.from_args(args)
+    if role == "gateway":
+        from ditserve.services.gateway.service import GatewayConfig, GatewayService
+
+        config = GatewayConfig(
+            encoders=_addresses(args.encoder),
+            denoisers=_addresses(args.denoiser),
+            vaes=_addresses(args.vae),
+            limits=limits,
+            stage_timeout_s=args.stage_timeout,
+            max_message_mb=args.max_message_mb,
+        )
+        return GatewayService(config)
+
+    from ditserve.services.common.model import ModelFolder
+    from ditserve.services.common.stage import StageContext
+
+    device = device_flags.resolve_device(args.device)
+    stage = StageContext(
+        role=role,
+        folder=ModelFolder(args.model),
+        device=device,
+        dtype=device_flags.resolve_dtype(args.dtype, device),
+        limits=limits,
+    )
+    if role == "encoder":
+        from ditserve.services.encoder.service import EncoderService
+
+        return EncoderService(stage)
+    if role == "denoiser":
+        from ditserve.services.denoiser.service import DenoiserService
+
+        return DenoiserService(stage, max_queue=args.max_queue)
+    from ditserve.services.vae.service import VaeService
+
+    return VaeService(stage)
+
+
+def run(role: str, args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
+    try:
+        service = build_service(role, args)
+    except ModelLoadError as error:
+        raise SystemExit(f"ditserve serve {role}: {error}") from None
+    serve_forever(service, ServerOptions.from_args(args))
+    return 0

@@ -1,0 +1,1 @@
+"""The VAE stage: packed latents -> images (PNG, JPEG, WebP or raw pixels)."""

@@ -1,0 +1,107 @@
+"""VaeDecoder.Decode: unpack latents, decode, and encode each image as asked."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import grpc
+import numpy as np
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
+
+from ditserve.client.tensors import from_numpy
+from ditserve.services.common import flux, tensor_codec
+from ditserve.services.common.errors import InvalidArgument
+from ditserve.services.common.limits import check_range, check_size
+from ditserve.services.common.stage import StageContext, elapsed_ms
+from ditserve.v1 import common_pb2, vae_pb2, vae_pb2_grpc
+
+PIL_FORMATS = {common_pb2.PNG: "PNG", common_pb2.JPEG: "JPEG", common_pb2.WEBP: "WEBP"}
+
+
+def encode_image(pixels: np.ndarray, image_format: int, quality: int) -> common_pb2.Image:
+    """pixels: uint8 [height, width, 3]."""
+    height, width = pixels.shape[:2]
+    if image_format == common_pb2.RAW:
+        return common_pb2.Image(format=image_format, pixels=from_numpy(pixels), width=width, height=height)
+    buffer = io.BytesIO()
+    options = {} if image_format == common_pb2.PNG else {"quality": quality}
+    Image.fromarray(pixels).save(buffer, format=PIL_FORMATS[image_format], **options)
+    return common_pb2.Image(format=image_format, data=buffer.getvalue(), width=width, height=height)
+
+
+class VaeService(vae_pb2_grpc.VaeDecoderServicer):
+    role = "vae"
+
+    def __init__(self, stage: StageContext) -> None:
+        self.stage = stage
+        self.metrics = stage.metrics
+        self.vae = stage.folder.load("vae", stage.device, stage.dtype)
+        self.scale = flux.vae_scale_factor(self.vae.config)
+        self.processor = VaeImageProcessor(vae_scale_factor=self.scale * 2)
+        self._lock = threading.Lock()  # decoding is memory-hungry: one at a time
+        stage.publish_model_info()
+
+    def grpc_service_names(self) -> list[str]:
+        return ["ditserve.v1.VaeDecoder"]
+
+    def register(self, server: grpc.Server) -> None:
+        vae_pb2_grpc.add_VaeDecoderServicer_to_server(self, server)
+
+    def info(self) -> common_pb2.InfoResponse:
+        return self.stage.info(vae_scale_factor=self.scale)
+
+    def close(self) -> None:
+        pass
+
+    def _validate(self, request: vae_pb2.DecodeRequest) -> torch.Tensor:
+        limits = self.stage.limits
+        check_size("height", request.height, limits)
+        check_size("width", request.width, limits)
+        if request.format not in (*PIL_FORMATS, common_pb2.RAW):
+            raise InvalidArgument("format", f"unknown image format {request.format}")
+        if request.quality:
+            check_range("quality", request.quality, 1, 100)
+        latents = tensor_codec.decode(request.latents, "latents")
+        if latents.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise InvalidArgument("latents.datatype", f"{request.latents.datatype} is not a float datatype")
+        h = flux.latent_size(request.height, self.scale)
+        w = flux.latent_size(request.width, self.scale)
+        expected = [(h // 2) * (w // 2), self.vae.config.latent_channels * 4]
+        if latents.ndim != 3 or list(latents.shape[1:]) != expected or not 1 <= latents.shape[0] <= limits.max_num_images:
+            raise InvalidArgument(
+                "latents.shape",
+                f"{list(latents.shape)} is not [1..{limits.max_num_images}, {expected[0]}, {expected[1]}]"
+                f" for {request.height}x{request.width}",
+            )
+        if not torch.isfinite(latents).all():
+            raise InvalidArgument("latents", "contains NaN or Inf")
+        return latents
+
+    def Decode(self, request: vae_pb2.DecodeRequest, context: grpc.ServicerContext) -> vae_pb2.DecodeResponse:
+        started = time.perf_counter()
+        self.metrics.count_bytes("in", len(request.latents.raw_data))
+        latents = self._validate(request)
+        with self._lock, torch.inference_mode():
+            queue_ms = elapsed_ms(started)
+            unpacked = flux.unpack_latents(latents, request.height, request.width, self.scale)
+            config = self.vae.config
+            unpacked = unpacked / config.scaling_factor + config.shift_factor
+            decoded = self.vae.decode(unpacked.to(self.stage.device, self.stage.dtype), return_dict=False)[0]
+            pixels = self.processor.postprocess(decoded, output_type="np")
+        decode_ms = elapsed_ms(started) - queue_ms
+        uint8 = (pixels * 255).round().astype(np.uint8)
+        quality = request.quality or 90
+        response = vae_pb2.DecodeResponse(images=[encode_image(image, request.format, quality) for image in uint8])
+        total = elapsed_ms(started)
+        response.timing.CopyFrom(
+            common_pb2.Timing(
+                queue_ms=queue_ms, stage_ms={"decode": decode_ms, "encode_images": total - queue_ms - decode_ms},
+                total_ms=total,
+            )
+        )
+        self.metrics.count_bytes("out", response.ByteSize())
+        return response
