@@ -21,17 +21,23 @@ BENCHES = ("transport", "attention")
 
 
 def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-o", "--output", default="out.png", help="image path; several images get _N suffixes")
+    parser.add_argument(
+        "-o", "--output", default="out.png", help="image path; several images get _N suffixes"
+    )
     parser.add_argument("--negative-prompt", default="", help="used with --true-cfg-scale > 1")
     parser.add_argument("--width", type=int, default=0, help="pixels, multiple of 16 (default: the model's)")
     parser.add_argument("--height", type=int, default=0, help="pixels, multiple of 16 (default: the model's)")
     parser.add_argument("--steps", type=int, default=0, help="denoising steps (default: the model's)")
     parser.add_argument("--guidance-scale", type=float, default=None, help="distilled guidance (FLUX.1-dev)")
-    parser.add_argument("--true-cfg-scale", type=float, default=None, help="true CFG scale; > 1 also runs the negative")
+    parser.add_argument(
+        "--true-cfg-scale", type=float, default=None, help="true CFG scale; > 1 also runs the negative"
+    )
     parser.add_argument("--seed", type=int, default=None, help="default: random, printed after the run")
     parser.add_argument("--num-images", type=int, default=1)
     parser.add_argument("--format", default="png", choices=["png", "jpeg", "webp", "raw"])
-    parser.add_argument("--timeout", type=float, default=600.0, help="deadline for the whole request, seconds")
+    parser.add_argument(
+        "--timeout", type=float, default=600.0, help="deadline for the whole request, seconds"
+    )
 
 
 def _generate(client: object, args: argparse.Namespace) -> int:
@@ -112,8 +118,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     print("starting encoder, denoiser, vae, then gateway ...", flush=True)
     stack.start(timeout=args.start_timeout)
     for role in ROLES:
-        print(f"  {role:9s} grpc {stack.ports.address(role, args.host)}  metrics :{stack.ports.metrics[role]}")
-    print(f"ready: ditserve generate 'a red circle on a blue background' --target {stack.gateway}", flush=True)
+        print(
+            f"  {role:9s} grpc {stack.ports.address(role, args.host)}  metrics :{stack.ports.metrics[role]}"
+        )
+    print(
+        f"ready: ditserve generate 'a red circle on a blue background' --target {stack.gateway}", flush=True
+    )
     _wait_for_interrupt()
     print("stopping ...", flush=True)
     stack.stop()
@@ -168,15 +178,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _stack_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=str(default_model_dir()), help="model folder (default: the shipped model)")
+    parser.add_argument(
+        "--model", default=str(default_model_dir()), help="model folder (default: the shipped model)"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="bind address of all four services")
     parser.add_argument("--device", default="auto", help="device of the model stages (default: auto)")
     parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for SERVING")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """`argv` decides which benchmark's flags to load, so other commands never import torch."""
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
-        prog="ditserve", description="Serve diffusion transformers as gRPC microservices (encoder, denoiser, vae, gateway)."
+        prog="ditserve",
+        description="Serve diffusion transformers as gRPC microservices (encoder, denoiser, vae, gateway).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -200,8 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="generate images through a running gateway")
     generate.add_argument("prompt")
-    generate.add_argument("--target", default=f"127.0.0.1:{DEFAULT_PORTS['gateway'][0]}", help="gateway address")
-    generate.add_argument("--wait-ready", type=float, default=0, help="first wait this many seconds for SERVING")
+    generate.add_argument(
+        "--target", default=f"127.0.0.1:{DEFAULT_PORTS['gateway'][0]}", help="gateway address"
+    )
+    generate.add_argument(
+        "--wait-ready", type=float, default=0, help="first wait this many seconds for SERVING"
+    )
     _add_generation_arguments(generate)
     generate.set_defaults(func=cmd_generate)
 
@@ -219,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in BENCHES:
         sub = benches.add_parser(name, help=f"the {name} benchmark")
         sub.add_argument("--out", required=True, help="result JSON path")
-        _add_bench_arguments(sub, name)
+        if argv[:2] == ["bench", name]:
+            _add_bench_arguments(sub, name)
         sub.set_defaults(func=cmd_bench)
     return parser
 
@@ -246,10 +266,13 @@ def _add_bench_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     if getattr(args, "missing_extra", None):
-        raise SystemExit(f"ditserve {args.command}: needs the server extra (pip install 'ditserve[serve]'): "
-                         f"{args.missing_extra}")
+        raise SystemExit(
+            f"ditserve {args.command}: needs the server extra (pip install 'ditserve[serve]'): "
+            f"{args.missing_extra}"
+        )
     return args.func(args)
 
 

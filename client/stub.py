@@ -82,7 +82,11 @@ def generate_request(
         max_sequence_length=max_sequence_length,
         request_id=request_id,
     )
-    for name, value in (("guidance_scale", guidance_scale), ("true_cfg_scale", true_cfg_scale), ("seed", seed)):
+    for name, value in (
+        ("guidance_scale", guidance_scale),
+        ("true_cfg_scale", true_cfg_scale),
+        ("seed", seed),
+    ):
         if value is not None:
             setattr(request, name, value)
     return request
@@ -115,7 +119,12 @@ class PipelineClient:
         return self.stub.Generate(request, timeout=timeout)
 
     def generate(
-        self, prompt: str, *, timeout: float | None = None, on_progress: ProgressCallback | None = None, **settings: Any
+        self,
+        prompt: str,
+        *,
+        timeout: float | None = None,
+        on_progress: ProgressCallback | None = None,
+        **settings: Any,
     ) -> GenerateOutput:
         """Runs one request to completion; `settings` are generate_request()'s keywords."""
         for event in self.stream(generate_request(prompt, **settings), timeout=timeout):
@@ -154,7 +163,12 @@ class AsyncPipelineClient:
         return self.stub.Generate(request, timeout=timeout)
 
     async def generate(
-        self, prompt: str, *, timeout: float | None = None, on_progress: ProgressCallback | None = None, **settings: Any
+        self,
+        prompt: str,
+        *,
+        timeout: float | None = None,
+        on_progress: ProgressCallback | None = None,
+        **settings: Any,
     ) -> GenerateOutput:
         async for event in self.stream(generate_request(prompt, **settings), timeout=timeout):
             if event.HasField("result"):

@@ -77,7 +77,9 @@ def validate(message: tensor_pb2.Tensor, field: str = "tensor", limits: TensorLi
     count = math.prod(shape)
     expected = count * ITEMSIZE[message.datatype]
     if expected > limits.max_bytes:
-        raise TensorError(f"{field}.shape", f"{shape} needs {expected} bytes, over the limit of {limits.max_bytes}")
+        raise TensorError(
+            f"{field}.shape", f"{shape} needs {expected} bytes, over the limit of {limits.max_bytes}"
+        )
     if len(message.raw_data) != expected:
         raise TensorError(
             f"{field}.raw_data",
@@ -89,7 +91,9 @@ def validate(message: tensor_pb2.Tensor, field: str = "tensor", limits: TensorLi
 def from_numpy(array: np.ndarray, datatype: str | None = None) -> tensor_pb2.Tensor:
     """Encodes a numpy array (any layout) as a little-endian row-major Tensor."""
     if datatype is None:
-        datatype = next((name for name, dt in NUMPY_DTYPES.items() if dt == array.dtype.newbyteorder("<")), None)
+        datatype = next(
+            (name for name, dt in NUMPY_DTYPES.items() if dt == array.dtype.newbyteorder("<")), None
+        )
         if datatype is None:
             raise TensorError("tensor.datatype", f"numpy dtype {array.dtype} has no wire datatype")
     contiguous = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[datatype])

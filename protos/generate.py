@@ -1,7 +1,7 @@
 """Regenerates the Python stubs of the wire contract next to the .proto files.
 
-    python protos/generate.py          # rewrite ditserve/v1/*_pb2*.py
-    python protos/generate.py --check  # exit 1 if the checked-in stubs are stale
+python protos/generate.py          # rewrite ditserve/v1/*_pb2*.py
+python protos/generate.py --check  # exit 1 if the checked-in stubs are stale
 """
 
 from __future__ import annotations
@@ -19,7 +19,13 @@ def generate(out_dir: Path) -> None:
     from grpc_tools import protoc
 
     protos = sorted(str(p.relative_to(HERE)) for p in PROTO_DIR.glob("*.proto"))
-    args = ["protoc", f"-I{HERE}", f"--python_out={out_dir}", f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}"]
+    args = [
+        "protoc",
+        f"-I{HERE}",
+        f"--python_out={out_dir}",
+        f"--pyi_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+    ]
     if protoc.main([*args, *protos]) != 0:
         raise SystemExit("protoc failed")
 
@@ -29,7 +35,9 @@ def generated_files(root: Path) -> dict[str, bytes]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--check", action="store_true", help="compare instead of writing")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

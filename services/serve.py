@@ -19,7 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
     ServerOptions.add_arguments(parser, grpc_port, metrics_port)
     RequestLimits.add_arguments(parser)
     if role == "gateway":
-        group = parser.add_argument_group("stages (comma-separated addresses: round-robin, retry on UNAVAILABLE)")
+        group = parser.add_argument_group(
+            "stages (comma-separated addresses: round-robin, retry on UNAVAILABLE)"
+        )
         for stage in ("encoder", "denoiser", "vae"):
             group.add_argument(
                 f"--{stage}", default=f"127.0.0.1:{DEFAULT_PORTS[stage][0]}", help=f"{stage} address(es)"
@@ -27,11 +29,15 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
         group.add_argument("--stage-timeout", type=float, default=600.0, help="per-stage deadline in seconds")
         return
     parser.add_argument(
-        "--model", default=str(default_model_dir()), help="local diffusers-format folder (default: the shipped model)"
+        "--model",
+        default=str(default_model_dir()),
+        help="local diffusers-format folder (default: the shipped model)",
     )
     device_flags.add_arguments(parser)
     if role == "denoiser":
-        parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before RESOURCE_EXHAUSTED")
+        parser.add_argument(
+            "--max-queue", type=int, default=64, help="waiting requests before RESOURCE_EXHAUSTED"
+        )
 
 
 def _addresses(value: str) -> list[str]:

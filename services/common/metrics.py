@@ -9,7 +9,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -20,7 +27,9 @@ class DeviceMemoryCollector(Collector):
     """Reads memory at scrape time: accelerator allocator stats where present, host RSS always."""
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily("ditserve_device_memory_bytes", "Memory held by this process", labels=["kind"])
+        family = GaugeMetricFamily(
+            "ditserve_device_memory_bytes", "Memory held by this process", labels=["kind"]
+        )
         family.add_metric(["host_rss"], _rss_bytes())
         import torch
 
@@ -65,7 +74,9 @@ class ServiceMetrics:
             registry=self.registry,
         )
 
-    def set_model_info(self, *, model: str, dtype: str, device: str, attention_backend: str, version: str) -> None:
+    def set_model_info(
+        self, *, model: str, dtype: str, device: str, attention_backend: str, version: str
+    ) -> None:
         self.model_info.labels(self.service, model, dtype, device, attention_backend, version).set(1)
 
     def watch_device_memory(self) -> None:

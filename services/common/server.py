@@ -47,12 +47,19 @@ class ServerOptions:
     def add_arguments(parser: argparse.ArgumentParser, port: int, metrics_port: int) -> None:
         group = parser.add_argument_group("server")
         group.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-        group.add_argument("--port", type=int, default=port, help=f"gRPC port (default: {port}; 0 = any free)")
         group.add_argument(
-            "--metrics-port", type=int, default=metrics_port, help=f"Prometheus /metrics port (default: {metrics_port})"
+            "--port", type=int, default=port, help=f"gRPC port (default: {port}; 0 = any free)"
+        )
+        group.add_argument(
+            "--metrics-port",
+            type=int,
+            default=metrics_port,
+            help=f"Prometheus /metrics port (default: {metrics_port})",
         )
         group.add_argument("--max-workers", type=int, default=32, help="gRPC handler threads (default: 32)")
-        group.add_argument("--max-message-mb", type=int, default=256, help="gRPC message size limit (default: 256)")
+        group.add_argument(
+            "--max-message-mb", type=int, default=256, help="gRPC message size limit (default: 256)"
+        )
         group.add_argument(
             "--grace-seconds", type=float, default=30.0, help="SIGTERM drain time for in-flight requests"
         )

@@ -45,10 +45,16 @@ class Engine:
         registry = metrics.registry
         self.queue_depth = Gauge("ditserve_queue_depth", "Jobs waiting for the worker", registry=registry)
         self.queue_seconds = Histogram(
-            "ditserve_queue_duration_seconds", "Wait before a job starts", buckets=LATENCY_BUCKETS, registry=registry
+            "ditserve_queue_duration_seconds",
+            "Wait before a job starts",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.step_seconds = Histogram(
-            "ditserve_denoise_step_duration_seconds", "One denoising step", buckets=STEP_BUCKETS, registry=registry
+            "ditserve_denoise_step_duration_seconds",
+            "One denoising step",
+            buckets=STEP_BUCKETS,
+            registry=registry,
         )
         self._worker = threading.Thread(target=self._loop, name="denoiser-engine", daemon=True)
         self._worker.start()

@@ -22,7 +22,9 @@ class Conditioning:
     def repeated(self, n: int) -> Conditioning:
         """FluxPipeline's num_images_per_prompt expansion."""
         _, seq, dim = self.embeds.shape
-        return Conditioning(self.embeds.repeat(1, n, 1).view(n, seq, dim), self.pooled.repeat(1, n).view(n, -1))
+        return Conditioning(
+            self.embeds.repeat(1, n, 1).view(n, seq, dim), self.pooled.repeat(1, n).view(n, -1)
+        )
 
 
 @dataclass(frozen=True)
@@ -56,12 +58,16 @@ class FluxTrajectory:
         self.scheduler = type(runner.scheduler).from_config(runner.scheduler.config)
         self.timesteps = flux.set_timesteps(self.scheduler, inputs.steps, self.latents.shape[1], device)
         self.prompt = _to(inputs.prompt.repeated(n), device, dtype)
-        self.negative = _to(inputs.negative.repeated(n), device, dtype) if inputs.negative is not None else None
+        self.negative = (
+            _to(inputs.negative.repeated(n), device, dtype) if inputs.negative is not None else None
+        )
         self.true_cfg_scale = inputs.true_cfg_scale
         self.text_ids = flux.text_ids(self.prompt.embeds.shape[1], device, dtype)
         self.guidance = None
         if runner.transformer.config.guidance_embeds:
-            self.guidance = torch.full([1], inputs.guidance_scale, device=device, dtype=torch.float32).expand(n)
+            self.guidance = torch.full([1], inputs.guidance_scale, device=device, dtype=torch.float32).expand(
+                n
+            )
         self.index = 0
 
     def _predict(self, cond: Conditioning, timestep: torch.Tensor) -> torch.Tensor:
@@ -99,7 +105,12 @@ class FluxRunner:
     """Holds the transformer and the scheduler template; makes one trajectory per job."""
 
     def __init__(
-        self, transformer: torch.nn.Module, scheduler: object, vae_scale: int, device: torch.device, dtype: torch.dtype
+        self,
+        transformer: torch.nn.Module,
+        scheduler: object,
+        vae_scale: int,
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> None:
         self.transformer = transformer
         self.scheduler = scheduler

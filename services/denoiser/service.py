@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import uuid
-from dataclasses import replace
 from collections.abc import Iterator
+from dataclasses import replace
 
 import grpc
 import torch
@@ -62,12 +62,16 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
         pooled = _float_tensor(message.pooled_prompt_embeds, f"{field}.pooled_prompt_embeds")
         if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[2] != config.joint_attention_dim:
             raise InvalidArgument(
-                f"{field}.prompt_embeds", f"shape {list(embeds.shape)} is not [1, tokens, {config.joint_attention_dim}]"
+                f"{field}.prompt_embeds",
+                f"shape {list(embeds.shape)} is not [1, tokens, {config.joint_attention_dim}]",
             )
-        check_range(f"{field}.prompt_embeds.shape[1]", embeds.shape[1], 1, self.stage.limits.max_sequence_length)
+        check_range(
+            f"{field}.prompt_embeds.shape[1]", embeds.shape[1], 1, self.stage.limits.max_sequence_length
+        )
         if list(pooled.shape) != [1, config.pooled_projection_dim]:
             raise InvalidArgument(
-                f"{field}.pooled_prompt_embeds", f"shape {list(pooled.shape)} is not [1, {config.pooled_projection_dim}]"
+                f"{field}.pooled_prompt_embeds",
+                f"shape {list(pooled.shape)} is not [1, {config.pooled_projection_dim}]",
             )
         return Conditioning(embeds, pooled)
 
@@ -106,7 +110,8 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             if negative.embeds.shape != prompt.embeds.shape:
                 raise InvalidArgument(
                     "negative_prompt.prompt_embeds",
-                    f"shape {list(negative.embeds.shape)} differs from the prompt's {list(prompt.embeds.shape)}",
+                    f"shape {list(negative.embeds.shape)} differs from the prompt's"
+                    f" {list(prompt.embeds.shape)}",
                 )
             inputs = replace(inputs, negative=negative)
         return inputs
@@ -140,15 +145,22 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
         self.metrics.count_bytes("out", len(latents.raw_data))
         denoise_ms = event.total_ms - event.queue_ms
         timing = common_pb2.Timing(
-            queue_ms=event.queue_ms, stage_ms={"denoise": denoise_ms}, step_ms=event.step_ms, total_ms=event.total_ms
+            queue_ms=event.queue_ms,
+            stage_ms={"denoise": denoise_ms},
+            step_ms=event.step_ms,
+            total_ms=event.total_ms,
         )
-        result = denoiser_pb2.DenoiseResult(latents=latents, height=inputs.height, width=inputs.width, timing=timing)
+        result = denoiser_pb2.DenoiseResult(
+            latents=latents, height=inputs.height, width=inputs.width, timing=timing
+        )
         return denoiser_pb2.DenoiseEvent(result=result)
 
 
 def _float_tensor(message: object, field: str) -> torch.Tensor:
     if message.datatype not in FLOAT_DATATYPES:
-        raise InvalidArgument(f"{field}.datatype", f"{message.datatype!r} is not one of {', '.join(FLOAT_DATATYPES)}")
+        raise InvalidArgument(
+            f"{field}.datatype", f"{message.datatype!r} is not one of {', '.join(FLOAT_DATATYPES)}"
+        )
     tensor = tensor_codec.decode(message, field)
     if not torch.isfinite(tensor).all():
         raise InvalidArgument(field, "contains NaN or Inf")

@@ -39,7 +39,9 @@ class EncoderService(encoder_pb2_grpc.TextEncoderServicer):
             text_encoder=folder.load("text_encoder", stage.device, stage.dtype),
             text_encoder_2=folder.load("text_encoder_2", stage.device, stage.dtype),
         )
-        self.max_sequence_length = min(stage.limits.max_sequence_length, self.pipe.tokenizer_2.model_max_length)
+        self.max_sequence_length = min(
+            stage.limits.max_sequence_length, self.pipe.tokenizer_2.model_max_length
+        )
         self._lock = threading.Lock()  # one encode at a time bounds activation memory
         stage.publish_model_info()
 
@@ -59,7 +61,9 @@ class EncoderService(encoder_pb2_grpc.TextEncoderServicer):
         if not request.prompts:
             raise InvalidArgument("prompts", "is empty: give at least one prompt")
         if len(request.prompts) > MAX_PROMPTS:
-            raise InvalidArgument("prompts", f"has {len(request.prompts)} prompts, over the limit of {MAX_PROMPTS}")
+            raise InvalidArgument(
+                "prompts", f"has {len(request.prompts)} prompts, over the limit of {MAX_PROMPTS}"
+            )
         for i, prompt in enumerate(request.prompts):
             check_prompt(f"prompts[{i}]", prompt, self.stage.limits, allow_empty=request.allow_empty)
         length = request.max_sequence_length or min(
@@ -68,7 +72,9 @@ class EncoderService(encoder_pb2_grpc.TextEncoderServicer):
         check_range("max_sequence_length", length, 1, self.max_sequence_length)
         return length
 
-    def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.ServicerContext) -> encoder_pb2.EncodeResponse:
+    def Encode(
+        self, request: encoder_pb2.EncodeRequest, context: grpc.ServicerContext
+    ) -> encoder_pb2.EncodeResponse:
         started = time.perf_counter()
         length = self._validate(request)
         response = encoder_pb2.EncodeResponse()
@@ -79,7 +85,8 @@ class EncoderService(encoder_pb2_grpc.TextEncoderServicer):
                     prompt=prompt, prompt_2=None, device=self.stage.device, max_sequence_length=length
                 )
                 response.embeddings.add(
-                    prompt_embeds=tensor_codec.encode(embeds), pooled_prompt_embeds=tensor_codec.encode(pooled)
+                    prompt_embeds=tensor_codec.encode(embeds),
+                    pooled_prompt_embeds=tensor_codec.encode(pooled),
                 )
         self.metrics.count_bytes("out", response.ByteSize())
         total = elapsed_ms(started)

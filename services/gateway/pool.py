@@ -28,7 +28,9 @@ class StageError(ServiceError):
 
 
 class StagePool:
-    def __init__(self, stage: str, addresses: list[str], stub_class: Callable[[grpc.Channel], Any], options: list) -> None:
+    def __init__(
+        self, stage: str, addresses: list[str], stub_class: Callable[[grpc.Channel], Any], options: list
+    ) -> None:
         if not addresses:
             raise ValueError(f"no addresses for the {stage} stage")
         self.stage = stage
@@ -66,7 +68,9 @@ class StagePool:
                     yield message
                 return
             except grpc.RpcError as error:
-                retry = error.code() is grpc.StatusCode.UNAVAILABLE and not received and index + 1 < len(stubs)
+                retry = (
+                    error.code() is grpc.StatusCode.UNAVAILABLE and not received and index + 1 < len(stubs)
+                )
                 if not retry:
                     raise StageError(self.stage, error) from None
 

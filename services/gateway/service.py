@@ -66,7 +66,9 @@ class CallTracker:
 
 def _progress(stage: str, started: float, step: int = 0, total: int = 0) -> pipeline_pb2.GenerateEvent:
     return pipeline_pb2.GenerateEvent(
-        progress=pipeline_pb2.Progress(stage=stage, step=step, total_steps=total, elapsed_ms=elapsed_ms(started))
+        progress=pipeline_pb2.Progress(
+            stage=stage, step=step, total_steps=total, elapsed_ms=elapsed_ms(started)
+        )
     )
 
 
@@ -80,7 +82,9 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
         self.encoder = StagePool("encoder", config.encoders, encoder_pb2_grpc.TextEncoderStub, options)
         self.denoiser = StagePool("denoiser", config.denoisers, denoiser_pb2_grpc.DenoiserStub, options)
         self.vae = StagePool("vae", config.vaes, vae_pb2_grpc.VaeDecoderStub, options)
-        self.metrics.set_model_info(model="", dtype="", device="", attention_backend="", version=ditserve.__version__)
+        self.metrics.set_model_info(
+            model="", dtype="", device="", attention_backend="", version=ditserve.__version__
+        )
 
     def grpc_service_names(self) -> list[str]:
         return ["ditserve.v1.Pipeline"]
@@ -119,7 +123,9 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
 
     def _timeout(self, context: grpc.ServicerContext) -> float:
         remaining = context.time_remaining()
-        return self.config.stage_timeout_s if remaining is None else min(remaining, self.config.stage_timeout_s)
+        return (
+            self.config.stage_timeout_s if remaining is None else min(remaining, self.config.stage_timeout_s)
+        )
 
     def Generate(
         self, request: pipeline_pb2.GenerateRequest, context: grpc.ServicerContext
@@ -139,7 +145,9 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
             prompts=prompts, max_sequence_length=request.max_sequence_length, allow_empty=true_cfg
         )
         encoded = self.encoder.call(
-            lambda stub: calls.track(stub.Encode.future(encode_request, timeout=self._timeout(context))).result()
+            lambda stub: calls.track(
+                stub.Encode.future(encode_request, timeout=self._timeout(context))
+            ).result()
         )
         stage_ms["encode"] = elapsed_ms(t0)
         yield _progress("encode", started)
@@ -181,7 +189,9 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
             quality=request.quality,
         )
         decoded = self.vae.call(
-            lambda stub: calls.track(stub.Decode.future(decode_request, timeout=self._timeout(context))).result()
+            lambda stub: calls.track(
+                stub.Decode.future(decode_request, timeout=self._timeout(context))
+            ).result()
         )
         stage_ms["decode"] = elapsed_ms(t0)
         yield _progress("decode", started)
@@ -194,5 +204,7 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
             total_ms=total,
         )
         yield pipeline_pb2.GenerateEvent(
-            result=pipeline_pb2.GenerateResult(images=decoded.images, timing=timing, seed=seed, request_id=request_id)
+            result=pipeline_pb2.GenerateResult(
+                images=decoded.images, timing=timing, seed=seed, request_id=request_id
+            )
         )

@@ -71,7 +71,11 @@ class VaeService(vae_pb2_grpc.VaeDecoderServicer):
         h = flux.latent_size(request.height, self.scale)
         w = flux.latent_size(request.width, self.scale)
         expected = [(h // 2) * (w // 2), self.vae.config.latent_channels * 4]
-        if latents.ndim != 3 or list(latents.shape[1:]) != expected or not 1 <= latents.shape[0] <= limits.max_num_images:
+        if (
+            latents.ndim != 3
+            or list(latents.shape[1:]) != expected
+            or not 1 <= latents.shape[0] <= limits.max_num_images
+        ):
             raise InvalidArgument(
                 "latents.shape",
                 f"{list(latents.shape)} is not [1..{limits.max_num_images}, {expected[0]}, {expected[1]}]"
@@ -95,11 +99,14 @@ class VaeService(vae_pb2_grpc.VaeDecoderServicer):
         decode_ms = elapsed_ms(started) - queue_ms
         uint8 = (pixels * 255).round().astype(np.uint8)
         quality = request.quality or 90
-        response = vae_pb2.DecodeResponse(images=[encode_image(image, request.format, quality) for image in uint8])
+        response = vae_pb2.DecodeResponse(
+            images=[encode_image(image, request.format, quality) for image in uint8]
+        )
         total = elapsed_ms(started)
         response.timing.CopyFrom(
             common_pb2.Timing(
-                queue_ms=queue_ms, stage_ms={"decode": decode_ms, "encode_images": total - queue_ms - decode_ms},
+                queue_ms=queue_ms,
+                stage_ms={"decode": decode_ms, "encode_images": total - queue_ms - decode_ms},
                 total_ms=total,
             )
         )

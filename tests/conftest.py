@@ -1,0 +1,34 @@
+"""Shared fixtures: the shipped default model and a real four-process stack on loopback."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ditserve.client.config import default_model_dir
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach a hub, ever
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    path = default_model_dir()
+    assert (path / "model_index.json").is_file(), f"the shipped model is missing at {path}"
+    return path
+
+
+@pytest.fixture(scope="session")
+def stack(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    from ditserve.client.launcher import Ports, Stack
+
+    logs = tmp_path_factory.mktemp("stack-logs")
+    running = Stack(model=model_dir, ports=Ports.free(), log_dir=logs)
+    running.start(timeout=180)
+    yield running
+    codes = running.stop()
+    assert all(code == 0 for code in codes.values()), (
+        f"services did not exit cleanly: {codes}; logs in {logs}"
+    )

@@ -1,0 +1,105 @@
+"""Stages that are down, replicas that fail over, and a SIGTERM that drains."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from ditserve.client.launcher import free_port
+from ditserve.client.stub import PipelineClient, StageClient
+from ditserve.services.common.limits import RequestLimits
+from ditserve.services.common.server import ServerOptions, start_server
+from ditserve.services.gateway.service import GatewayConfig, GatewayService
+
+pytestmark = pytest.mark.integration
+PROMPT = "a red circle on a blue background"
+
+
+def _gateway(encoders: list[str], denoisers: list[str], vaes: list[str]) -> Iterator[str]:
+    service = GatewayService(GatewayConfig(encoders, denoisers, vaes, RequestLimits(), stage_timeout_s=60))
+    running = start_server(service, ServerOptions(port=0, metrics_port=None))
+    try:
+        yield f"127.0.0.1:{running.port}"
+    finally:
+        running.stop(grace=1)
+
+
+@pytest.fixture
+def dead() -> str:
+    return f"127.0.0.1:{free_port()}"  # nothing listens there
+
+
+@pytest.mark.parametrize("down", ["encoder", "denoiser", "vae"])
+def test_a_down_stage_answers_unavailable_quickly(stack: object, dead: str, down: str) -> None:
+    addresses = {stage: [stack.ports.address(stage)] for stage in ("encoder", "denoiser", "vae")}
+    addresses[down] = [dead]
+    for target in _gateway(addresses["encoder"], addresses["denoiser"], addresses["vae"]):
+        with PipelineClient(target) as client:
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as caught:
+                client.generate(PROMPT, steps=2, seed=1, timeout=60)
+            assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert down in caught.value.details()
+            assert time.monotonic() - started < 10
+
+
+def test_gateway_retries_another_replica(stack: object, dead: str) -> None:
+    live = {stage: stack.ports.address(stage) for stage in ("encoder", "denoiser", "vae")}
+    for target in _gateway([dead, live["encoder"]], [dead, live["denoiser"]], [dead, live["vae"]]):
+        with PipelineClient(target) as client:
+            for _ in range(3):  # every rotation start hits the dead replica at least once
+                assert client.generate(PROMPT, steps=2, seed=1, timeout=60).images
+
+
+def test_sigterm_drains_in_flight_work(model_dir: Path, tmp_path: Path) -> None:
+    port, metrics = free_port(), free_port()
+    log = open(tmp_path / "denoiser.log", "wb")  # noqa: SIM115
+    command = [sys.executable, "-m", "ditserve.client.cli", "serve", "denoiser", "--model", str(model_dir)]
+    process = subprocess.Popen(
+        [*command, "--port", str(port), "--metrics-port", str(metrics)], stdout=log, stderr=subprocess.STDOUT
+    )
+    stage = StageClient(f"127.0.0.1:{port}")
+    try:
+        stage.wait_ready(120)
+        encoder_output = _embedding()
+        from ditserve.v1 import denoiser_pb2
+
+        request = denoiser_pb2.DenoiseRequest(prompt=encoder_output, num_inference_steps=20, seed=1)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            stream = stage.denoiser.Denoise(request, timeout=120)
+            first = next(stream)  # the request is running
+            pending = pool.submit(lambda: list(stream))
+            process.send_signal(signal.SIGTERM)
+            events = [first, *pending.result(timeout=60)]
+        assert events[-1].HasField("result"), "the in-flight request did not finish"
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stage.denoiser.Denoise(request, timeout=10))
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert process.wait(timeout=60) == 0
+    finally:
+        stage.close()
+        if process.poll() is None:
+            process.kill()
+        log.close()
+
+
+def _embedding() -> object:
+    """A well-formed embedding for the tiny model (dims 32), without running the encoder."""
+    import torch
+
+    from ditserve.services.common import tensor_codec
+    from ditserve.v1 import encoder_pb2
+
+    generator = torch.Generator().manual_seed(0)
+    return encoder_pb2.PromptEmbedding(
+        prompt_embeds=tensor_codec.encode(torch.randn(1, 64, 32, generator=generator)),
+        pooled_prompt_embeds=tensor_codec.encode(torch.randn(1, 32, generator=generator)),
+    )

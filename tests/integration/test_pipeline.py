@@ -1,0 +1,223 @@
+"""End to end through four real processes on loopback, talking real gRPC."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from helpers import sample, scrape
+
+from ditserve.client.stub import PipelineClient, StageClient
+from ditserve.v1 import common_pb2, denoiser_pb2, encoder_pb2, tensor_pb2, vae_pb2
+
+PROMPT = "a red circle on a blue background"
+STEPS = 4
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def client(stack: object) -> PipelineClient:
+    with PipelineClient(stack.gateway) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference_pipeline(model_dir: Path) -> object:
+    from diffusers import FluxPipeline
+
+    return FluxPipeline.from_pretrained(model_dir)
+
+
+def _served(client: PipelineClient, **settings: object) -> np.ndarray:
+    output = client.generate(PROMPT, steps=STEPS, **settings)
+    return np.stack([np.asarray(image) for image in output.images])
+
+
+def _in_process(pipe: object, seed: int, **settings: object) -> np.ndarray:
+    images = pipe(
+        PROMPT,
+        num_inference_steps=STEPS,
+        height=64,
+        width=64,
+        max_sequence_length=64,
+        generator=torch.Generator().manual_seed(seed),
+        **settings,
+    ).images
+    return np.stack([np.asarray(image) for image in images])
+
+
+@pytest.mark.parametrize(
+    ("served", "in_process"),
+    [
+        ({}, {}),
+        ({"true_cfg_scale": 3.0, "negative_prompt": ""}, {"true_cfg_scale": 3.0, "negative_prompt": ""}),
+        ({"num_images": 2}, {"num_images_per_prompt": 2}),
+    ],
+    ids=["plain", "true-cfg", "two-images"],
+)
+def test_served_image_is_bit_exact_with_flux_pipeline(
+    client: PipelineClient, reference_pipeline: object, served: dict, in_process: dict
+) -> None:
+    """Same components, prompt, seed, size, steps: the same ops in the same order on the same device,
+    so the services match FluxPipeline bit for bit (not merely within 1/255)."""
+    ours = _served(client, seed=7, **served)
+    theirs = _in_process(reference_pipeline, 7, **in_process)
+    assert ours.shape == theirs.shape
+    assert ours.std() > 1.0, "a constant image would match trivially"
+    assert np.array_equal(ours, theirs)
+
+
+def test_concurrent_requests_match_their_solo_images(client: PipelineClient) -> None:
+    solo = {seed: _served(client, seed=seed) for seed in (11, 12)}
+    assert not np.array_equal(solo[11], solo[12])
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = {seed: pool.submit(_served, client, seed=seed) for seed in (11, 12)}
+        together = {seed: future.result() for seed, future in futures.items()}
+    for seed in solo:
+        assert np.array_equal(solo[seed], together[seed])
+
+
+def test_output_formats_and_timing(client: PipelineClient) -> None:
+    output = client.generate(PROMPT, steps=STEPS, seed=3, output_format="raw")
+    png = client.generate(PROMPT, steps=STEPS, seed=3)
+    assert np.array_equal(np.asarray(output.images[0]), np.asarray(png.images[0]))
+    assert output.encoded[0].format == common_pb2.RAW and output.images[0].size == (64, 64)
+    assert client.generate(PROMPT, steps=STEPS, seed=3, output_format="jpeg").images[0].format == "JPEG"
+    assert output.seed == 3
+    assert len(output.timing.step_ms) == STEPS
+    assert {"encode", "denoise", "decode", "gateway"} <= set(output.timing.stage_ms)
+    assert output.timing.total_ms >= sum(output.timing.step_ms)
+
+
+def test_progress_streams_every_step(client: PipelineClient) -> None:
+    seen: list[tuple[str, int]] = []
+    client.generate(PROMPT, steps=STEPS, seed=1, on_progress=lambda p: seen.append((p.stage, p.step)))
+    assert seen == [("encode", 0)] + [("denoise", i) for i in range(1, STEPS + 1)] + [("decode", 0)]
+
+
+@pytest.mark.parametrize(
+    ("settings", "field"),
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "   "}, "prompt"),
+        ({"width": 100}, "width"),
+        ({"height": 8}, "height"),
+        ({"height": 4096}, "height"),
+        ({"steps": 1000}, "num_inference_steps"),
+        ({"num_images": 99}, "num_images"),
+        ({"prompt": "x" * 5000}, "prompt"),
+        ({"guidance_scale": float("nan")}, "guidance_scale"),
+        ({"true_cfg_scale": -1.0}, "true_cfg_scale"),
+    ],
+)
+def test_bad_generate_requests_name_the_field(client: PipelineClient, settings: dict, field: str) -> None:
+    prompt = settings.pop("prompt", PROMPT)
+    with pytest.raises(grpc.RpcError) as caught:
+        client.generate(prompt, steps=settings.pop("steps", STEPS), **settings)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert field in caught.value.details()
+    assert _served(client, seed=1).std() > 0  # still serving
+
+
+def _tensor(datatype: str, shape: list[int], nbytes: int) -> tensor_pb2.Tensor:
+    return tensor_pb2.Tensor(datatype=datatype, shape=shape, raw_data=b"\0" * nbytes)
+
+
+MALFORMED = [
+    (_tensor("FP32", [1, 64, 32], 10), "raw_data"),
+    (_tensor("FP4", [1, 64, 32], 64 * 32), "datatype"),
+    (_tensor("FP32", [1, -64, 32], 0), "shape"),
+    (_tensor("FP32", [1, 2**40, 2**20], 0), "shape"),
+    (_tensor("INT64", [1, 64, 32], 64 * 32 * 8), "datatype"),
+]
+
+
+@pytest.mark.parametrize(("tensor", "part"), MALFORMED)
+def test_malformed_tensors_are_rejected_by_the_denoiser(
+    stack: object, tensor: tensor_pb2.Tensor, part: str
+) -> None:
+    stage = StageClient(stack.ports.address("denoiser"))
+    embedding = encoder_pb2.PromptEmbedding(
+        prompt_embeds=tensor, pooled_prompt_embeds=_tensor("FP32", [1, 32], 128)
+    )
+    request = denoiser_pb2.DenoiseRequest(prompt=embedding, num_inference_steps=1)
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stage.denoiser.Denoise(request, timeout=30))
+    stage.close()
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert f"prompt.prompt_embeds.{part}" in caught.value.details()
+
+
+@pytest.mark.parametrize(("tensor", "part"), MALFORMED)
+def test_malformed_tensors_are_rejected_by_the_vae(
+    stack: object, tensor: tensor_pb2.Tensor, part: str
+) -> None:
+    stage = StageClient(stack.ports.address("vae"))
+    with pytest.raises(grpc.RpcError) as caught:
+        stage.vae.Decode(vae_pb2.DecodeRequest(latents=tensor, height=64, width=64), timeout=30)
+    stage.close()
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert f"latents.{part}" in caught.value.details()
+
+
+def test_encoder_rejects_empty_prompt_lists(stack: object) -> None:
+    stage = StageClient(stack.ports.address("encoder"))
+    with pytest.raises(grpc.RpcError) as caught:
+        stage.encoder.Encode(encoder_pb2.EncodeRequest(), timeout=30)
+    stage.close()
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "prompts" in caught.value.details()
+
+
+def test_deadline_stops_the_denoiser(stack: object, client: PipelineClient) -> None:
+    port = stack.ports.metrics["denoiser"]
+    before = sample(scrape(port), "ditserve_denoise_step_duration_seconds_count")
+    with pytest.raises(grpc.RpcError) as caught:
+        client.generate(PROMPT, steps=200, seed=5, timeout=1.5)
+    assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    time.sleep(1.0)  # let the engine reach its next step boundary
+    stopped_at = sample(scrape(port), "ditserve_denoise_step_duration_seconds_count")
+    time.sleep(1.0)
+    assert sample(scrape(port), "ditserve_denoise_step_duration_seconds_count") == stopped_at
+    assert stopped_at - before < 200, "the denoiser ran the abandoned request to the end"
+    codes = scrape(port)
+    assert (
+        sample(codes, "ditserve_requests_total", method="Denoise", code="DEADLINE_EXCEEDED")
+        + sample(codes, "ditserve_requests_total", method="Denoise", code="CANCELLED")
+        >= 1
+    )
+
+
+def test_every_service_counts_requests(stack: object, client: PipelineClient) -> None:
+    methods = {"gateway": "Generate", "encoder": "Encode", "denoiser": "Denoise", "vae": "Decode"}
+    before = {role: scrape(stack.ports.metrics[role]) for role in methods}
+    client.generate(PROMPT, steps=STEPS, seed=2)
+    for role, method in methods.items():
+        after = scrape(stack.ports.metrics[role])
+        moved = sample(after, "ditserve_requests_total", service=role, method=method, code="OK") - sample(
+            before[role], "ditserve_requests_total", service=role, method=method, code="OK"
+        )
+        assert moved == 1, f"{role} counted {moved} {method} calls"
+        assert sample(after, "ditserve_request_duration_seconds_count", service=role, method=method) >= 1
+        assert sample(after, "ditserve_model_info", service=role) == 1
+        assert sample(after, "ditserve_tensor_bytes_total", service=role) > 0 or role == "gateway"
+    denoiser = scrape(stack.ports.metrics["denoiser"])
+    assert sample(denoiser, "ditserve_device_memory_bytes", kind="host_rss") > 0
+    assert sample(denoiser, "ditserve_queue_duration_seconds_count") >= 1
+
+
+def test_info_and_health_on_every_service(stack: object) -> None:
+    for role in ("gateway", "encoder", "denoiser", "vae"):
+        stage = StageClient(stack.ports.address(role))
+        info = stage.admin.Info(common_pb2.InfoRequest(), timeout=10)
+        stage.wait_ready(5)
+        stage.close()
+        assert info.service == role and info.version
+        if role != "gateway":
+            assert info.model.endswith("tiny-flux") and info.dtype == "fp32" and info.device == "cpu"
