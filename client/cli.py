@@ -135,7 +135,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     args.free_ports = True
     stack = _stack(args)
-    print("starting the four services on free loopback ports ...", flush=True)
+    stack.log_dir = Path(args.output).parent / "logs"
+    print(f"starting the four services on free loopback ports (logs in {stack.log_dir}) ...", flush=True)
     stack.start(timeout=args.start_timeout)
     try:
         with PipelineClient(stack.gateway) as client:
