@@ -7,7 +7,7 @@ import logging
 
 from ditserve.client.config import DEFAULT_PORTS, default_model_dir
 from ditserve.services.common import device as device_flags
-from ditserve.services.common.errors import ModelLoadError
+from ditserve.services.common.errors import StartupError
 from ditserve.services.common.limits import RequestLimits
 from ditserve.services.common.server import ServerOptions, Service, serve_forever
 
@@ -37,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
     if role == "denoiser":
         parser.add_argument(
             "--max-queue", type=int, default=64, help="waiting requests before RESOURCE_EXHAUSTED"
+        )
+        parser.add_argument(
+            "--attention-backend",
+            default=None,
+            help="auto, torch_sdpa, sdpa_flash, sdpa_efficient, sdpa_cudnn, sdpa_math, fa, sage_attn"
+            " (default: $DITSERVE_ATTENTION_BACKEND, else auto)",
         )
 
 
@@ -76,9 +82,11 @@ def build_service(role: str, args: argparse.Namespace) -> Service:
 
         return EncoderService(stage)
     if role == "denoiser":
+        from ditserve.services.denoiser.attention import default_backend_name
         from ditserve.services.denoiser.service import DenoiserService
 
-        return DenoiserService(stage, max_queue=args.max_queue)
+        backend = args.attention_backend or default_backend_name()
+        return DenoiserService(stage, max_queue=args.max_queue, attention_backend=backend)
     from ditserve.services.vae.service import VaeService
 
     return VaeService(stage)
@@ -88,7 +96,7 @@ def run(role: str, args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
     try:
         service = build_service(role, args)
-    except ModelLoadError as error:
+    except StartupError as error:
         raise SystemExit(f"ditserve serve {role}: {error}") from None
     serve_forever(service, ServerOptions.from_args(args))
     return 0

@@ -43,5 +43,9 @@ class Cancelled(ServiceError):
     code = grpc.StatusCode.CANCELLED
 
 
-class ModelLoadError(RuntimeError):
-    """A model folder that cannot be served: raised at start-up, with the path and what is wrong."""
+class StartupError(RuntimeError):
+    """A configuration that cannot be served: raised before binding, with what to change."""
+
+
+class ModelLoadError(StartupError):
+    """A model folder that cannot be served: names the path and what is wrong."""

@@ -7,6 +7,7 @@ counters, durations and in-flight gauges are uniform and no handler aborts by ha
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import grpc
 
 from ditserve.client.tensors import TensorError
-from ditserve.services.common.errors import ServiceError
+from ditserve.services.common.errors import ServiceError, Unavailable
 from ditserve.services.common.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,43 @@ def _ended_code(context: grpc.ServicerContext) -> grpc.StatusCode:
     return grpc.StatusCode.CANCELLED
 
 
+# Control-plane RPCs keep answering while a replica drains, so probes see NOT_SERVING.
+CONTROL_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.", "/ditserve.v1.Admin/")
+
+
+class Drain:
+    """Counts work RPCs in flight; once draining, refuses new ones with UNAVAILABLE."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._active = 0
+        self._draining = False
+
+    def enter(self) -> None:
+        with self._condition:
+            if self._draining:
+                raise Unavailable("draining: this replica is shutting down; retry another")
+            self._active += 1
+
+    def leave(self) -> None:
+        with self._condition:
+            self._active -= 1
+            self._condition.notify_all()
+
+    def begin(self) -> None:
+        with self._condition:
+            self._draining = True
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True when every admitted RPC finished within `timeout` seconds."""
+        with self._condition:
+            return self._condition.wait_for(lambda: self._active == 0, timeout)
+
+
 class ObservabilityInterceptor(grpc.ServerInterceptor):
     def __init__(self, metrics: ServiceMetrics) -> None:
         self.metrics = metrics
+        self.drain = Drain()
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None], details: Any
@@ -47,15 +82,16 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         method = details.method.rsplit("/", 1)[-1]
+        work = not details.method.startswith(CONTROL_PREFIXES)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, handler.unary_unary),
+                self._unary(method, handler.unary_unary, work),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._stream(method, handler.unary_stream),
+                self._stream(method, handler.unary_stream, work),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -77,27 +113,37 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
             log.exception("unhandled error in %s", type(error).__name__)
         return code, message
 
-    def _unary(self, method: str, behavior: Callable) -> Callable:
+    def _unary(self, method: str, behavior: Callable, work: bool) -> Callable:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
             self.metrics.in_flight.inc()
             code = grpc.StatusCode.OK
+            entered = False
             try:
+                if work:
+                    self.drain.enter()
+                    entered = True
                 return behavior(request, context)
             except Exception as error:
                 code, message = self._status(context, error)
                 context.abort(code, message)  # raises: grpc sends the status
             finally:
+                if entered:
+                    self.drain.leave()
                 self._record(method, code, started)
 
         return wrapped
 
-    def _stream(self, method: str, behavior: Callable) -> Callable:
+    def _stream(self, method: str, behavior: Callable, work: bool) -> Callable:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             started = time.perf_counter()
             self.metrics.in_flight.inc()
             code = grpc.StatusCode.OK
+            entered = False
             try:
+                if work:
+                    self.drain.enter()
+                    entered = True
                 yield from behavior(request, context)
             except GeneratorExit:  # grpc closes the stream when the caller goes away
                 code = _ended_code(context)
@@ -106,6 +152,8 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
                 code, message = self._status(context, error)
                 context.abort(code, message)
             finally:
+                if entered:
+                    self.drain.leave()
                 self._record(method, code, started)
 
         return wrapped

@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ditserve.services.common.metrics import ServiceMetrics
-from ditserve.services.common.rpc import ObservabilityInterceptor
+from ditserve.services.common.rpc import Drain, ObservabilityInterceptor
 from ditserve.v1 import common_pb2, common_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -104,20 +104,26 @@ class RunningServer:
     service: Service
     server: grpc.Server
     health: health.HealthServicer
+    drain: Drain
     port: int
     metrics_port: int | None
 
     def stop(self, grace: float) -> None:
-        """Health goes NOT_SERVING first, then new RPCs are refused and in-flight ones get `grace` seconds."""
+        """Drains: health answers NOT_SERVING and new work UNAVAILABLE while in-flight work
+        gets up to `grace` seconds to finish; then the server stops."""
         self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        self.drain.begin()
+        if not self.drain.wait_idle(grace):
+            log.warning("%s: grace period over; cancelling what is still running", self.service.role)
+        self.server.stop(grace=1).wait()
         self.service.close()
 
 
 def start_server(service: Service, options: ServerOptions) -> RunningServer:
+    interceptor = ObservabilityInterceptor(service.metrics)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix=f"{service.role}-rpc"),
-        interceptors=[ObservabilityInterceptor(service.metrics)],
+        interceptors=[interceptor],
         options=channel_options(options.max_message_mb),
     )
     service.register(server)
@@ -134,7 +140,7 @@ def start_server(service: Service, options: ServerOptions) -> RunningServer:
     if options.metrics_port is not None:
         metrics_port = service.metrics.serve_http(options.host, options.metrics_port)
     log.info("%s serving gRPC on %s:%d, metrics on %s", service.role, options.host, port, metrics_port)
-    return RunningServer(service, server, health_servicer, port, metrics_port)
+    return RunningServer(service, server, health_servicer, interceptor.drain, port, metrics_port)
 
 
 def serve_forever(service: Service, options: ServerOptions) -> None:

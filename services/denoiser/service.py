@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import uuid
 from collections.abc import Iterator
@@ -11,14 +12,21 @@ import grpc
 import torch
 
 from ditserve.services.common import flux, tensor_codec
-from ditserve.services.common.errors import Cancelled, InvalidArgument
+from ditserve.services.common.errors import Cancelled, InvalidArgument, StartupError
 from ditserve.services.common.limits import check_generation, check_range
 from ditserve.services.common.stage import StageContext
 from ditserve.services.denoiser import job as events
+from ditserve.services.denoiser.attention import (
+    AttentionBackendUnavailable,
+    apply_attention_backend,
+    resolve_backend,
+)
 from ditserve.services.denoiser.engine import Engine
 from ditserve.services.denoiser.flux_runner import Conditioning, FluxInputs, FluxRunner
 from ditserve.services.denoiser.job import DenoiseJob
 from ditserve.v1 import common_pb2, denoiser_pb2, denoiser_pb2_grpc, encoder_pb2
+
+log = logging.getLogger(__name__)
 
 FLOAT_DATATYPES = ("FP32", "FP16", "BF16")
 
@@ -26,11 +34,19 @@ FLOAT_DATATYPES = ("FP32", "FP16", "BF16")
 class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
     role = "denoiser"
 
-    def __init__(self, stage: StageContext, max_queue: int = 64) -> None:
+    def __init__(self, stage: StageContext, max_queue: int = 64, attention_backend: str = "auto") -> None:
         self.stage = stage
         self.metrics = stage.metrics
         folder = stage.folder
         self.transformer = folder.load("transformer", stage.device, stage.dtype)
+        head_dim = self.transformer.config.attention_head_dim
+        try:
+            backend, reason = resolve_backend(attention_backend, stage.device, stage.dtype, head_dim)
+        except AttentionBackendUnavailable as error:
+            raise StartupError(str(error)) from None
+        log.info("attention: %s", reason)
+        apply_attention_backend(self.transformer, backend)
+        self.attention_backend = backend.value
         runner = FluxRunner(
             self.transformer,
             folder.load("scheduler"),
@@ -39,7 +55,7 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             stage.dtype,
         )
         self.engine = Engine(runner, stage.metrics, max_queue=max_queue)
-        stage.publish_model_info()
+        stage.publish_model_info(attention_backend=self.attention_backend)
 
     def grpc_service_names(self) -> list[str]:
         return ["ditserve.v1.Denoiser"]
@@ -50,7 +66,10 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
     def info(self) -> common_pb2.InfoResponse:
         defaults = self.stage.folder.defaults
         return self.stage.info(
-            default_height=defaults.height, default_width=defaults.width, default_steps=defaults.steps
+            attention_backend=self.attention_backend,
+            default_height=defaults.height,
+            default_width=defaults.width,
+            default_steps=defaults.steps,
         )
 
     def close(self) -> None:

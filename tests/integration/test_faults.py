@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
 from ditserve.client.launcher import free_port
 from ditserve.client.stub import PipelineClient, StageClient
@@ -72,23 +73,37 @@ def test_sigterm_drains_in_flight_work(model_dir: Path, tmp_path: Path) -> None:
         encoder_output = _embedding()
         from ditserve.v1 import denoiser_pb2
 
-        request = denoiser_pb2.DenoiseRequest(prompt=encoder_output, num_inference_steps=20, seed=1)
+        # Long enough (seconds) that the drain is observed while it still runs.
+        request = denoiser_pb2.DenoiseRequest(
+            prompt=encoder_output, num_inference_steps=100, height=512, width=512, seed=1
+        )
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             stream = stage.denoiser.Denoise(request, timeout=120)
             first = next(stream)  # the request is running
             pending = pool.submit(lambda: list(stream))
             process.send_signal(signal.SIGTERM)
+            _wait_for_status(stage, health_pb2.HealthCheckResponse.NOT_SERVING)
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stage.denoiser.Denoise(request, timeout=10))
             events = [first, *pending.result(timeout=60)]
-        assert events[-1].HasField("result"), "the in-flight request did not finish"
-        with pytest.raises(grpc.RpcError) as caught:
-            list(stage.denoiser.Denoise(request, timeout=10))
         assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "draining" in caught.value.details()
+        assert events[-1].HasField("result"), "the in-flight request did not finish"
         assert process.wait(timeout=60) == 0
     finally:
         stage.close()
         if process.poll() is None:
             process.kill()
         log.close()
+
+
+def _wait_for_status(stage: StageClient, status: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if stage.health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == status:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"health never reported {status}")
 
 
 def _embedding() -> object:

@@ -179,7 +179,8 @@ def test_deadline_stops_the_denoiser(stack: object, client: PipelineClient) -> N
     port = stack.ports.metrics["denoiser"]
     before = sample(scrape(port), "ditserve_denoise_step_duration_seconds_count")
     with pytest.raises(grpc.RpcError) as caught:
-        client.generate(PROMPT, steps=200, seed=5, timeout=1.5)
+        # 1024x1024 makes each step slow enough that 200 of them cannot beat the deadline.
+        client.generate(PROMPT, steps=200, height=1024, width=1024, seed=5, timeout=1.5)
     assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     time.sleep(1.0)  # let the engine reach its next step boundary
     stopped_at = sample(scrape(port), "ditserve_denoise_step_duration_seconds_count")
@@ -221,3 +222,7 @@ def test_info_and_health_on_every_service(stack: object) -> None:
         assert info.service == role and info.version
         if role != "gateway":
             assert info.model.endswith("tiny-flux") and info.dtype == "fp32" and info.device == "cpu"
+        if role == "denoiser":
+            assert info.attention_backend == "torch_sdpa"  # auto's choice on CPU
+            metrics = scrape(stack.ports.metrics[role])
+            assert sample(metrics, "ditserve_model_info", service=role, attention_backend="torch_sdpa") == 1
