@@ -66,6 +66,7 @@ def _generate(client: object, args: argparse.Namespace) -> int:
             seed=args.seed,
             num_images=args.num_images,
             output_format=args.format,
+            profile_steps=args.profile_steps,
         )
     except grpc.RpcError as error:
         bar.close()
@@ -80,6 +81,8 @@ def _generate(client: object, args: argparse.Namespace) -> int:
         print(f"wrote {path} ({image.width}x{image.height})")
     stages = ", ".join(f"{name} {ms:.0f} ms" for name, ms in output.timing.stage_ms.items())
     print(f"seed {output.seed}; total {output.timing.total_ms:.0f} ms ({stages})")
+    if output.profile_trace:
+        print(f"denoiser trace: {output.profile_trace}")
     return 0
 
 
@@ -159,6 +162,29 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from ditserve.client.stub import StageClient
+    from ditserve.v1 import common_pb2
+
+    client = StageClient(args.target)
+    try:
+        if args.action == "start":
+            request = common_pb2.StartProfileRequest(
+                name=args.name, record_shapes=True, with_stack=args.with_stack
+            )
+            status = client.admin.StartProfile(request, timeout=30)
+            print(f"profiling {args.target}; trace will be {status.trace_path}")
+        else:
+            status = client.admin.StopProfile(common_pb2.StopProfileRequest(), timeout=120)
+            print(f"wrote {status.trace_path} (open it in https://ui.perfetto.dev)")
+    except grpc.RpcError as error:
+        print(f"ditserve profile {args.action}: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    return 0
+
+
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from ditserve.services.modelgen.tiny_flux import write_tiny_flux
 
@@ -228,6 +254,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="print a service's Info (model, dtype, device, version)")
     info.add_argument("--target", default=f"127.0.0.1:{DEFAULT_PORTS['gateway'][0]}")
     info.set_defaults(func=cmd_info)
+
+    profile = commands.add_parser("profile", help="start or stop the torch profiler on a running service")
+    profile.add_argument("action", choices=["start", "stop"])
+    profile.add_argument("--target", required=True, help="HOST:PORT of any ditserve service")
+    profile.add_argument("--name", default="", help="trace file stem (default: a timestamp)")
+    profile.add_argument("--with-stack", action="store_true", help="record Python stacks (slower)")
+    profile.set_defaults(func=cmd_profile)
 
     tiny = commands.add_parser("make-tiny-model", help="write a deterministic tiny FLUX-architecture model")
     tiny.add_argument("dir")

@@ -49,6 +49,7 @@ class GenerateOutput:
     request_id: str
     timing: common_pb2.Timing
     encoded: list[common_pb2.Image] = field(repr=False, default_factory=list)
+    profile_trace: str = ""
 
 
 def generate_request(
@@ -66,6 +67,7 @@ def generate_request(
     quality: int = 0,
     max_sequence_length: int = 0,
     request_id: str = "",
+    profile_steps: int = 0,
 ) -> pipeline_pb2.GenerateRequest:
     """0 or None means: the served model's default."""
     if output_format not in FORMATS:
@@ -81,6 +83,7 @@ def generate_request(
         quality=quality,
         max_sequence_length=max_sequence_length,
         request_id=request_id,
+        profile_steps=profile_steps,
     )
     for name, value in (
         ("guidance_scale", guidance_scale),
@@ -99,6 +102,7 @@ def _output(result: pipeline_pb2.GenerateResult) -> GenerateOutput:
         request_id=result.request_id,
         timing=result.timing,
         encoded=list(result.images),
+        profile_trace=result.profile_trace,
     )
 
 

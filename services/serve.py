@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from ditserve.client.config import DEFAULT_PORTS, default_model_dir
 from ditserve.services.common import device as device_flags
@@ -18,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
     grpc_port, metrics_port = DEFAULT_PORTS[role]
     ServerOptions.add_arguments(parser, grpc_port, metrics_port)
     RequestLimits.add_arguments(parser)
+    parser.add_argument(
+        "--profile-dir", type=Path, default=Path("profiles"), help="where profiler traces are written"
+    )
     if role == "gateway":
         group = parser.add_argument_group(
             "stages (comma-separated addresses: round-robin, retry on UNAVAILABLE)"
@@ -54,6 +58,7 @@ def build_service(role: str, args: argparse.Namespace) -> Service:
     """Loads the role's model components; a bad --model is a ModelLoadError here, before binding."""
     limits = RequestLimits.from_args(args)
     if role == "gateway":
+        from ditserve.services.common.profiling import Profiler
         from ditserve.services.gateway.service import GatewayConfig, GatewayService
 
         config = GatewayConfig(
@@ -64,9 +69,10 @@ def build_service(role: str, args: argparse.Namespace) -> Service:
             stage_timeout_s=args.stage_timeout,
             max_message_mb=args.max_message_mb,
         )
-        return GatewayService(config)
+        return GatewayService(config, Profiler(args.profile_dir))
 
     from ditserve.services.common.model import ModelFolder
+    from ditserve.services.common.profiling import Profiler
     from ditserve.services.common.stage import StageContext
 
     device = device_flags.resolve_device(args.device)
@@ -76,6 +82,7 @@ def build_service(role: str, args: argparse.Namespace) -> Service:
         device=device,
         dtype=device_flags.resolve_dtype(args.dtype, device),
         limits=limits,
+        profiler=Profiler(args.profile_dir),
     )
     if role == "encoder":
         from ditserve.services.encoder.service import EncoderService

@@ -25,7 +25,9 @@ def stack(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     from ditserve.client.launcher import Ports, Stack
 
     logs = tmp_path_factory.mktemp("stack-logs")
-    running = Stack(model=model_dir, ports=Ports.free(), log_dir=logs)
+    profiles = tmp_path_factory.mktemp("profiles")
+    extra = {role: ["--profile-dir", str(profiles)] for role in ("gateway", "encoder", "denoiser", "vae")}
+    running = Stack(model=model_dir, ports=Ports.free(), log_dir=logs, extra_args=extra)
     running.start(timeout=180)
     yield running
     codes = running.stop()

@@ -37,6 +37,12 @@ class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class FailedPrecondition(ServiceError):
+    """The request is valid but the service is not in a state to run it (e.g. no profile running)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class Cancelled(ServiceError):
     """The caller went away or its deadline passed while we worked."""
 

@@ -13,7 +13,7 @@ import signal
 import threading
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -22,6 +22,9 @@ from grpc_reflection.v1alpha import reflection
 from ditserve.services.common.metrics import ServiceMetrics
 from ditserve.services.common.rpc import Drain, ObservabilityInterceptor
 from ditserve.v1 import common_pb2, common_pb2_grpc
+
+if TYPE_CHECKING:
+    from ditserve.services.common.profiling import Profiler  # imports torch; the CLI parser must not
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,7 @@ class Service(Protocol):
 
     role: str
     metrics: ServiceMetrics
+    profiler: Profiler
 
     def grpc_service_names(self) -> list[str]: ...
 
@@ -97,6 +101,17 @@ class AdminServicer(common_pb2_grpc.AdminServicer):
 
     def Info(self, request: common_pb2.InfoRequest, context: grpc.ServicerContext) -> common_pb2.InfoResponse:
         return self.service.info()
+
+    def StartProfile(
+        self, request: common_pb2.StartProfileRequest, context: grpc.ServicerContext
+    ) -> common_pb2.ProfileStatus:
+        path = self.service.profiler.start(request.name, request.record_shapes, request.with_stack)
+        return common_pb2.ProfileStatus(running=True, trace_path=str(path))
+
+    def StopProfile(
+        self, request: common_pb2.StopProfileRequest, context: grpc.ServicerContext
+    ) -> common_pb2.ProfileStatus:
+        return common_pb2.ProfileStatus(running=False, trace_path=str(self.service.profiler.stop()))
 
 
 @dataclass

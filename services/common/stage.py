@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -12,6 +13,7 @@ from ditserve.services.common.device import dtype_name
 from ditserve.services.common.limits import RequestLimits
 from ditserve.services.common.metrics import ServiceMetrics
 from ditserve.services.common.model import ModelFolder
+from ditserve.services.common.profiling import Profiler
 from ditserve.v1 import common_pb2
 
 
@@ -25,6 +27,7 @@ class StageContext:
     dtype: torch.dtype
     limits: RequestLimits = field(default_factory=RequestLimits)
     metrics: ServiceMetrics = None  # type: ignore[assignment]
+    profiler: Profiler = field(default_factory=lambda: Profiler(Path("profiles")))
 
     def __post_init__(self) -> None:
         if self.metrics is None:

@@ -17,6 +17,7 @@ from prometheus_client import Gauge, Histogram
 
 from ditserve.services.common.errors import ResourceExhausted, Unavailable
 from ditserve.services.common.metrics import LATENCY_BUCKETS, ServiceMetrics
+from ditserve.services.common.profiling import Profiler, trace_range
 from ditserve.services.denoiser.job import DenoiseJob, Failed, Finished, Progress
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,10 @@ class Runner(Protocol):
 
 
 class Engine:
-    def __init__(self, runner: Runner, metrics: ServiceMetrics, max_queue: int) -> None:
+    def __init__(self, runner: Runner, metrics: ServiceMetrics, profiler: Profiler, max_queue: int) -> None:
         self.runner = runner
         self.metrics = metrics
+        self.profiler = profiler
         self._queue: queue.Queue[DenoiseJob | None] = queue.Queue(maxsize=max_queue)
         self._accepting = True
         registry = metrics.registry
@@ -85,22 +87,33 @@ class Engine:
         queue_ms = (started - job.submitted) * 1000.0
         self.queue_seconds.observe(queue_ms / 1000.0)
         step_ms: list[float] = []
+        trace = ""
+        profile_until = min(job.profile_steps, job.steps)
         try:
-            trajectory = self.runner.start(job)
-            for index in range(job.steps):
-                if job.cancelled:
-                    log.info("request %s cancelled after %d/%d steps", job.request_id, index, job.steps)
-                    return
-                step_started = time.perf_counter()
-                trajectory.step()
-                seconds = time.perf_counter() - step_started
-                self.step_seconds.observe(seconds)
-                step_ms.append(seconds * 1000.0)
-                job.emit(Progress(index + 1, job.steps, step_ms[-1]))
-            latents = trajectory.result()
+            if profile_until:
+                self.profiler.start(f"request-{job.request_id}")
+            with trace_range("denoise"):
+                trajectory = self.runner.start(job)
+                for index in range(job.steps):
+                    if job.cancelled:
+                        log.info("request %s cancelled after %d/%d steps", job.request_id, index, job.steps)
+                        return
+                    step_started = time.perf_counter()
+                    with trace_range("denoise_step"):
+                        trajectory.step()
+                    seconds = time.perf_counter() - step_started
+                    self.step_seconds.observe(seconds)
+                    step_ms.append(seconds * 1000.0)
+                    if index + 1 == profile_until:
+                        trace = str(self.profiler.stop())
+                    job.emit(Progress(index + 1, job.steps, step_ms[-1]))
+                latents = trajectory.result()
         except Exception as error:  # one request fails alone; the worker lives on
             log.exception("request %s failed", job.request_id)
             job.emit(Failed(error))
             return
+        finally:
+            if profile_until and not trace and self.profiler.running:
+                self.profiler.stop()  # cancelled or failed mid-profile: still release the profiler
         total_ms = (time.perf_counter() - job.submitted) * 1000.0
-        job.emit(Finished(latents, queue_ms, step_ms, total_ms))
+        job.emit(Finished(latents, queue_ms, step_ms, total_ms, trace))

@@ -25,6 +25,7 @@ class Finished:
     queue_ms: float
     step_ms: list[float]
     total_ms: float
+    profile_trace: str = ""
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class DenoiseJob:
     request_id: str
     inputs: Any
     steps: int
+    profile_steps: int = 0
     submitted: float = field(default_factory=time.perf_counter)
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     _cancelled: threading.Event = field(default_factory=threading.Event)

@@ -12,8 +12,9 @@ import grpc
 import torch
 
 from ditserve.services.common import flux, tensor_codec
-from ditserve.services.common.errors import Cancelled, InvalidArgument, StartupError
+from ditserve.services.common.errors import Cancelled, FailedPrecondition, InvalidArgument, StartupError
 from ditserve.services.common.limits import check_generation, check_range
+from ditserve.services.common.profiling import SAFE_NAME, add_block_ranges
 from ditserve.services.common.stage import StageContext
 from ditserve.services.denoiser import job as events
 from ditserve.services.denoiser.attention import (
@@ -37,6 +38,7 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
     def __init__(self, stage: StageContext, max_queue: int = 64, attention_backend: str = "auto") -> None:
         self.stage = stage
         self.metrics = stage.metrics
+        self.profiler = stage.profiler
         folder = stage.folder
         self.transformer = folder.load("transformer", stage.device, stage.dtype)
         head_dim = self.transformer.config.attention_head_dim
@@ -54,7 +56,9 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             stage.device,
             stage.dtype,
         )
-        self.engine = Engine(runner, stage.metrics, max_queue=max_queue)
+        self.engine = Engine(runner, stage.metrics, stage.profiler, max_queue=max_queue)
+        add_block_ranges(list(self.transformer.transformer_blocks), "double_block")
+        add_block_ranges(list(self.transformer.single_transformer_blocks), "single_block")
         stage.publish_model_info(attention_backend=self.attention_backend)
 
     def grpc_service_names(self) -> list[str]:
@@ -140,7 +144,14 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
     ) -> Iterator[denoiser_pb2.DenoiseEvent]:
         self.metrics.count_bytes("in", request.ByteSize())
         inputs = self.parse(request)
-        job = DenoiseJob(request.request_id or uuid.uuid4().hex, inputs, inputs.steps)
+        request_id = request.request_id or uuid.uuid4().hex
+        if request.profile_steps:
+            check_range("profile_steps", request.profile_steps, 1, inputs.steps)
+            if not SAFE_NAME.fullmatch(request_id):
+                raise InvalidArgument("request_id", "must be 1-64 of [A-Za-z0-9._-] to name a profile trace")
+            if self.profiler.running:
+                raise FailedPrecondition("a profile is already running on this denoiser")
+        job = DenoiseJob(request_id, inputs, inputs.steps, request.profile_steps)
         context.add_callback(job.cancel)
         self.engine.submit(job)
         while True:
@@ -170,7 +181,11 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             total_ms=event.total_ms,
         )
         result = denoiser_pb2.DenoiseResult(
-            latents=latents, height=inputs.height, width=inputs.width, timing=timing
+            latents=latents,
+            height=inputs.height,
+            width=inputs.width,
+            timing=timing,
+            profile_trace=event.profile_trace,
         )
         return denoiser_pb2.DenoiseEvent(result=result)
 

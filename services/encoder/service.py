@@ -16,6 +16,7 @@ from diffusers import FluxPipeline
 from ditserve.services.common import tensor_codec
 from ditserve.services.common.errors import InvalidArgument
 from ditserve.services.common.limits import check_prompt, check_range
+from ditserve.services.common.profiling import trace_range
 from ditserve.services.common.stage import StageContext, elapsed_ms
 from ditserve.v1 import common_pb2, encoder_pb2, encoder_pb2_grpc
 
@@ -28,6 +29,7 @@ class EncoderService(encoder_pb2_grpc.TextEncoderServicer):
     def __init__(self, stage: StageContext) -> None:
         self.stage = stage
         self.metrics = stage.metrics
+        self.profiler = stage.profiler
         folder = stage.folder
         # A text-only FluxPipeline gives us FluxPipeline's own prompt encoding.
         self.pipe = FluxPipeline(
@@ -78,7 +80,7 @@ class EncoderService(encoder_pb2_grpc.TextEncoderServicer):
         started = time.perf_counter()
         length = self._validate(request)
         response = encoder_pb2.EncodeResponse()
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.inference_mode(), trace_range("encode"):
             queue_ms = elapsed_ms(started)
             for prompt in request.prompts:
                 embeds, pooled, _ = self.pipe.encode_prompt(

@@ -20,6 +20,7 @@ import ditserve
 from ditserve.services.common.errors import ServiceError
 from ditserve.services.common.limits import RequestLimits, check_prompt, check_range, check_size
 from ditserve.services.common.metrics import ServiceMetrics
+from ditserve.services.common.profiling import Profiler
 from ditserve.services.common.server import channel_options
 from ditserve.services.common.stage import elapsed_ms
 from ditserve.services.gateway.pool import StagePool
@@ -75,8 +76,11 @@ def _progress(stage: str, started: float, step: int = 0, total: int = 0) -> pipe
 class GatewayService(pipeline_pb2_grpc.PipelineServicer):
     role = "gateway"
 
-    def __init__(self, config: GatewayConfig, metrics: ServiceMetrics | None = None) -> None:
+    def __init__(
+        self, config: GatewayConfig, profiler: Profiler, metrics: ServiceMetrics | None = None
+    ) -> None:
         self.config = config
+        self.profiler = profiler
         self.metrics = metrics or ServiceMetrics(self.role)
         options = channel_options(config.max_message_mb)
         self.encoder = StagePool("encoder", config.encoders, encoder_pb2_grpc.TextEncoderStub, options)
@@ -160,6 +164,7 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
             num_inference_steps=request.num_inference_steps,
             seed=seed,
             num_images=request.num_images,
+            profile_steps=request.profile_steps,
         )
         if request.HasField("guidance_scale"):
             denoise_request.guidance_scale = request.guidance_scale
@@ -205,6 +210,10 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
         )
         yield pipeline_pb2.GenerateEvent(
             result=pipeline_pb2.GenerateResult(
-                images=decoded.images, timing=timing, seed=seed, request_id=request_id
+                images=decoded.images,
+                timing=timing,
+                seed=seed,
+                request_id=request_id,
+                profile_trace=result.profile_trace,
             )
         )

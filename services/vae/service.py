@@ -16,6 +16,7 @@ from ditserve.client.tensors import from_numpy
 from ditserve.services.common import flux, tensor_codec
 from ditserve.services.common.errors import InvalidArgument
 from ditserve.services.common.limits import check_range, check_size
+from ditserve.services.common.profiling import trace_range
 from ditserve.services.common.stage import StageContext, elapsed_ms
 from ditserve.v1 import common_pb2, vae_pb2, vae_pb2_grpc
 
@@ -39,6 +40,7 @@ class VaeService(vae_pb2_grpc.VaeDecoderServicer):
     def __init__(self, stage: StageContext) -> None:
         self.stage = stage
         self.metrics = stage.metrics
+        self.profiler = stage.profiler
         self.vae = stage.folder.load("vae", stage.device, stage.dtype)
         self.scale = flux.vae_scale_factor(self.vae.config)
         self.processor = VaeImageProcessor(vae_scale_factor=self.scale * 2)
@@ -89,7 +91,7 @@ class VaeService(vae_pb2_grpc.VaeDecoderServicer):
         started = time.perf_counter()
         self.metrics.count_bytes("in", len(request.latents.raw_data))
         latents = self._validate(request)
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.inference_mode(), trace_range("decode"):
             queue_ms = elapsed_ms(started)
             unpacked = flux.unpack_latents(latents, request.height, request.width, self.scale)
             config = self.vae.config

@@ -6,6 +6,7 @@ import concurrent.futures
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from grpc_health.v1 import health_pb2
 from ditserve.client.launcher import free_port
 from ditserve.client.stub import PipelineClient, StageClient
 from ditserve.services.common.limits import RequestLimits
+from ditserve.services.common.profiling import Profiler
 from ditserve.services.common.server import ServerOptions, start_server
 from ditserve.services.gateway.service import GatewayConfig, GatewayService
 
@@ -25,7 +27,8 @@ PROMPT = "a red circle on a blue background"
 
 
 def _gateway(encoders: list[str], denoisers: list[str], vaes: list[str]) -> Iterator[str]:
-    service = GatewayService(GatewayConfig(encoders, denoisers, vaes, RequestLimits(), stage_timeout_s=60))
+    config = GatewayConfig(encoders, denoisers, vaes, RequestLimits(), stage_timeout_s=60)
+    service = GatewayService(config, Profiler(Path(tempfile.gettempdir())))
     running = start_server(service, ServerOptions(port=0, metrics_port=None))
     try:
         yield f"127.0.0.1:{running.port}"

@@ -80,3 +80,25 @@ class InfoResponse(_message.Message):
     attention_backend: str
     details: _containers.ScalarMap[str, str]
     def __init__(self, service: _Optional[str] = ..., model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., version: _Optional[str] = ..., attention_backend: _Optional[str] = ..., details: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class StartProfileRequest(_message.Message):
+    __slots__ = ("name", "record_shapes", "with_stack")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    RECORD_SHAPES_FIELD_NUMBER: _ClassVar[int]
+    WITH_STACK_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    record_shapes: bool
+    with_stack: bool
+    def __init__(self, name: _Optional[str] = ..., record_shapes: _Optional[bool] = ..., with_stack: _Optional[bool] = ...) -> None: ...
+
+class StopProfileRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ProfileStatus(_message.Message):
+    __slots__ = ("running", "trace_path")
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    TRACE_PATH_FIELD_NUMBER: _ClassVar[int]
+    running: bool
+    trace_path: str
+    def __init__(self, running: _Optional[bool] = ..., trace_path: _Optional[str] = ...) -> None: ...

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class AdminStub:
-    """Every service answers Info.
+    """Every service answers Info and can be profiled on demand.
     """
 
     def __init__(self, channel):
@@ -40,14 +40,38 @@ class AdminStub:
                 request_serializer=ditserve_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
                 response_deserializer=ditserve_dot_v1_dot_common__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.StartProfile = channel.unary_unary(
+                '/ditserve.v1.Admin/StartProfile',
+                request_serializer=ditserve_dot_v1_dot_common__pb2.StartProfileRequest.SerializeToString,
+                response_deserializer=ditserve_dot_v1_dot_common__pb2.ProfileStatus.FromString,
+                _registered_method=True)
+        self.StopProfile = channel.unary_unary(
+                '/ditserve.v1.Admin/StopProfile',
+                request_serializer=ditserve_dot_v1_dot_common__pb2.StopProfileRequest.SerializeToString,
+                response_deserializer=ditserve_dot_v1_dot_common__pb2.ProfileStatus.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
-    """Every service answers Info.
+    """Every service answers Info and can be profiled on demand.
     """
 
     def Info(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartProfile(self, request, context):
+        """Starts the torch profiler (CPU, and CUDA where present); FAILED_PRECONDITION if one runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopProfile(self, request, context):
+        """Stops it and writes the trace; FAILED_PRECONDITION if none runs.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -60,6 +84,16 @@ def add_AdminServicer_to_server(servicer, server):
                     request_deserializer=ditserve_dot_v1_dot_common__pb2.InfoRequest.FromString,
                     response_serializer=ditserve_dot_v1_dot_common__pb2.InfoResponse.SerializeToString,
             ),
+            'StartProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartProfile,
+                    request_deserializer=ditserve_dot_v1_dot_common__pb2.StartProfileRequest.FromString,
+                    response_serializer=ditserve_dot_v1_dot_common__pb2.ProfileStatus.SerializeToString,
+            ),
+            'StopProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopProfile,
+                    request_deserializer=ditserve_dot_v1_dot_common__pb2.StopProfileRequest.FromString,
+                    response_serializer=ditserve_dot_v1_dot_common__pb2.ProfileStatus.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'ditserve.v1.Admin', rpc_method_handlers)
@@ -69,7 +103,7 @@ def add_AdminServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Admin:
-    """Every service answers Info.
+    """Every service answers Info and can be profiled on demand.
     """
 
     @staticmethod
@@ -89,6 +123,60 @@ class Admin:
             '/ditserve.v1.Admin/Info',
             ditserve_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
             ditserve_dot_v1_dot_common__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ditserve.v1.Admin/StartProfile',
+            ditserve_dot_v1_dot_common__pb2.StartProfileRequest.SerializeToString,
+            ditserve_dot_v1_dot_common__pb2.ProfileStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ditserve.v1.Admin/StopProfile',
+            ditserve_dot_v1_dot_common__pb2.StopProfileRequest.SerializeToString,
+            ditserve_dot_v1_dot_common__pb2.ProfileStatus.FromString,
             options,
             channel_credentials,
             insecure,

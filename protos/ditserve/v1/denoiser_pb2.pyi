@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "true_cfg_scale", "seed", "num_images")
+    __slots__ = ("request_id", "prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "true_cfg_scale", "seed", "num_images", "profile_steps")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,7 @@ class DenoiseRequest(_message.Message):
     TRUE_CFG_SCALE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_STEPS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: _encoder_pb2.PromptEmbedding
     negative_prompt: _encoder_pb2.PromptEmbedding
@@ -30,7 +31,8 @@ class DenoiseRequest(_message.Message):
     true_cfg_scale: float
     seed: int
     num_images: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[_Union[_encoder_pb2.PromptEmbedding, _Mapping]] = ..., negative_prompt: _Optional[_Union[_encoder_pb2.PromptEmbedding, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., true_cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ...) -> None: ...
+    profile_steps: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[_Union[_encoder_pb2.PromptEmbedding, _Mapping]] = ..., negative_prompt: _Optional[_Union[_encoder_pb2.PromptEmbedding, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., true_cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., profile_steps: _Optional[int] = ...) -> None: ...
 
 class StepProgress(_message.Message):
     __slots__ = ("step", "total_steps", "step_ms")
@@ -43,16 +45,18 @@ class StepProgress(_message.Message):
     def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., step_ms: _Optional[float] = ...) -> None: ...
 
 class DenoiseResult(_message.Message):
-    __slots__ = ("latents", "height", "width", "timing")
+    __slots__ = ("latents", "height", "width", "timing", "profile_trace")
     LATENTS_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_TRACE_FIELD_NUMBER: _ClassVar[int]
     latents: _tensor_pb2.Tensor
     height: int
     width: int
     timing: _common_pb2.Timing
-    def __init__(self, latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., timing: _Optional[_Union[_common_pb2.Timing, _Mapping]] = ...) -> None: ...
+    profile_trace: str
+    def __init__(self, latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., timing: _Optional[_Union[_common_pb2.Timing, _Mapping]] = ..., profile_trace: _Optional[str] = ...) -> None: ...
 
 class DenoiseEvent(_message.Message):
     __slots__ = ("progress", "result")

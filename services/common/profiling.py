@@ -1,0 +1,116 @@
+"""Traces on demand: the torch profiler behind StartProfile/StopProfile, and named ranges.
+
+`trace_range(name)` marks a stage, step or block for both tools users open:
+the torch profiler's trace (record_function, in Perfetto) and Nsight Systems
+(NVTX, only where CUDA is present, so CPU runs pay nothing for it). Trace
+files always land under --profile-dir: callers choose a name, never a path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from ditserve.services.common.errors import FailedPrecondition, InvalidArgument
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_NVTX = torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def trace_range(name: str) -> Iterator[None]:
+    with record_function(name):
+        if _NVTX:
+            torch.cuda.nvtx.range_push(name)
+        try:
+            yield
+        finally:
+            if _NVTX:
+                torch.cuda.nvtx.range_pop()
+
+
+def add_block_ranges(blocks: list[torch.nn.Module], prefix: str) -> None:
+    """NVTX ranges around each transformer block for Nsight; nothing is installed without CUDA."""
+    if not _NVTX:
+        return
+    for index, block in enumerate(blocks):
+        name = f"{prefix}[{index}]"
+        block.register_forward_pre_hook(lambda *_, name=name: torch.cuda.nvtx.range_push(name))
+        block.register_forward_hook(lambda *_: torch.cuda.nvtx.range_pop())
+
+
+def activities() -> list[ProfilerActivity]:
+    return [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])]
+
+
+def _all_threads_config() -> object | None:
+    """CPU ops are recorded per thread unless asked otherwise, and our model work runs on
+    worker threads, not on the RPC thread that starts the profile (torch >= 2.7 can)."""
+    from torch._C._profiler import _ExperimentalConfig
+
+    try:
+        return _ExperimentalConfig(profile_all_threads=True)
+    except TypeError:
+        return None
+
+
+def trace_path(profile_dir: Path, name: str) -> Path:
+    """The trace file for `name`, refusing anything that could leave `profile_dir`."""
+    if not SAFE_NAME.fullmatch(name) or name.startswith("."):
+        raise InvalidArgument("name", f"{name!r} must be 1-64 of [A-Za-z0-9._-] and not start with '.'")
+    root = profile_dir.resolve()
+    path = (root / f"{name}.trace.json.gz").resolve()
+    if path.parent != root:
+        raise InvalidArgument("name", f"{name!r} would leave the profile directory")
+    return path
+
+
+class Profiler:
+    """At most one on-demand profile per process."""
+
+    def __init__(self, profile_dir: Path) -> None:
+        self.profile_dir = Path(profile_dir)
+        self._lock = threading.Lock()
+        self._active: tuple[profile, Path] | None = None
+
+    def start(self, name: str = "", record_shapes: bool = True, with_stack: bool = False) -> Path:
+        """Starts tracing into `profile_dir/NAME.trace.json.gz`; returns that path."""
+        path = trace_path(self.profile_dir, name or time.strftime("profile-%Y%m%d-%H%M%S"))
+        with self._lock:
+            if self._active is not None:
+                raise FailedPrecondition("a profile is already running; stop it first")
+            profiler = profile(
+                activities=activities(),
+                record_shapes=record_shapes,
+                with_stack=with_stack,
+                experimental_config=_all_threads_config(),
+            )
+            profiler.start()
+            self._active = (profiler, path)
+        return path
+
+    def stop(self) -> Path:
+        with self._lock:
+            if self._active is None:
+                raise FailedPrecondition("no profile is running; start one first")
+            profiler, path = self._active
+            self._active = None
+        profiler.stop()
+        return export(profiler, path)
+
+    @property
+    def running(self) -> bool:
+        return self._active is not None
+
+
+def export(profiler: profile, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    profiler.export_chrome_trace(str(path))
+    return path
