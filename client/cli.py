@@ -38,6 +38,9 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=float, default=600.0, help="deadline for the whole request, seconds"
     )
+    parser.add_argument(
+        "--profile-steps", type=int, default=0, help="trace the first N denoise steps on the denoiser"
+    )
 
 
 def _generate(client: object, args: argparse.Namespace) -> int:

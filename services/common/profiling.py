@@ -12,7 +12,7 @@ import contextlib
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -41,9 +41,19 @@ def add_block_ranges(blocks: list[torch.nn.Module], prefix: str) -> None:
     if not _NVTX:
         return
     for index, block in enumerate(blocks):
-        name = f"{prefix}[{index}]"
-        block.register_forward_pre_hook(lambda *_, name=name: torch.cuda.nvtx.range_push(name))
-        block.register_forward_hook(lambda *_: torch.cuda.nvtx.range_pop())
+        block.register_forward_pre_hook(_push_hook(f"{prefix}[{index}]"))
+        block.register_forward_hook(_pop_hook)
+
+
+def _push_hook(name: str) -> Callable[..., None]:
+    def hook(module: torch.nn.Module, args: tuple) -> None:
+        torch.cuda.nvtx.range_push(name)  # its return value must not reach torch: it would replace args
+
+    return hook
+
+
+def _pop_hook(module: torch.nn.Module, args: tuple, output: object) -> None:
+    torch.cuda.nvtx.range_pop()
 
 
 def activities() -> list[ProfilerActivity]:
