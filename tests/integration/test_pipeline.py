@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import concurrent.futures
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import sample, scrape
+from PIL import Image
 
 from ditserve.client.stub import PipelineClient, StageClient
 from ditserve.v1 import common_pb2, denoiser_pb2, encoder_pb2, tensor_pb2, vae_pb2
@@ -226,3 +229,16 @@ def test_info_and_health_on_every_service(stack: object) -> None:
             assert info.attention_backend == "torch_sdpa"  # auto's choice on CPU
             metrics = scrape(stack.ports.metrics[role])
             assert sample(metrics, "ditserve_model_info", service=role, attention_backend="torch_sdpa") == 1
+
+
+def test_generate_cli_writes_the_image(stack: object, client: PipelineClient, tmp_path: Path) -> None:
+    target = tmp_path / "cli.png"
+    command = [sys.executable, "-m", "ditserve.client.cli", "generate", PROMPT, "--target", stack.gateway]
+    result = subprocess.run(
+        [*command, "-o", str(target), "--steps", str(STEPS), "--seed", "9"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "seed 9" in result.stdout
+    assert np.array_equal(np.asarray(Image.open(target)), _served(client, seed=9)[0])
+    bad = subprocess.run([*command, "-o", str(target), "--width", "100"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "INVALID_ARGUMENT: width" in bad.stderr
