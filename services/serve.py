@@ -40,13 +40,32 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
     device_flags.add_arguments(parser)
     if role == "denoiser":
         parser.add_argument(
-            "--max-queue", type=int, default=64, help="waiting requests before RESOURCE_EXHAUSTED"
-        )
-        parser.add_argument(
             "--attention-backend",
             default=None,
             help="auto, torch_sdpa, sdpa_flash, sdpa_efficient, sdpa_cudnn, sdpa_math, fa, sage_attn"
             " (default: $DITSERVE_ATTENTION_BACKEND, else auto)",
+        )
+        group = parser.add_argument_group("batching")
+        group.add_argument(
+            "--batching",
+            default="off",
+            choices=["off", "dynamic", "continuous"],
+            help="off: one request at a time (bit-exact with FluxPipeline); dynamic: request-level"
+            " batches; continuous: requests join and leave the running batch at step boundaries",
+        )
+        group.add_argument("--max-batch-size", type=int, default=8, help="requests per batch (default: 8)")
+        group.add_argument(
+            "--batch-delay-ms",
+            type=float,
+            default=5.0,
+            help="dynamic: wait this long for company (default: 5)",
+        )
+        group.add_argument("--max-batch-cost", type=int, default=None, help="image tokens x CFG per batch")
+        group.add_argument(
+            "--max-wait-steps", type=int, default=0, help="continuous: steps another shape waits at most"
+        )
+        group.add_argument(
+            "--max-queue", type=int, default=64, help="waiting requests before RESOURCE_EXHAUSTED"
         )
 
 
@@ -90,10 +109,22 @@ def build_service(role: str, args: argparse.Namespace) -> Service:
         return EncoderService(stage)
     if role == "denoiser":
         from ditserve.services.denoiser.attention import default_backend_name
+        from ditserve.services.denoiser.batching import BatchingConfig
         from ditserve.services.denoiser.service import DenoiserService
 
         backend = args.attention_backend or default_backend_name()
-        return DenoiserService(stage, max_queue=args.max_queue, attention_backend=backend)
+        try:
+            batching = BatchingConfig(
+                mode=args.batching,
+                max_batch_size=args.max_batch_size,
+                batch_delay_ms=args.batch_delay_ms,
+                max_batch_cost=args.max_batch_cost,
+                max_queue=args.max_queue,
+                max_wait_steps=args.max_wait_steps,
+            )
+        except ValueError as error:
+            raise StartupError(f"batching: {error}") from None
+        return DenoiserService(stage, batching, attention_backend=backend)
     from ditserve.services.vae.service import VaeService
 
     return VaeService(stage)

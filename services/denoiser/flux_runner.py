@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ditserve.services.common import flux
+from ditserve.services.denoiser.batching import BatchingConfig
 from ditserve.services.denoiser.job import DenoiseJob
 
 
@@ -70,28 +71,21 @@ class FluxTrajectory:
             )
         self.index = 0
 
-    def _predict(self, cond: Conditioning, timestep: torch.Tensor) -> torch.Tensor:
-        return self.runner.transformer(
-            hidden_states=self.latents,
-            timestep=timestep / 1000,
-            guidance=self.guidance,
-            pooled_projections=cond.pooled,
-            encoder_hidden_states=cond.embeds,
-            txt_ids=self.text_ids,
-            img_ids=self.image_ids,
-            return_dict=False,
-        )[0]
+    @property
+    def timestep(self) -> torch.Tensor:
+        """This sample's current timestep, one per image, as FluxPipeline broadcasts it."""
+        return self.timesteps[self.index].expand(self.latents.shape[0]).to(self.latents.dtype)
 
-    @torch.inference_mode()
-    def step(self) -> None:
-        t = self.timesteps[self.index]
-        timestep = t.expand(self.latents.shape[0]).to(self.latents.dtype)
-        noise = self._predict(self.prompt, timestep)
-        if self.negative is not None:
-            negative = self._predict(self.negative, timestep)
-            noise = negative + self.true_cfg_scale * (noise - negative)
-        self.latents = self.scheduler.step(noise, t, self.latents, return_dict=False)[0]
+    def advance(self, noise: torch.Tensor, negative_noise: torch.Tensor | None) -> None:
+        """Applies true CFG (if any) and this trajectory's own scheduler step."""
+        if negative_noise is not None:
+            noise = negative_noise + self.true_cfg_scale * (noise - negative_noise)
+        self.latents = self.scheduler.step(
+            noise, self.timesteps[self.index], self.latents, return_dict=False
+        )[0]
         self.index += 1
+        if not torch.isfinite(self.latents).all():
+            raise FloatingPointError("the latents became NaN or Inf")
 
     def result(self) -> torch.Tensor:
         return self.latents
@@ -118,5 +112,74 @@ class FluxRunner:
         self.device = device
         self.dtype = dtype
 
+    def batch_key(self, job: DenoiseJob, config: BatchingConfig) -> tuple:
+        """What must match to share a transformer call: latent and text shapes, CFG, and for
+        request-level (dynamic) batches the step count, so members finish together."""
+        inputs: FluxInputs = job.inputs
+        steps = inputs.steps if config.mode == "dynamic" else None
+        return (
+            inputs.height,
+            inputs.width,
+            inputs.prompt.embeds.shape[1],
+            inputs.negative is not None,
+            steps,
+        )
+
+    def cost(self, job: DenoiseJob) -> int:
+        """Image tokens the transformer processes per step for this job."""
+        inputs: FluxInputs = job.inputs
+        tokens = (
+            flux.latent_size(inputs.height, self.vae_scale)
+            * flux.latent_size(inputs.width, self.vae_scale)
+            // 4
+        )
+        return tokens * inputs.num_images * (2 if inputs.negative is not None else 1)
+
     def start(self, job: DenoiseJob) -> FluxTrajectory:
         return FluxTrajectory(self, job.inputs)
+
+    def _predict(self, trajectories: list[FluxTrajectory], negative: bool) -> list[torch.Tensor]:
+        """One transformer call over the trajectories' samples, split back per trajectory."""
+        first = trajectories[0]
+        conds = [t.negative if negative else t.prompt for t in trajectories]
+        guidance = [t.guidance for t in trajectories]
+        noise = self.transformer(
+            hidden_states=_cat([t.latents for t in trajectories]),
+            timestep=_cat([t.timestep for t in trajectories]) / 1000,
+            guidance=None if guidance[0] is None else _cat(guidance),
+            pooled_projections=_cat([c.pooled for c in conds]),
+            encoder_hidden_states=_cat([c.embeds for c in conds]),
+            txt_ids=first.text_ids,
+            img_ids=first.image_ids,
+            return_dict=False,
+        )[0]
+        return list(noise.split([t.latents.shape[0] for t in trajectories]))
+
+    @torch.inference_mode()
+    def step(self, trajectories: list[FluxTrajectory]) -> list[Exception | None]:
+        """One step for a batch; returns, per trajectory, the error that failed it.
+
+        Alone, this is FluxPipeline's exact call sequence (bit-exact); together, one transformer
+        call per CFG branch for all samples. If a batched call raises, each trajectory is retried
+        alone so only the culprit fails: no trajectory has moved before every prediction exists.
+        """
+        try:
+            noise = self._predict(trajectories, negative=False)
+            cfg = trajectories[0].negative is not None
+            negative = self._predict(trajectories, negative=True) if cfg else [None] * len(trajectories)
+        except Exception as error:
+            if len(trajectories) == 1:
+                return [error]
+            return [self.step([trajectory])[0] for trajectory in trajectories]
+        errors: list[Exception | None] = []
+        for trajectory, cond, uncond in zip(trajectories, noise, negative, strict=True):
+            try:
+                trajectory.advance(cond, uncond)
+                errors.append(None)
+            except Exception as error:
+                errors.append(error)
+        return errors
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)

@@ -22,6 +22,7 @@ from ditserve.services.denoiser.attention import (
     apply_attention_backend,
     resolve_backend,
 )
+from ditserve.services.denoiser.batching import BatchingConfig
 from ditserve.services.denoiser.engine import Engine
 from ditserve.services.denoiser.flux_runner import Conditioning, FluxInputs, FluxRunner
 from ditserve.services.denoiser.job import DenoiseJob
@@ -35,7 +36,9 @@ FLOAT_DATATYPES = ("FP32", "FP16", "BF16")
 class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
     role = "denoiser"
 
-    def __init__(self, stage: StageContext, max_queue: int = 64, attention_backend: str = "auto") -> None:
+    def __init__(
+        self, stage: StageContext, batching: BatchingConfig | None = None, attention_backend: str = "auto"
+    ) -> None:
         self.stage = stage
         self.metrics = stage.metrics
         self.profiler = stage.profiler
@@ -56,7 +59,8 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             stage.device,
             stage.dtype,
         )
-        self.engine = Engine(runner, stage.metrics, stage.profiler, max_queue=max_queue)
+        self.batching = batching or BatchingConfig(mode="off")
+        self.engine = Engine(runner, stage.metrics, stage.profiler, self.batching)
         add_block_ranges(list(self.transformer.transformer_blocks), "double_block")
         add_block_ranges(list(self.transformer.single_transformer_blocks), "single_block")
         stage.publish_model_info(attention_backend=self.attention_backend)
@@ -74,6 +78,8 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             default_height=defaults.height,
             default_width=defaults.width,
             default_steps=defaults.steps,
+            batching=self.batching.mode,
+            max_batch_size=self.batching.max_batch_size,
         )
 
     def close(self) -> None:
@@ -152,7 +158,7 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             if self.profiler.running:
                 raise FailedPrecondition("a profile is already running on this denoiser")
         job = DenoiseJob(request_id, inputs, inputs.steps, request.profile_steps)
-        context.add_callback(job.cancel)
+        context.add_callback(lambda: self.engine.cancel(job))
         self.engine.submit(job)
         while True:
             event = job.events.get()

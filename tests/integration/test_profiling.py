@@ -38,7 +38,6 @@ def test_start_and_stop_profile_on_a_live_denoiser(stack: object) -> None:
     assert stopped.trace_path == started.trace_path
     names = _event_names(stopped.trace_path)
     assert names.count("denoise_step") == 3
-    assert "denoise" in names
 
 
 def test_profile_names_cannot_leave_the_profile_dir(stack: object) -> None:
