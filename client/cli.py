@@ -17,7 +17,7 @@ import grpc
 from ditserve.client.config import DEFAULT_PORTS, default_model_dir
 
 ROLES = ("gateway", "encoder", "denoiser", "vae")
-BENCHES = ("transport", "attention")
+BENCHES = ("transport", "attention", "serving")
 
 
 def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:

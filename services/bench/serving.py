@@ -1,0 +1,187 @@
+"""`ditserve bench serving`: throughput and latency through the gateway, batching off/dynamic/continuous.
+
+Three full stacks run side by side (one per --batching mode) on the same model; every load level is
+run against each mode in turn (A B C, A B C, ...) so machine noise hits all modes alike. Closed loop:
+C clients each send their next request when the last one returns. Open loop: Poisson arrivals at a
+fixed rate near the off-mode capacity, latency counted from the scheduled arrival.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import random
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from ditserve.client.config import default_model_dir
+from ditserve.services.bench.common import median, result_document
+
+MODES = ("off", "dynamic", "continuous")
+PROMPT = "a red circle on a blue background"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default=str(default_model_dir()), help="model folder (default: the shipped model)"
+    )
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps per request (default: 20)")
+    parser.add_argument(
+        "--concurrency", default="1,4,8,16", help="closed-loop client counts (default: 1,4,8,16)"
+    )
+    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per load level and mode")
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="open-loop requests/s (default: 0.9 x off's capacity at 8)"
+    )
+    parser.add_argument("--max-batch-size", type=int, default=16)
+
+
+def _scrape_steps(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("ditserve_denoise_step_duration_seconds_count"):
+                return float(line.split()[-1])
+    return 0.0
+
+
+class Load:
+    """Sends requests to one gateway and records each one's latency and queue time."""
+
+    def __init__(self, target: str, steps: int) -> None:
+        from ditserve.client.stub import PipelineClient
+
+        self.client = PipelineClient(target)
+        self.steps = steps
+        self.latencies: list[float] = []
+        self.queue_ms: list[float] = []
+        self.errors = 0
+        self._lock = threading.Lock()
+        self._seed = 0
+
+    def one(self, started: float | None = None) -> None:
+        with self._lock:
+            self._seed += 1
+            seed = self._seed
+        started = time.perf_counter() if started is None else started
+        try:
+            output = self.client.generate(PROMPT, seed=seed, steps=self.steps, timeout=120)
+        except Exception:
+            with self._lock:
+                self.errors += 1
+            return
+        with self._lock:
+            self.latencies.append(time.perf_counter() - started)
+            self.queue_ms.append(output.timing.queue_ms)
+
+    def closed(self, clients: int, seconds: float) -> float:
+        """Runs `clients` request loops for `seconds`; returns the measured wall time."""
+        stop = time.perf_counter() + seconds
+        started = time.perf_counter()
+
+        def loop() -> None:
+            while time.perf_counter() < stop:
+                self.one()
+
+        threads = [threading.Thread(target=loop) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return time.perf_counter() - started
+
+    def open(self, rate: float, seconds: float, seed: int) -> float:
+        rng = random.Random(seed)
+        arrivals, t = [], 0.0
+        while (t := t + rng.expovariate(rate)) < seconds:
+            arrivals.append(t)
+        started = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=64) as pool:
+            for arrival in arrivals:
+                delay = started + arrival - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                pool.submit(self.one, started + arrival)
+        return time.perf_counter() - started
+
+
+def _row(
+    mode: str, load: str, value: float, runner: Load, wall: float, steps_delta: float, steps: int
+) -> dict:
+    lat = sorted(runner.latencies)
+    done = len(lat)
+    return {
+        "mode": mode,
+        "load": load,
+        "level": value,
+        "completed": done,
+        "errors": runner.errors,
+        "req_per_s": done / wall,
+        "latency_mean_s": sum(lat) / done if done else None,
+        "latency_p50_s": median(lat) if done else None,
+        "latency_p99_s": lat[min(done - 1, int(0.99 * done))] if done else None,
+        "queue_ms_mean": sum(runner.queue_ms) / done if done else None,
+        "mean_batch_size": done * steps / steps_delta if steps_delta else None,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from ditserve.client.launcher import Ports, Stack
+
+    levels = [int(c) for c in args.concurrency.split(",")]
+    stacks = {}
+    for mode in MODES:
+        extra = {"denoiser": ["--batching", mode, "--max-batch-size", str(args.max_batch_size)]}
+        stacks[mode] = Stack(model=Path(args.model), ports=Ports.free(), extra_args=extra)
+    rows: list[dict[str, Any]] = []
+    try:
+        for stack in stacks.values():
+            stack.start()
+        for stack in stacks.values():  # warm every path once
+            Load(stack.gateway, args.steps).closed(2, 1.0)
+
+        def measure(mode: str, load: str, value: float, body: Any) -> dict:
+            stack = stacks[mode]
+            runner = Load(stack.gateway, args.steps)
+            before = _scrape_steps(stack.ports.metrics["denoiser"])
+            wall = body(runner)
+            delta = _scrape_steps(stack.ports.metrics["denoiser"]) - before
+            row = _row(mode, load, value, runner, wall, delta, args.steps)
+            rows.append(row)
+            return row
+
+        for clients in levels:
+            for mode in MODES:
+                measure(mode, "closed", clients, lambda r, c=clients: r.closed(c, args.seconds))
+        capacity = next(r["req_per_s"] for r in rows if r["mode"] == "off" and r["level"] == 8)
+        rate = args.rate or 0.9 * capacity
+        for mode in MODES:
+            measure(mode, "open", rate, lambda r: r.open(rate, args.seconds * 2, seed=0))
+    finally:
+        for stack in stacks.values():
+            stack.stop()
+
+    def pick(mode: str, load: str, level: float | None = None) -> dict:
+        return next(
+            r
+            for r in rows
+            if r["mode"] == mode and r["load"] == load and (level is None or r["level"] == level)
+        )
+
+    off8 = pick("off", "closed", 8)["req_per_s"]
+    summary = {
+        "throughput_ratio_dynamic": pick("dynamic", "closed", 8)["req_per_s"] / off8,
+        "throughput_ratio_continuous": pick("continuous", "closed", 8)["req_per_s"] / off8,
+        "p99_ratio_continuous": pick("continuous", "open")["latency_p99_s"]
+        / pick("off", "open")["latency_p99_s"],
+        "open_loop_rate": rate,
+    }
+    config = {
+        "steps": args.steps,
+        "concurrency": levels,
+        "seconds": args.seconds,
+        "max_batch_size": args.max_batch_size,
+    }
+    return result_document("serving", str(args.model), config, rows, summary)
