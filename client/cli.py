@@ -41,6 +41,27 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--profile-steps", type=int, default=0, help="trace the first N denoise steps on the denoiser"
     )
+    parser.add_argument(
+        "--cache-policy",
+        default=None,
+        help="step caching: none, teacache, dbcache, or a CachePolicy as JSON, e.g."
+        ' \'{"teacache": {"threshold": 0.4}}\' (default: the denoiser\'s)',
+    )
+
+
+def cache_policy(text: str | None) -> object:
+    """--cache-policy's shorthand or JSON as a CachePolicy message (None: the denoiser's default)."""
+    if text is None:
+        return None
+    from google.protobuf import json_format
+
+    from ditserve.v1 import cache_pb2
+
+    shorthand = {"none": '{"none": {}}', "teacache": '{"teacache": {}}', "dbcache": '{"dbcache": {}}'}
+    try:
+        return json_format.Parse(shorthand.get(text, text), cache_pb2.CachePolicy())
+    except json_format.ParseError as error:
+        raise SystemExit(f"--cache-policy: {error}") from None
 
 
 def _generate(client: object, args: argparse.Namespace) -> int:
@@ -70,6 +91,7 @@ def _generate(client: object, args: argparse.Namespace) -> int:
             num_images=args.num_images,
             output_format=args.format,
             profile_steps=args.profile_steps,
+            cache=cache_policy(args.cache_policy),
         )
     except grpc.RpcError as error:
         bar.close()
@@ -84,6 +106,8 @@ def _generate(client: object, args: argparse.Namespace) -> int:
         print(f"wrote {path} ({image.width}x{image.height})")
     stages = ", ".join(f"{name} {ms:.0f} ms" for name, ms in output.timing.stage_ms.items())
     print(f"seed {output.seed}; total {output.timing.total_ms:.0f} ms ({stages})")
+    for branch, steps in output.timing.computed_steps.items():
+        print(f"{branch}: computed {steps.count('1')}/{len(steps)} steps ({steps})")
     if output.profile_trace:
         print(f"denoiser trace: {output.profile_trace}")
     return 0

@@ -18,6 +18,7 @@ from PIL import Image
 
 from ditserve.client.tensors import to_numpy
 from ditserve.v1 import (
+    cache_pb2,
     common_pb2,
     common_pb2_grpc,
     denoiser_pb2_grpc,
@@ -68,6 +69,7 @@ def generate_request(
     max_sequence_length: int = 0,
     request_id: str = "",
     profile_steps: int = 0,
+    cache: cache_pb2.CachePolicy | None = None,
 ) -> pipeline_pb2.GenerateRequest:
     """0 or None means: the served model's default."""
     if output_format not in FORMATS:
@@ -84,6 +86,7 @@ def generate_request(
         max_sequence_length=max_sequence_length,
         request_id=request_id,
         profile_steps=profile_steps,
+        cache=cache,
     )
     for name, value in (
         ("guidance_scale", guidance_scale),

@@ -45,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
             help="auto, torch_sdpa, sdpa_flash, sdpa_efficient, sdpa_cudnn, sdpa_math, fa, sage_attn"
             " (default: $DITSERVE_ATTENTION_BACKEND, else auto)",
         )
+        parser.add_argument(
+            "--cache-policy",
+            default="none",
+            help="default step caching for requests that name none: none, teacache, dbcache (their"
+            ' defaults) or a CachePolicy as JSON, e.g. \'{"dbcache": {"residual_diff_threshold": 0.3}}\'',
+        )
         group = parser.add_argument_group("batching")
         group.add_argument(
             "--batching",
@@ -108,8 +114,10 @@ def build_service(role: str, args: argparse.Namespace) -> Service:
 
         return EncoderService(stage)
     if role == "denoiser":
+        from ditserve.services.common.errors import InvalidArgument
         from ditserve.services.denoiser.attention import default_backend_name
         from ditserve.services.denoiser.batching import BatchingConfig
+        from ditserve.services.denoiser.cache.wire import parse_flag
         from ditserve.services.denoiser.service import DenoiserService
 
         backend = args.attention_backend or default_backend_name()
@@ -124,7 +132,11 @@ def build_service(role: str, args: argparse.Namespace) -> Service:
             )
         except ValueError as error:
             raise StartupError(f"batching: {error}") from None
-        return DenoiserService(stage, batching, attention_backend=backend)
+        try:
+            cache = parse_flag(args.cache_policy)
+        except InvalidArgument as error:
+            raise StartupError(f"--cache-policy: {error}") from None
+        return DenoiserService(stage, batching, attention_backend=backend, cache=cache)
     from ditserve.services.vae.service import VaeService
 
     return VaeService(stage)

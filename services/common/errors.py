@@ -23,6 +23,7 @@ class InvalidArgument(ServiceError):
     def __init__(self, field: str, reason: str) -> None:
         super().__init__(f"{field}: {reason}")
         self.field = field
+        self.reason = reason
 
 
 class ResourceExhausted(ServiceError):

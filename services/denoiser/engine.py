@@ -41,6 +41,8 @@ class Trajectory(Protocol):
 
     def result(self) -> object: ...
 
+    def computed_steps(self) -> dict[str, str]: ...
+
 
 class Runner(Protocol):
     """Model-family code: what may share a batch, and how a batch takes one step."""
@@ -229,4 +231,5 @@ class Engine:
         latents = run.trajectory.result()
         queue_ms = (run.started - run.job.submitted) * 1000.0
         total_ms = (time.perf_counter() - run.job.submitted) * 1000.0
-        run.job.emit(Finished(latents, queue_ms, run.step_ms, total_ms, run.trace))
+        computed = run.trajectory.computed_steps()
+        run.job.emit(Finished(latents, queue_ms, run.step_ms, total_ms, run.trace, computed))

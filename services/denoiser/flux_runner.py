@@ -6,12 +6,16 @@ its own scheduler copy (so per-request sigma state never leaks between jobs).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from ditserve.services.common import flux
 from ditserve.services.denoiser.batching import BatchingConfig
+from ditserve.services.denoiser.cache.flux_blocks import FluxBlockExecutor
+from ditserve.services.denoiser.cache.policy import CacheConfig
+from ditserve.services.denoiser.cache.state import RequestCache, Slot, forward_batch
 from ditserve.services.denoiser.job import DenoiseJob
 
 
@@ -39,6 +43,7 @@ class FluxInputs:
     true_cfg_scale: float
     seed: int
     num_images: int
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
 
 class FluxTrajectory:
@@ -69,6 +74,8 @@ class FluxTrajectory:
             self.guidance = torch.full([1], inputs.guidance_scale, device=device, dtype=torch.float32).expand(
                 n
             )
+        self.cache = RequestCache(inputs.cache, runner.executor)
+        self.caching = inputs.cache.mode != "none"
         self.index = 0
 
     @property
@@ -90,6 +97,12 @@ class FluxTrajectory:
     def result(self) -> torch.Tensor:
         return self.latents
 
+    def computed_steps(self) -> dict[str, str]:
+        """Per CFG branch, '1' for each step the transformer computed and '0' for each it reused."""
+        if not self.caching:
+            return {}
+        return {name: "".join("1" if d else "0" for d in ds) for name, ds in self.cache.decisions().items()}
+
 
 def _to(cond: Conditioning, device: torch.device, dtype: torch.dtype) -> Conditioning:
     return Conditioning(cond.embeds.to(device, dtype), cond.pooled.to(device, dtype))
@@ -105,8 +118,12 @@ class FluxRunner:
         vae_scale: int,
         device: torch.device,
         dtype: torch.dtype,
+        family: str = "flux",
+        on_cache_step: Callable[[str, bool], None] | None = None,
     ) -> None:
         self.transformer = transformer
+        self.executor = FluxBlockExecutor(transformer, family)
+        self.on_cache_step = on_cache_step
         self.scheduler = scheduler
         self.vae_scale = vae_scale
         self.device = device
@@ -141,18 +158,33 @@ class FluxRunner:
     def _predict(self, trajectories: list[FluxTrajectory], negative: bool) -> list[torch.Tensor]:
         """One transformer call over the trajectories' samples, split back per trajectory."""
         first = trajectories[0]
+        branch = "uncond" if negative else "cond"
         conds = [t.negative if negative else t.prompt for t in trajectories]
         guidance = [t.guidance for t in trajectories]
-        noise = self.transformer(
-            hidden_states=_cat([t.latents for t in trajectories]),
-            timestep=_cat([t.timestep for t in trajectories]) / 1000,
-            guidance=None if guidance[0] is None else _cat(guidance),
-            pooled_projections=_cat([c.pooled for c in conds]),
-            encoder_hidden_states=_cat([c.embeds for c in conds]),
-            txt_ids=first.text_ids,
-            img_ids=first.image_ids,
-            return_dict=False,
-        )[0]
+        inputs = {
+            "hidden_states": _cat([t.latents for t in trajectories]),
+            "timestep": _cat([t.timestep for t in trajectories]) / 1000,
+            "guidance": None if guidance[0] is None else _cat(guidance),
+            "pooled_projections": _cat([c.pooled for c in conds]),
+            "encoder_hidden_states": _cat([c.embeds for c in conds]),
+            "txt_ids": first.text_ids,
+            "img_ids": first.image_ids,
+        }
+        caches = [t.cache.branch(branch) for t in trajectories]
+        if any(t.caching for t in trajectories):
+            slots = [
+                Slot(cache, t.index, len(t.timesteps), t.latents.shape[0])
+                for cache, t in zip(caches, trajectories, strict=True)
+            ]
+            noise = forward_batch(self.executor, slots, **inputs)
+        else:  # the transformer's own forward: bit-exact with FluxPipeline
+            noise = self.transformer(**inputs, return_dict=False)[0]
+            for cache in caches:
+                cache.record(True)
+        if self.on_cache_step is not None:
+            for cache, t in zip(caches, trajectories, strict=True):
+                if t.caching:
+                    self.on_cache_step(t.cache.config.mode, cache.decisions[-1])
         return list(noise.split([t.latents.shape[0] for t in trajectories]))
 
     @torch.inference_mode()

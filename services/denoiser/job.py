@@ -26,6 +26,7 @@ class Finished:
     step_ms: list[float]
     total_ms: float
     profile_trace: str = ""
+    computed_steps: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

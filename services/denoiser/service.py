@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import grpc
 import torch
+from prometheus_client import Counter
 
 from ditserve.services.common import flux, tensor_codec
 from ditserve.services.common.errors import Cancelled, FailedPrecondition, InvalidArgument, StartupError
@@ -23,6 +24,9 @@ from ditserve.services.denoiser.attention import (
     resolve_backend,
 )
 from ditserve.services.denoiser.batching import BatchingConfig
+from ditserve.services.denoiser.cache.policy import CacheConfig
+from ditserve.services.denoiser.cache.state import RequestCache
+from ditserve.services.denoiser.cache.wire import cache_config
 from ditserve.services.denoiser.engine import Engine
 from ditserve.services.denoiser.flux_runner import Conditioning, FluxInputs, FluxRunner
 from ditserve.services.denoiser.job import DenoiseJob
@@ -37,7 +41,11 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
     role = "denoiser"
 
     def __init__(
-        self, stage: StageContext, batching: BatchingConfig | None = None, attention_backend: str = "auto"
+        self,
+        stage: StageContext,
+        batching: BatchingConfig | None = None,
+        attention_backend: str = "auto",
+        cache: CacheConfig | None = None,
     ) -> None:
         self.stage = stage
         self.metrics = stage.metrics
@@ -52,15 +60,27 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
         log.info("attention: %s", reason)
         apply_attention_backend(self.transformer, backend)
         self.attention_backend = backend.value
-        runner = FluxRunner(
+        cache_steps = Counter(
+            "ditserve_cache_steps",
+            "Transformer passes (per step and CFG branch) of requests with step caching",
+            ["policy", "outcome"],
+            registry=stage.metrics.registry,
+        )
+        self.runner = FluxRunner(
             self.transformer,
             folder.load("scheduler"),
             flux.vae_scale_factor(folder.config("vae")),
             stage.device,
             stage.dtype,
+            family=folder.family,
+            on_cache_step=lambda policy, computed: cache_steps.labels(
+                policy, "computed" if computed else "cached"
+            ).inc(),
         )
+        self.default_cache = cache or CacheConfig()
+        self._check_cache(self.default_cache, "--cache-policy")
         self.batching = batching or BatchingConfig(mode="off")
-        self.engine = Engine(runner, stage.metrics, stage.profiler, self.batching)
+        self.engine = Engine(self.runner, stage.metrics, stage.profiler, self.batching)
         add_block_ranges(list(self.transformer.transformer_blocks), "double_block")
         add_block_ranges(list(self.transformer.single_transformer_blocks), "single_block")
         stage.publish_model_info(attention_backend=self.attention_backend)
@@ -79,6 +99,7 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             default_width=defaults.width,
             default_steps=defaults.steps,
             batching=self.batching.mode,
+            cache_policy=self.default_cache.mode,
             max_batch_size=self.batching.max_batch_size,
         )
 
@@ -104,6 +125,13 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             )
         return Conditioning(embeds, pooled)
 
+    def _check_cache(self, config: CacheConfig, field: str) -> None:
+        """A policy the model cannot serve (Fn + Bn too deep, no TeaCache coefficients) is refused now."""
+        try:
+            RequestCache(config, self.runner.executor)
+        except InvalidArgument as error:
+            raise InvalidArgument(f"{field}.{error.field.removeprefix('cache.')}", error.reason) from None
+
     def parse(self, request: denoiser_pb2.DenoiseRequest) -> FluxInputs:
         defaults = self.stage.folder.defaults
         if not request.HasField("prompt"):
@@ -121,7 +149,12 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             true_cfg_scale=true_cfg,
             seed=request.seed,
             num_images=request.num_images or 1,
+            cache=self.default_cache,
         )
+        if request.HasField("cache"):
+            config = cache_config(request.cache)
+            self._check_cache(config, "cache")
+            inputs = replace(inputs, cache=config)
         check_generation(
             self.stage.limits,
             height=inputs.height,
@@ -181,6 +214,7 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
         self.metrics.count_bytes("out", len(latents.raw_data))
         denoise_ms = event.total_ms - event.queue_ms
         timing = common_pb2.Timing(
+            computed_steps=event.computed_steps,
             queue_ms=event.queue_ms,
             stage_ms={"denoise": denoise_ms},
             step_ms=event.step_ms,

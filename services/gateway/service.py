@@ -172,6 +172,8 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
             denoise_request.true_cfg_scale = request.true_cfg_scale
         if true_cfg:
             denoise_request.negative_prompt.CopyFrom(encoded.embeddings[1])
+        if request.HasField("cache"):
+            denoise_request.cache.CopyFrom(request.cache)
         t0 = time.perf_counter()
         result: denoiser_pb2.DenoiseResult | None = None
         for event in self.denoiser.stream(
@@ -207,6 +209,7 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
             stage_ms={**stage_ms, "gateway": total - sum(stage_ms.values())},
             step_ms=result.timing.step_ms,
             total_ms=total,
+            computed_steps=result.timing.computed_steps,
         )
         yield pipeline_pb2.GenerateEvent(
             result=pipeline_pb2.GenerateResult(

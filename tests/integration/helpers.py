@@ -3,7 +3,20 @@
 from __future__ import annotations
 
 import re
+import time
 import urllib.request
+
+import numpy as np
+import torch
+
+from ditserve.client.stub import StageClient
+from ditserve.services.common import tensor_codec
+from ditserve.v1 import denoiser_pb2, encoder_pb2
+
+# Batched CPU matmuls may block differently than batch-of-one ones: the final latents of batched
+# and solo runs on the shipped model differed by at most 4.8e-7 (fp32) when measured; 1e-5 leaves
+# room for other BLAS builds while still failing on any real mix-up between samples (~1).
+TOLERANCE_BATCHED = 1e-5
 
 
 def scrape(port: int) -> str:
@@ -22,3 +35,34 @@ def sample(text: str, name: str, **labels: str) -> float:
         if all(found.get(key) == value for key, value in labels.items()):
             total += float(match.group(3))
     return total
+
+
+def wait_for(port: int, name: str, at_least: float, timeout: float = 5.0, **labels: str) -> str:
+    """Scrapes until `name` reaches `at_least`: a stream's last message can reach the client just
+    before the server-side handler records its metrics."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = scrape(port)
+        if sample(text, name, **labels) >= at_least or time.monotonic() > deadline:
+            return text
+        time.sleep(0.05)
+
+
+def embedding(seed: int, scale: float = 1.0) -> encoder_pb2.PromptEmbedding:
+    """A well-formed embedding for the shipped model (dims 32), without running the encoder."""
+    generator = torch.Generator().manual_seed(seed)
+    return encoder_pb2.PromptEmbedding(
+        prompt_embeds=tensor_codec.encode(torch.randn(1, 64, 32, generator=generator) * scale),
+        pooled_prompt_embeds=tensor_codec.encode(torch.randn(1, 32, generator=generator)),
+    )
+
+
+def request(seed: int, steps: int = 6, **fields: object) -> denoiser_pb2.DenoiseRequest:
+    return denoiser_pb2.DenoiseRequest(
+        request_id=f"r{seed}", prompt=embedding(seed), num_inference_steps=steps, seed=seed, **fields
+    )
+
+
+def latents_of(stage: StageClient, message: denoiser_pb2.DenoiseRequest) -> np.ndarray:
+    events = list(stage.denoiser.Denoise(message, timeout=120))
+    return tensor_codec.decode(events[-1].result.latents).numpy().copy()

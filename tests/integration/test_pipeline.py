@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from helpers import sample, scrape
+from helpers import sample, scrape, wait_for
 from PIL import Image
 
 from ditserve.client.stub import PipelineClient, StageClient
@@ -203,10 +203,10 @@ def test_every_service_counts_requests(stack: object, client: PipelineClient) ->
     before = {role: scrape(stack.ports.metrics[role]) for role in methods}
     client.generate(PROMPT, steps=STEPS, seed=2)
     for role, method in methods.items():
-        after = scrape(stack.ports.metrics[role])
-        moved = sample(after, "ditserve_requests_total", service=role, method=method, code="OK") - sample(
-            before[role], "ditserve_requests_total", service=role, method=method, code="OK"
-        )
+        labels = {"service": role, "method": method, "code": "OK"}
+        expected = sample(before[role], "ditserve_requests_total", **labels) + 1
+        after = wait_for(stack.ports.metrics[role], "ditserve_requests_total", expected, **labels)
+        moved = sample(after, "ditserve_requests_total", **labels) - expected + 1
         assert moved == 1, f"{role} counted {moved} {method} calls"
         assert sample(after, "ditserve_request_duration_seconds_count", service=role, method=method) >= 1
         assert sample(after, "ditserve_model_info", service=role) == 1

@@ -20,7 +20,7 @@ WEBP: ImageFormat
 RAW: ImageFormat
 
 class Timing(_message.Message):
-    __slots__ = ("queue_ms", "stage_ms", "step_ms", "total_ms")
+    __slots__ = ("queue_ms", "stage_ms", "step_ms", "total_ms", "computed_steps")
     class StageMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -28,15 +28,24 @@ class Timing(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class ComputedStepsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     STAGE_MS_FIELD_NUMBER: _ClassVar[int]
     STEP_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTED_STEPS_FIELD_NUMBER: _ClassVar[int]
     queue_ms: float
     stage_ms: _containers.ScalarMap[str, float]
     step_ms: _containers.RepeatedScalarFieldContainer[float]
     total_ms: float
-    def __init__(self, queue_ms: _Optional[float] = ..., stage_ms: _Optional[_Mapping[str, float]] = ..., step_ms: _Optional[_Iterable[float]] = ..., total_ms: _Optional[float] = ...) -> None: ...
+    computed_steps: _containers.ScalarMap[str, str]
+    def __init__(self, queue_ms: _Optional[float] = ..., stage_ms: _Optional[_Mapping[str, float]] = ..., step_ms: _Optional[_Iterable[float]] = ..., total_ms: _Optional[float] = ..., computed_steps: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("format", "data", "pixels", "width", "height")

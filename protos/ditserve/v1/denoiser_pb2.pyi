@@ -1,3 +1,4 @@
+from ditserve.v1 import cache_pb2 as _cache_pb2
 from ditserve.v1 import common_pb2 as _common_pb2
 from ditserve.v1 import encoder_pb2 as _encoder_pb2
 from ditserve.v1 import tensor_pb2 as _tensor_pb2
@@ -9,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "true_cfg_scale", "seed", "num_images", "profile_steps")
+    __slots__ = ("request_id", "prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "true_cfg_scale", "seed", "num_images", "profile_steps", "cache")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +22,7 @@ class DenoiseRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
     PROFILE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: _encoder_pb2.PromptEmbedding
     negative_prompt: _encoder_pb2.PromptEmbedding
@@ -32,7 +34,8 @@ class DenoiseRequest(_message.Message):
     seed: int
     num_images: int
     profile_steps: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[_Union[_encoder_pb2.PromptEmbedding, _Mapping]] = ..., negative_prompt: _Optional[_Union[_encoder_pb2.PromptEmbedding, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., true_cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., profile_steps: _Optional[int] = ...) -> None: ...
+    cache: _cache_pb2.CachePolicy
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[_Union[_encoder_pb2.PromptEmbedding, _Mapping]] = ..., negative_prompt: _Optional[_Union[_encoder_pb2.PromptEmbedding, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., true_cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., profile_steps: _Optional[int] = ..., cache: _Optional[_Union[_cache_pb2.CachePolicy, _Mapping]] = ...) -> None: ...
 
 class StepProgress(_message.Message):
     __slots__ = ("step", "total_steps", "step_ms")

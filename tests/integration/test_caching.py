@@ -1,0 +1,100 @@
+"""Step caching through a real denoiser: per request, per CFG branch, exact when off."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import grpc
+import numpy as np
+import pytest
+from google.protobuf import json_format
+from helpers import TOLERANCE_BATCHED, embedding, latents_of, request, sample, wait_for
+
+from ditserve.services.common import tensor_codec
+from ditserve.v1 import cache_pb2, denoiser_pb2
+
+pytestmark = pytest.mark.integration
+STEPS = 12
+
+
+def policy(text: str) -> cache_pb2.CachePolicy:
+    return json_format.Parse(text, cache_pb2.CachePolicy())
+
+
+def _result(stage: object, message: denoiser_pb2.DenoiseRequest) -> denoiser_pb2.DenoiseResult:
+    return list(stage.denoiser.Denoise(message, timeout=120))[-1].result
+
+
+@pytest.mark.parametrize(
+    "exact",
+    ['{"none": {}}', '{"teacache": {"threshold": 0}}', '{"dbcache": {"residual_diff_threshold": 0}}'],
+)
+def test_policies_that_never_cache_are_bit_exact(denoisers: dict, exact: str) -> None:
+    """The diffusers three-run check: off, on (but never skipping), off again."""
+    _, stage = denoisers["off"]
+    off = latents_of(stage, request(1, STEPS))
+    on = _result(stage, request(1, STEPS, cache=policy(exact)))
+    again = latents_of(stage, request(1, STEPS))
+    assert np.array_equal(tensor_codec.decode(on.latents).numpy(), off)
+    assert np.array_equal(again, off)
+    assert set("".join(on.timing.computed_steps.values())) <= {"1"}
+
+
+def test_caching_skips_steps_and_reports_them(denoisers: dict) -> None:
+    server, stage = denoisers["off"]
+    before = sample(wait_for(server.metrics_port, "ditserve_requests_total", 0), "ditserve_cache_steps_total")
+    result = _result(stage, request(2, STEPS, cache=policy('{"teacache": {"threshold": 0.6}}')))
+    pattern = result.timing.computed_steps["cond"]
+    assert len(pattern) == STEPS and pattern[0] == pattern[-1] == "1" and "0" in pattern
+    metrics = wait_for(server.metrics_port, "ditserve_cache_steps_total", before + STEPS)
+    assert sample(
+        metrics, "ditserve_cache_steps_total", policy="teacache", outcome="cached"
+    ) >= pattern.count("0")
+
+
+def test_cfg_branches_decide_on_their_own(denoisers: dict) -> None:
+    _, stage = denoisers["off"]
+    message = request(3, STEPS, cache=policy('{"dbcache": {"residual_diff_threshold": 0.3}}'))
+    message.negative_prompt.CopyFrom(embedding(33))
+    message.true_cfg_scale = 4.0
+    steps = _result(stage, message).timing.computed_steps
+    assert set(steps) == {"cond", "uncond"} and all(len(s) == STEPS for s in steps.values())
+
+
+def test_a_batch_mixing_policies_gives_each_request_its_solo_image(denoisers: dict) -> None:
+    _, solo = denoisers["off"]
+    _, batched = denoisers["continuous"]
+    messages = [
+        request(10, STEPS),
+        request(11, STEPS, cache=policy('{"teacache": {"threshold": 0.5}}')),
+        request(
+            12,
+            STEPS,
+            cache=policy('{"dbcache": {"residual_diff_threshold": 0.4, "taylorseer": {"order": 2}}}'),
+        ),
+        request(13, STEPS, cache=policy('{"dbcache": {"scm": {"preset": "fast", "policy": "static"}}}')),
+    ]
+    alone = [latents_of(solo, message) for message in messages]
+    with concurrent.futures.ThreadPoolExecutor(len(messages)) as pool:
+        together = list(pool.map(lambda message: latents_of(batched, message), messages))
+    for a, b in zip(alone, together, strict=True):
+        assert np.abs(a - b).max() <= TOLERANCE_BATCHED
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ('{"teacache": {"threshold": -1}}', "cache.teacache.threshold"),
+        ('{"dbcache": {"fn": 0}}', "cache.dbcache.fn"),
+        ('{"dbcache": {"fn": 2, "bn": 1}}', "cache.dbcache.fn"),
+        ('{"dbcache": {"taylorseer": {"order": 3}}}', "cache.dbcache.taylorseer.order"),
+        ('{"dbcache": {"scm": {"preset": "warp"}}}', "cache.dbcache.scm.preset"),
+        ('{"teacache": {"coefficients": [1, 2]}}', "cache.teacache.coefficients"),
+    ],
+)
+def test_invalid_policies_name_the_field(denoisers: dict, text: str, field: str) -> None:
+    _, stage = denoisers["off"]
+    with pytest.raises(grpc.RpcError) as caught:
+        _result(stage, request(4, STEPS, cache=policy(text)))
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith(field)
