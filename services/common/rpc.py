@@ -6,6 +6,7 @@ counters, durations and in-flight gauges are uniform and no handler aborts by ha
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -113,47 +114,39 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
             log.exception("unhandled error in %s", type(error).__name__)
         return code, message
 
+    @contextlib.contextmanager
+    def _observed(self, method: str, context: grpc.ServicerContext, work: bool) -> Iterator[None]:
+        """Around every handler: drain accounting, error -> status mapping, and the RPC metrics."""
+        started = time.perf_counter()
+        self.metrics.in_flight.inc()
+        code = grpc.StatusCode.OK
+        entered = False
+        try:
+            if work:
+                self.drain.enter()
+                entered = True
+            yield
+        except GeneratorExit:  # grpc closes a stream when its caller goes away
+            code = _ended_code(context)
+            raise
+        except Exception as error:
+            code, message = self._status(context, error)
+            context.abort(code, message)  # raises: grpc sends the status
+        finally:
+            if entered:
+                self.drain.leave()
+            self._record(method, code, started)
+
     def _unary(self, method: str, behavior: Callable, work: bool) -> Callable:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
-            started = time.perf_counter()
-            self.metrics.in_flight.inc()
-            code = grpc.StatusCode.OK
-            entered = False
-            try:
-                if work:
-                    self.drain.enter()
-                    entered = True
+            with self._observed(method, context, work):
                 return behavior(request, context)
-            except Exception as error:
-                code, message = self._status(context, error)
-                context.abort(code, message)  # raises: grpc sends the status
-            finally:
-                if entered:
-                    self.drain.leave()
-                self._record(method, code, started)
 
         return wrapped
 
     def _stream(self, method: str, behavior: Callable, work: bool) -> Callable:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            started = time.perf_counter()
-            self.metrics.in_flight.inc()
-            code = grpc.StatusCode.OK
-            entered = False
-            try:
-                if work:
-                    self.drain.enter()
-                    entered = True
+            with self._observed(method, context, work):
                 yield from behavior(request, context)
-            except GeneratorExit:  # grpc closes the stream when the caller goes away
-                code = _ended_code(context)
-                raise
-            except Exception as error:
-                code, message = self._status(context, error)
-                context.abort(code, message)
-            finally:
-                if entered:
-                    self.drain.leave()
-                self._record(method, code, started)
 
         return wrapped

@@ -12,7 +12,7 @@ import logging
 import signal
 import threading
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Protocol
 
 import grpc
@@ -69,14 +69,7 @@ class ServerOptions:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerOptions:
-        return cls(
-            host=args.host,
-            port=args.port,
-            metrics_port=args.metrics_port,
-            max_workers=args.max_workers,
-            max_message_mb=args.max_message_mb,
-            grace_seconds=args.grace_seconds,
-        )
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 class Service(Protocol):

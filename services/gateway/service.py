@@ -131,6 +131,43 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
             self.config.stage_timeout_s if remaining is None else min(remaining, self.config.stage_timeout_s)
         )
 
+    def _call(
+        self, pool: StagePool, method: str, message: object, context: grpc.ServicerContext, calls: CallTracker
+    ) -> object:
+        """A unary stage call under the caller's deadline, cancelled with the caller."""
+        return pool.call(
+            lambda stub: calls.track(
+                getattr(stub, method).future(message, timeout=self._timeout(context))
+            ).result()
+        )
+
+    @staticmethod
+    def _denoise_request(
+        request: pipeline_pb2.GenerateRequest,
+        encoded: encoder_pb2.EncodeResponse,
+        request_id: str,
+        seed: int,
+    ) -> denoiser_pb2.DenoiseRequest:
+        message = denoiser_pb2.DenoiseRequest(
+            request_id=request_id,
+            prompt=encoded.embeddings[0],
+            height=request.height,
+            width=request.width,
+            num_inference_steps=request.num_inference_steps,
+            seed=seed,
+            num_images=request.num_images,
+            profile_steps=request.profile_steps,
+        )
+        if request.HasField("guidance_scale"):
+            message.guidance_scale = request.guidance_scale
+        if request.HasField("true_cfg_scale"):
+            message.true_cfg_scale = request.true_cfg_scale
+        if request.HasField("cache"):
+            message.cache.CopyFrom(request.cache)
+        if len(encoded.embeddings) > 1:  # true CFG: the negative prompt was encoded second
+            message.negative_prompt.CopyFrom(encoded.embeddings[1])
+        return message
+
     def Generate(
         self, request: pipeline_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[pipeline_pb2.GenerateEvent]:
@@ -144,37 +181,17 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
         stage_ms: dict[str, float] = {}
 
         t0 = time.perf_counter()
-        prompts = [request.prompt, request.negative_prompt] if true_cfg else [request.prompt]
         encode_request = encoder_pb2.EncodeRequest(
-            prompts=prompts, max_sequence_length=request.max_sequence_length, allow_empty=true_cfg
+            prompts=[request.prompt, request.negative_prompt] if true_cfg else [request.prompt],
+            max_sequence_length=request.max_sequence_length,
+            allow_empty=true_cfg,
         )
-        encoded = self.encoder.call(
-            lambda stub: calls.track(
-                stub.Encode.future(encode_request, timeout=self._timeout(context))
-            ).result()
-        )
+        encoded = self._call(self.encoder, "Encode", encode_request, context, calls)
         stage_ms["encode"] = elapsed_ms(t0)
         yield _progress("encode", started)
 
-        denoise_request = denoiser_pb2.DenoiseRequest(
-            request_id=request_id,
-            prompt=encoded.embeddings[0],
-            height=request.height,
-            width=request.width,
-            num_inference_steps=request.num_inference_steps,
-            seed=seed,
-            num_images=request.num_images,
-            profile_steps=request.profile_steps,
-        )
-        if request.HasField("guidance_scale"):
-            denoise_request.guidance_scale = request.guidance_scale
-        if request.HasField("true_cfg_scale"):
-            denoise_request.true_cfg_scale = request.true_cfg_scale
-        if true_cfg:
-            denoise_request.negative_prompt.CopyFrom(encoded.embeddings[1])
-        if request.HasField("cache"):
-            denoise_request.cache.CopyFrom(request.cache)
         t0 = time.perf_counter()
+        denoise_request = self._denoise_request(request, encoded, request_id, seed)
         result: denoiser_pb2.DenoiseResult | None = None
         for event in self.denoiser.stream(
             lambda stub: calls.track(stub.Denoise(denoise_request, timeout=self._timeout(context)))
@@ -195,11 +212,7 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
             format=request.output_format,
             quality=request.quality,
         )
-        decoded = self.vae.call(
-            lambda stub: calls.track(
-                stub.Decode.future(decode_request, timeout=self._timeout(context))
-            ).result()
-        )
+        decoded = self._call(self.vae, "Decode", decode_request, context, calls)
         stage_ms["decode"] = elapsed_ms(t0)
         yield _progress("decode", started)
 
