@@ -7,6 +7,7 @@ commands import the server side only when they run.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -21,26 +22,18 @@ BENCHES = ("transport", "attention", "serving")
 
 
 def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "-o", "--output", default="out.png", help="image path; several images get _N suffixes"
-    )
+    parser.add_argument("-o", "--output", default="out.png", help="image path; several images get _N suffixes")
     parser.add_argument("--negative-prompt", default="", help="used with --true-cfg-scale > 1")
     parser.add_argument("--width", type=int, default=0, help="pixels, multiple of 16 (default: the model's)")
     parser.add_argument("--height", type=int, default=0, help="pixels, multiple of 16 (default: the model's)")
     parser.add_argument("--steps", type=int, default=0, help="denoising steps (default: the model's)")
     parser.add_argument("--guidance-scale", type=float, default=None, help="distilled guidance (FLUX.1-dev)")
-    parser.add_argument(
-        "--true-cfg-scale", type=float, default=None, help="true CFG scale; > 1 also runs the negative"
-    )
+    parser.add_argument("--true-cfg-scale", type=float, default=None, help="true CFG scale; > 1 also runs the negative")
     parser.add_argument("--seed", type=int, default=None, help="default: random, printed after the run")
     parser.add_argument("--num-images", type=int, default=1)
     parser.add_argument("--format", default="png", choices=["png", "jpeg", "webp", "raw"])
-    parser.add_argument(
-        "--timeout", type=float, default=600.0, help="deadline for the whole request, seconds"
-    )
-    parser.add_argument(
-        "--profile-steps", type=int, default=0, help="trace the first N denoise steps on the denoiser"
-    )
+    parser.add_argument("--timeout", type=float, default=600.0, help="deadline for the whole request, seconds")
+    parser.add_argument("--profile-steps", type=int, default=0, help="trace the first N denoise steps on the denoiser")
     parser.add_argument(
         "--cache-policy",
         default=None,
@@ -113,10 +106,24 @@ def _generate(client: object, args: argparse.Namespace) -> int:
     return 0
 
 
+def _security_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("security")
+    group.add_argument("--tls-ca", help="PEM CA to trust: connect over TLS")
+    group.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
+    group.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    group.add_argument("--token", default=os.environ.get("DITSERVE_TOKEN"), help="bearer token ($DITSERVE_TOKEN)")
+
+
+def _security(args: argparse.Namespace) -> object:
+    from ditserve.client.security import ClientSecurity
+
+    return ClientSecurity(args.tls_ca, args.tls_cert, args.tls_key, args.token)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from ditserve.client.stub import PipelineClient
 
-    with PipelineClient(args.target) as client:
+    with PipelineClient(args.target, security=_security(args)) as client:
         if args.wait_ready:
             client.wait_ready(args.wait_ready)
         return _generate(client, args)
@@ -148,12 +155,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     print("starting encoder, denoiser, vae, then gateway ...", flush=True)
     stack.start(timeout=args.start_timeout)
     for role in ROLES:
-        print(
-            f"  {role:9s} grpc {stack.ports.address(role, args.host)}  metrics :{stack.ports.metrics[role]}"
-        )
-    print(
-        f"ready: ditserve generate 'a red circle on a blue background' --target {stack.gateway}", flush=True
-    )
+        print(f"  {role:9s} grpc {stack.ports.address(role, args.host)}  metrics :{stack.ports.metrics[role]}")
+    print(f"ready: ditserve generate 'a red circle on a blue background' --target {stack.gateway}", flush=True)
     _wait_for_interrupt()
     print("stopping ...", flush=True)
     stack.stop()
@@ -181,7 +184,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from ditserve.client.stub import StageClient
     from ditserve.v1 import common_pb2
 
-    client = StageClient(args.target)
+    client = StageClient(args.target, security=_security(args))
     try:
         print(MessageToJson(client.admin.Info(common_pb2.InfoRequest(), timeout=10)))
     finally:
@@ -193,12 +196,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from ditserve.client.stub import StageClient
     from ditserve.v1 import common_pb2
 
-    client = StageClient(args.target)
+    client = StageClient(args.target, security=_security(args))
     try:
         if args.action == "start":
-            request = common_pb2.StartProfileRequest(
-                name=args.name, record_shapes=True, with_stack=args.with_stack
-            )
+            request = common_pb2.StartProfileRequest(name=args.name, record_shapes=True, with_stack=args.with_stack)
             status = client.admin.StartProfile(request, timeout=30)
             print(f"profiling {args.target}; trace will be {status.trace_path}")
         else:
@@ -232,9 +233,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _stack_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", default=str(default_model_dir()), help="model folder (default: the shipped model)"
-    )
+    parser.add_argument("--model", default=str(default_model_dir()), help="model folder (default: the shipped model)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address of all four services")
     parser.add_argument("--device", default="auto", help="device of the model stages (default: auto)")
     parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for SERVING")
@@ -269,17 +268,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="generate images through a running gateway")
     generate.add_argument("prompt")
-    generate.add_argument(
-        "--target", default=f"127.0.0.1:{DEFAULT_PORTS['gateway'][0]}", help="gateway address"
-    )
-    generate.add_argument(
-        "--wait-ready", type=float, default=0, help="first wait this many seconds for SERVING"
-    )
+    generate.add_argument("--target", default=f"127.0.0.1:{DEFAULT_PORTS['gateway'][0]}", help="gateway address")
+    generate.add_argument("--wait-ready", type=float, default=0, help="first wait this many seconds for SERVING")
     _add_generation_arguments(generate)
+    _security_arguments(generate)
     generate.set_defaults(func=cmd_generate)
 
     info = commands.add_parser("info", help="print a service's Info (model, dtype, device, version)")
     info.add_argument("--target", default=f"127.0.0.1:{DEFAULT_PORTS['gateway'][0]}")
+    _security_arguments(info)
     info.set_defaults(func=cmd_info)
 
     profile = commands.add_parser("profile", help="start or stop the torch profiler on a running service")
@@ -287,6 +284,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     profile.add_argument("--target", required=True, help="HOST:PORT of any ditserve service")
     profile.add_argument("--name", default="", help="trace file stem (default: a timestamp)")
     profile.add_argument("--with-stack", action="store_true", help="record Python stacks (slower)")
+    _security_arguments(profile)
     profile.set_defaults(func=cmd_profile)
 
     tiny = commands.add_parser("make-tiny-model", help="write a deterministic tiny FLUX-architecture model")
@@ -331,8 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     if getattr(args, "missing_extra", None):
         raise SystemExit(
-            f"ditserve {args.command}: needs the server extra (pip install 'ditserve[serve]'): "
-            f"{args.missing_extra}"
+            f"ditserve {args.command}: needs the server extra (pip install 'ditserve[serve]'): {args.missing_extra}"
         )
     return args.func(args)
 

@@ -40,9 +40,7 @@ class Ports:
 
     @classmethod
     def free(cls) -> Ports:
-        return cls(
-            {role: free_port() for role in DEFAULT_PORTS}, {role: free_port() for role in DEFAULT_PORTS}
-        )
+        return cls({role: free_port() for role in DEFAULT_PORTS}, {role: free_port() for role in DEFAULT_PORTS})
 
     def address(self, role: str, host: str = "127.0.0.1") -> str:
         return f"{host}:{self.grpc[role]}"
@@ -76,9 +74,7 @@ class Stack:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             output = open(self.log_dir / f"{role}.log", "ab")  # noqa: SIM115 - closed in stop()
             self._logs.append(output)
-        process = subprocess.Popen(
-            self.command(role), stdout=output, stderr=subprocess.STDOUT if output else None
-        )
+        process = subprocess.Popen(self.command(role), stdout=output, stderr=subprocess.STDOUT if output else None)
         self.processes[role] = process
         return process
 
@@ -89,9 +85,7 @@ class Stack:
                 wait_serving(channel, timeout)
             except TimeoutError:
                 state = f"exited with {process.poll()}" if process.poll() is not None else "still starting"
-                raise TimeoutError(
-                    f"{role} not SERVING after {timeout:.0f}s ({state}); see its log"
-                ) from None
+                raise TimeoutError(f"{role} not SERVING after {timeout:.0f}s ({state}); see its log") from None
 
     def start(self, timeout: float = 180.0) -> None:
         try:

@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from ditserve.client.security import NO_SECURITY, ClientSecurity
 from ditserve.client.tensors import to_numpy
 from ditserve.v1 import (
     cache_pb2,
@@ -115,8 +116,10 @@ ProgressCallback = Callable[[pipeline_pb2.Progress], None]
 class PipelineClient:
     """Blocking client of the gateway."""
 
-    def __init__(self, target: str = "127.0.0.1:50050", max_message_mb: int = 256) -> None:
-        self.channel = grpc.insecure_channel(target, options=channel_options(max_message_mb))
+    def __init__(
+        self, target: str = "127.0.0.1:50050", max_message_mb: int = 256, security: ClientSecurity = NO_SECURITY
+    ) -> None:
+        self.channel = security.channel(target, channel_options(max_message_mb))
         self.stub = pipeline_pb2_grpc.PipelineStub(self.channel)
         self.admin = common_pb2_grpc.AdminStub(self.channel)
 
@@ -160,14 +163,17 @@ class PipelineClient:
 class AsyncPipelineClient:
     """asyncio client of the gateway (grpc.aio)."""
 
-    def __init__(self, target: str = "127.0.0.1:50050", max_message_mb: int = 256) -> None:
-        self.channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_mb))
+    def __init__(
+        self, target: str = "127.0.0.1:50050", max_message_mb: int = 256, security: ClientSecurity = NO_SECURITY
+    ) -> None:
+        self.channel = security.aio_channel(target, channel_options(max_message_mb))
+        self.metadata = security.metadata
         self.stub = pipeline_pb2_grpc.PipelineStub(self.channel)
 
     def stream(
         self, request: pipeline_pb2.GenerateRequest, timeout: float | None = None
     ) -> AsyncIterator[pipeline_pb2.GenerateEvent]:
-        return self.stub.Generate(request, timeout=timeout)
+        return self.stub.Generate(request, timeout=timeout, metadata=self.metadata)
 
     async def generate(
         self,
@@ -195,11 +201,10 @@ class AsyncPipelineClient:
 
 
 class StageClient:
-    """Stubs of one stage (or any ditserve process) over one channel; works with grpc.aio channels too."""
+    """Stubs of one stage (or any ditserve process) over one channel."""
 
-    def __init__(self, target: str, max_message_mb: int = 256, aio: bool = False) -> None:
-        make = grpc.aio.insecure_channel if aio else grpc.insecure_channel
-        self.channel = make(target, options=channel_options(max_message_mb))
+    def __init__(self, target: str, max_message_mb: int = 256, security: ClientSecurity = NO_SECURITY) -> None:
+        self.channel = security.channel(target, channel_options(max_message_mb))
         self.encoder = encoder_pb2_grpc.TextEncoderStub(self.channel)
         self.denoiser = denoiser_pb2_grpc.DenoiserStub(self.channel)
         self.vae = vae_pb2_grpc.VaeDecoderStub(self.channel)

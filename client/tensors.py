@@ -77,9 +77,7 @@ def validate(message: tensor_pb2.Tensor, field: str = "tensor", limits: TensorLi
     count = math.prod(shape)
     expected = count * ITEMSIZE[message.datatype]
     if expected > limits.max_bytes:
-        raise TensorError(
-            f"{field}.shape", f"{shape} needs {expected} bytes, over the limit of {limits.max_bytes}"
-        )
+        raise TensorError(f"{field}.shape", f"{shape} needs {expected} bytes, over the limit of {limits.max_bytes}")
     if len(message.raw_data) != expected:
         raise TensorError(
             f"{field}.raw_data",
@@ -91,18 +89,14 @@ def validate(message: tensor_pb2.Tensor, field: str = "tensor", limits: TensorLi
 def from_numpy(array: np.ndarray, datatype: str | None = None) -> tensor_pb2.Tensor:
     """Encodes a numpy array (any layout) as a little-endian row-major Tensor."""
     if datatype is None:
-        datatype = next(
-            (name for name, dt in NUMPY_DTYPES.items() if dt == array.dtype.newbyteorder("<")), None
-        )
+        datatype = next((name for name, dt in NUMPY_DTYPES.items() if dt == array.dtype.newbyteorder("<")), None)
         if datatype is None:
             raise TensorError("tensor.datatype", f"numpy dtype {array.dtype} has no wire datatype")
     contiguous = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[datatype])
     return tensor_pb2.Tensor(datatype=datatype, shape=list(array.shape), raw_data=contiguous.tobytes())
 
 
-def to_numpy(
-    message: tensor_pb2.Tensor, field: str = "tensor", limits: TensorLimits = DEFAULT_LIMITS
-) -> np.ndarray:
+def to_numpy(message: tensor_pb2.Tensor, field: str = "tensor", limits: TensorLimits = DEFAULT_LIMITS) -> np.ndarray:
     """Decodes without copying: the array is a read-only view of the message bytes."""
     validate(message, field, limits)
     if message.datatype not in NUMPY_DTYPES:

@@ -10,6 +10,7 @@ from ditserve.client.config import DEFAULT_PORTS, default_model_dir
 from ditserve.services.common import device as device_flags
 from ditserve.services.common.errors import StartupError
 from ditserve.services.common.limits import RequestLimits
+from ditserve.services.common.security import ServerSecurity
 from ditserve.services.common.server import ServerOptions, Service, serve_forever
 
 ROLES = ("gateway", "encoder", "denoiser", "vae")
@@ -18,19 +19,20 @@ ROLES = ("gateway", "encoder", "denoiser", "vae")
 def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
     grpc_port, metrics_port = DEFAULT_PORTS[role]
     ServerOptions.add_arguments(parser, grpc_port, metrics_port)
+    ServerSecurity.add_arguments(parser)
     RequestLimits.add_arguments(parser)
-    parser.add_argument(
-        "--profile-dir", type=Path, default=Path("profiles"), help="where profiler traces are written"
-    )
+    parser.add_argument("--profile-dir", type=Path, default=Path("profiles"), help="where profiler traces are written")
     if role == "gateway":
-        group = parser.add_argument_group(
-            "stages (comma-separated addresses: round-robin, retry on UNAVAILABLE)"
-        )
+        group = parser.add_argument_group("stages (comma-separated addresses: round-robin, retry on UNAVAILABLE)")
         for stage in ("encoder", "denoiser", "vae"):
             group.add_argument(
                 f"--{stage}", default=f"127.0.0.1:{DEFAULT_PORTS[stage][0]}", help=f"{stage} address(es)"
             )
         group.add_argument("--stage-timeout", type=float, default=600.0, help="per-stage deadline in seconds")
+        group.add_argument("--stage-tls-ca", help="PEM CA that signed the stages' certificates: call them over TLS")
+        group.add_argument("--stage-tls-cert", help="PEM client certificate for stages that require mutual TLS")
+        group.add_argument("--stage-tls-key", help="PEM private key of --stage-tls-cert")
+        group.add_argument("--stage-token-file", help="file whose first line is the bearer token for the stages")
         return
     parser.add_argument(
         "--model",
@@ -70,9 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
         group.add_argument(
             "--max-wait-steps", type=int, default=0, help="continuous: steps another shape waits at most"
         )
-        group.add_argument(
-            "--max-queue", type=int, default=64, help="waiting requests before RESOURCE_EXHAUSTED"
-        )
+        group.add_argument("--max-queue", type=int, default=64, help="waiting requests before RESOURCE_EXHAUSTED")
 
 
 def _addresses(value: str) -> list[str]:
@@ -83,6 +83,7 @@ def build_service(role: str, args: argparse.Namespace) -> Service:
     """Loads the role's model components; a bad --model is a ModelLoadError here, before binding."""
     limits = RequestLimits.from_args(args)
     if role == "gateway":
+        from ditserve.client.security import ClientSecurity, token_from_file
         from ditserve.services.common.profiling import Profiler
         from ditserve.services.gateway.service import GatewayConfig, GatewayService
 
@@ -93,6 +94,12 @@ def build_service(role: str, args: argparse.Namespace) -> Service:
             limits=limits,
             stage_timeout_s=args.stage_timeout,
             max_message_mb=args.max_message_mb,
+            security=ClientSecurity(
+                args.stage_tls_ca,
+                args.stage_tls_cert,
+                args.stage_tls_key,
+                token_from_file(args.stage_token_file),
+            ),
         )
         return GatewayService(config, Profiler(args.profile_dir))
 
@@ -148,5 +155,5 @@ def run(role: str, args: argparse.Namespace) -> int:
         service = build_service(role, args)
     except StartupError as error:
         raise SystemExit(f"ditserve serve {role}: {error}") from None
-    serve_forever(service, ServerOptions.from_args(args))
+    serve_forever(service, ServerOptions.from_args(args), ServerSecurity.from_args(args))
     return 0

@@ -31,6 +31,4 @@ def stack(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     running.start(timeout=180)
     yield running
     codes = running.stop()
-    assert all(code == 0 for code in codes.values()), (
-        f"services did not exit cleanly: {codes}; logs in {logs}"
-    )
+    assert all(code == 0 for code in codes.values()), f"services did not exit cleanly: {codes}; logs in {logs}"

@@ -56,9 +56,7 @@ MIN_SAMPLE_S = 0.02  # short kernels are repeated within one sample until it las
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_arguments(parser)
     parser.add_argument("--model", default="black-forest-labs/FLUX.1-dev", choices=list(MODELS))
-    parser.add_argument(
-        "--tokens", type=int, default=4096, help="image tokens (4096 = 1024x1024); shrink it on CPU"
-    )
+    parser.add_argument("--tokens", type=int, default=4096, help="image tokens (4096 = 1024x1024); shrink it on CPU")
     parser.add_argument("--repeats", type=int, default=10, help="interleaved timed samples per backend")
     parser.add_argument(
         "--flux-step",
@@ -86,9 +84,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     q, k, v = (torch.randn(shape, generator=generator, device=device, dtype=dtype) for _ in range(3))
     summary: dict[str, Any] = {"auto_backend": auto.value, "auto_reason": auto_reason}
     with torch.inference_mode():
-        rows = _measure(
-            "kernel", {name: _kernel_call(q, k, v, name) for name in backends}, args.repeats, device
-        )
+        rows = _measure("kernel", {name: _kernel_call(q, k, v, name) for name in backends}, args.repeats, device)
         summary.update(_stage_summary("", rows, auto))
         if args.flux_step:
             model = _random_flux(model_config, device, dtype)
@@ -116,15 +112,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result_document(bench="attention", model=args.model, config=config, rows=rows, summary=summary)
 
 
-def _kernel_call(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: BackendName
-) -> Callable[[], Any]:
+def _kernel_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: BackendName) -> Callable[[], Any]:
     return lambda: attention(q, k, v, backend)
 
 
-def _step_call(
-    model: torch.nn.Module, inputs: dict[str, torch.Tensor], backend: BackendName
-) -> Callable[[], Any]:
+def _step_call(model: torch.nn.Module, inputs: dict[str, torch.Tensor], backend: BackendName) -> Callable[[], Any]:
     def step() -> torch.Tensor:
         apply_attention_backend(model, backend)  # a few attribute writes: noise next to a 12B-param step
         return model(**inputs, return_dict=False)[0]

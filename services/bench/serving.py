@@ -25,13 +25,9 @@ PROMPT = "a red circle on a blue background"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", default=str(default_model_dir()), help="model folder (default: the shipped model)"
-    )
+    parser.add_argument("--model", default=str(default_model_dir()), help="model folder (default: the shipped model)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per request (default: 20)")
-    parser.add_argument(
-        "--concurrency", default="1,4,8,16", help="closed-loop client counts (default: 1,4,8,16)"
-    )
+    parser.add_argument("--concurrency", default="1,4,8,16", help="closed-loop client counts (default: 1,4,8,16)")
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per load level and mode")
     parser.add_argument(
         "--rate", type=float, default=0.0, help="open-loop requests/s (default: 0.9 x off's capacity at 8)"
@@ -107,9 +103,7 @@ class Load:
         return time.perf_counter() - started
 
 
-def _row(
-    mode: str, load: str, value: float, runner: Load, wall: float, steps_delta: float, steps: int
-) -> dict:
+def _row(mode: str, load: str, value: float, runner: Load, wall: float, steps_delta: float, steps: int) -> dict:
     lat = sorted(runner.latencies)
     done = len(lat)
     return {
@@ -165,17 +159,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def pick(mode: str, load: str, level: float | None = None) -> dict:
         return next(
-            r
-            for r in rows
-            if r["mode"] == mode and r["load"] == load and (level is None or r["level"] == level)
+            r for r in rows if r["mode"] == mode and r["load"] == load and (level is None or r["level"] == level)
         )
 
     off8 = pick("off", "closed", 8)["req_per_s"]
     summary = {
         "throughput_ratio_dynamic": pick("dynamic", "closed", 8)["req_per_s"] / off8,
         "throughput_ratio_continuous": pick("continuous", "closed", 8)["req_per_s"] / off8,
-        "p99_ratio_continuous": pick("continuous", "open")["latency_p99_s"]
-        / pick("off", "open")["latency_p99_s"],
+        "p99_ratio_continuous": pick("continuous", "open")["latency_p99_s"] / pick("off", "open")["latency_p99_s"],
         "open_loop_rate": rate,
     }
     config = {

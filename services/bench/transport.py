@@ -21,13 +21,9 @@ PROMPT = "a red circle on a blue background"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", default=str(default_model_dir()), help="model folder (default: the shipped model)"
-    )
+    parser.add_argument("--model", default=str(default_model_dir()), help="model folder (default: the shipped model)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per image (default: 20)")
-    parser.add_argument(
-        "--pairs", type=int, default=7, help="interleaved service/in-process pairs (default: 7)"
-    )
+    parser.add_argument("--pairs", type=int, default=7, help="interleaved service/in-process pairs (default: 7)")
     parser.add_argument("--codec-repeats", type=int, default=15, help="timed codec round trips per tensor")
 
 
@@ -39,9 +35,7 @@ def _codec_tensors() -> dict[str, Any]:
         "t5_embeds_1x512x4096_bf16": torch.randn(1, 512, 4096, generator=generator).to(torch.bfloat16),
         "latents_1x4096x64_fp32": torch.randn(1, 4096, 64, generator=generator),
         "latents_1x4096x64_bf16": torch.randn(1, 4096, 64, generator=generator).to(torch.bfloat16),
-        "image_1024x1024x3_uint8": torch.randint(
-            0, 256, (1024, 1024, 3), generator=generator, dtype=torch.uint8
-        ),
+        "image_1024x1024x3_uint8": torch.randint(0, 256, (1024, 1024, 3), generator=generator, dtype=torch.uint8),
     }
 
 

@@ -54,9 +54,7 @@ def check_prompt(field: str, prompt: str, limits: RequestLimits, allow_empty: bo
     if not allow_empty and not prompt.strip():
         raise InvalidArgument(field, "is empty")
     if len(prompt) > limits.max_prompt_chars:
-        raise InvalidArgument(
-            field, f"has {len(prompt)} characters, over the limit of {limits.max_prompt_chars}"
-        )
+        raise InvalidArgument(field, f"has {len(prompt)} characters, over the limit of {limits.max_prompt_chars}")
 
 
 def check_generation(

@@ -27,9 +27,7 @@ class DeviceMemoryCollector(Collector):
     """Reads memory at scrape time: accelerator allocator stats where present, host RSS always."""
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily(
-            "ditserve_device_memory_bytes", "Memory held by this process", labels=["kind"]
-        )
+        family = GaugeMetricFamily("ditserve_device_memory_bytes", "Memory held by this process", labels=["kind"])
         family.add_metric(["host_rss"], _rss_bytes())
         import torch
 
@@ -74,9 +72,7 @@ class ServiceMetrics:
             registry=self.registry,
         )
 
-    def set_model_info(
-        self, *, model: str, dtype: str, device: str, attention_backend: str, version: str
-    ) -> None:
+    def set_model_info(self, *, model: str, dtype: str, device: str, attention_backend: str, version: str) -> None:
         self.model_info.labels(self.service, model, dtype, device, attention_backend, version).set(1)
 
     def watch_device_memory(self) -> None:

@@ -68,18 +68,14 @@ class ModelFolder:
         entry = self.index.get(component)
         folder = self.path / component
         if not isinstance(entry, list) or entry[0] is None or not folder.is_dir():
-            raise ModelLoadError(
-                f"{self.path}: component {component!r} is missing from model_index.json or disk"
-            )
+            raise ModelLoadError(f"{self.path}: component {component!r} is missing from model_index.json or disk")
         return folder
 
     def config(self, component: str) -> dict[str, Any]:
         """A component's config.json, for facts a service needs without loading the weights."""
         return json.loads((self.component_dir(component) / "config.json").read_text())
 
-    def load(
-        self, component: str, device: torch.device | None = None, dtype: torch.dtype | None = None
-    ) -> Any:
+    def load(self, component: str, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
         """Loads one component with the class model_index.json names for it."""
         folder = self.component_dir(component)
         library, class_name = self.index[component]
@@ -87,9 +83,7 @@ class ModelFolder:
         if component.startswith("tokenizer") or component == "scheduler":
             return cls.from_pretrained(folder, local_files_only=True)
         try:
-            model = cls.from_pretrained(
-                folder, local_files_only=True, use_safetensors=True, torch_dtype=dtype
-            )
+            model = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True, torch_dtype=dtype)
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"{folder}: cannot load {class_name} from safetensors: {error}") from error
         return model.to(device).eval().requires_grad_(False)

@@ -18,6 +18,7 @@ import grpc
 from ditserve.client.tensors import TensorError
 from ditserve.services.common.errors import ServiceError, Unavailable
 from ditserve.services.common.metrics import ServiceMetrics
+from ditserve.services.common.security import BearerAuth
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,9 @@ class Drain:
 
 
 class ObservabilityInterceptor(grpc.ServerInterceptor):
-    def __init__(self, metrics: ServiceMetrics) -> None:
+    def __init__(self, metrics: ServiceMetrics, auth: BearerAuth | None = None) -> None:
         self.metrics = metrics
+        self.auth = auth
         self.drain = Drain()
 
     def intercept_service(
@@ -82,8 +84,8 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None:
             return None
-        method = details.method.rsplit("/", 1)[-1]
-        work = not details.method.startswith(CONTROL_PREFIXES)
+        method = details.method  # /package.Service/Method
+        work = not method.startswith(CONTROL_PREFIXES)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(method, handler.unary_unary, work),
@@ -116,12 +118,14 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
 
     @contextlib.contextmanager
     def _observed(self, method: str, context: grpc.ServicerContext, work: bool) -> Iterator[None]:
-        """Around every handler: drain accounting, error -> status mapping, and the RPC metrics."""
+        """Around every handler: authentication, drain accounting, error -> status mapping, RPC metrics."""
         started = time.perf_counter()
         self.metrics.in_flight.inc()
         code = grpc.StatusCode.OK
         entered = False
         try:
+            if self.auth is not None:
+                self.auth.check(method, context)
             if work:
                 self.drain.enter()
                 entered = True
@@ -135,7 +139,7 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
         finally:
             if entered:
                 self.drain.leave()
-            self._record(method, code, started)
+            self._record(method.rsplit("/", 1)[-1], code, started)
 
     def _unary(self, method: str, behavior: Callable, work: bool) -> Callable:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:

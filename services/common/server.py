@@ -21,12 +21,15 @@ from grpc_reflection.v1alpha import reflection
 
 from ditserve.services.common.metrics import ServiceMetrics
 from ditserve.services.common.rpc import Drain, ObservabilityInterceptor
+from ditserve.services.common.security import ServerSecurity
 from ditserve.v1 import common_pb2, common_pb2_grpc
 
 if TYPE_CHECKING:
     from ditserve.services.common.profiling import Profiler  # imports torch; the CLI parser must not
 
 log = logging.getLogger(__name__)
+
+PLAINTEXT = ServerSecurity()
 
 MiB = 1024 * 1024
 
@@ -50,9 +53,7 @@ class ServerOptions:
     def add_arguments(parser: argparse.ArgumentParser, port: int, metrics_port: int) -> None:
         group = parser.add_argument_group("server")
         group.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-        group.add_argument(
-            "--port", type=int, default=port, help=f"gRPC port (default: {port}; 0 = any free)"
-        )
+        group.add_argument("--port", type=int, default=port, help=f"gRPC port (default: {port}; 0 = any free)")
         group.add_argument(
             "--metrics-port",
             type=int,
@@ -60,9 +61,7 @@ class ServerOptions:
             help=f"Prometheus /metrics port (default: {metrics_port})",
         )
         group.add_argument("--max-workers", type=int, default=32, help="gRPC handler threads (default: 32)")
-        group.add_argument(
-            "--max-message-mb", type=int, default=256, help="gRPC message size limit (default: 256)"
-        )
+        group.add_argument("--max-message-mb", type=int, default=256, help="gRPC message size limit (default: 256)")
         group.add_argument(
             "--grace-seconds", type=float, default=30.0, help="SIGTERM drain time for in-flight requests"
         )
@@ -127,8 +126,8 @@ class RunningServer:
         self.service.close()
 
 
-def start_server(service: Service, options: ServerOptions) -> RunningServer:
-    interceptor = ObservabilityInterceptor(service.metrics)
+def start_server(service: Service, options: ServerOptions, security: ServerSecurity = PLAINTEXT) -> RunningServer:
+    interceptor = ObservabilityInterceptor(service.metrics, security.authenticator())
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix=f"{service.role}-rpc"),
         interceptors=[interceptor],
@@ -140,7 +139,9 @@ def start_server(service: Service, options: ServerOptions) -> RunningServer:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [*service.grpc_service_names(), "ditserve.v1.Admin"]
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{options.host}:{options.port}")
+    address = f"{options.host}:{options.port}"
+    credentials = security.credentials()
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     server.start()
     for name in ["", *names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -151,9 +152,9 @@ def start_server(service: Service, options: ServerOptions) -> RunningServer:
     return RunningServer(service, server, health_servicer, interceptor.drain, port, metrics_port)
 
 
-def serve_forever(service: Service, options: ServerOptions) -> None:
+def serve_forever(service: Service, options: ServerOptions, security: ServerSecurity = PLAINTEXT) -> None:
     """Runs until SIGTERM or SIGINT, then drains within the grace period."""
-    running = start_server(service, options)
+    running = start_server(service, options, security)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

@@ -40,9 +40,7 @@ def encode(tensor: torch.Tensor) -> tensor_pb2.Tensor:
     )
 
 
-def decode(
-    message: tensor_pb2.Tensor, field: str = "tensor", limits: TensorLimits = DEFAULT_LIMITS
-) -> torch.Tensor:
+def decode(message: tensor_pb2.Tensor, field: str = "tensor", limits: TensorLimits = DEFAULT_LIMITS) -> torch.Tensor:
     """Validates, then views the bytes as a CPU tensor without copying."""
     count = validate(message, field, limits)
     dtype = TORCH_DTYPES[message.datatype]

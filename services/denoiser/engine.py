@@ -70,9 +70,7 @@ class _Run:
 
 
 class Engine:
-    def __init__(
-        self, runner: Runner, metrics: ServiceMetrics, profiler: Profiler, config: BatchingConfig
-    ) -> None:
+    def __init__(self, runner: Runner, metrics: ServiceMetrics, profiler: Profiler, config: BatchingConfig) -> None:
         self.runner = runner
         self.profiler = profiler
         self.config = config
@@ -159,9 +157,7 @@ class Engine:
         for request_id in plan.cancelled:
             run = self._runs.pop(request_id, None)
             if run is not None:
-                log.info(
-                    "request %s cancelled after %d/%d steps", request_id, len(run.step_ms), run.job.steps
-                )
+                log.info("request %s cancelled after %d/%d steps", request_id, len(run.step_ms), run.job.steps)
                 self._release_profiler(run)
         for request_id in plan.expired:
             run = self._runs.pop(request_id, None)

@@ -27,9 +27,7 @@ class Conditioning:
     def repeated(self, n: int) -> Conditioning:
         """FluxPipeline's num_images_per_prompt expansion."""
         _, seq, dim = self.embeds.shape
-        return Conditioning(
-            self.embeds.repeat(1, n, 1).view(n, seq, dim), self.pooled.repeat(1, n).view(n, -1)
-        )
+        return Conditioning(self.embeds.repeat(1, n, 1).view(n, seq, dim), self.pooled.repeat(1, n).view(n, -1))
 
 
 @dataclass(frozen=True)
@@ -64,16 +62,12 @@ class FluxTrajectory:
         self.scheduler = type(runner.scheduler).from_config(runner.scheduler.config)
         self.timesteps = flux.set_timesteps(self.scheduler, inputs.steps, self.latents.shape[1], device)
         self.prompt = _to(inputs.prompt.repeated(n), device, dtype)
-        self.negative = (
-            _to(inputs.negative.repeated(n), device, dtype) if inputs.negative is not None else None
-        )
+        self.negative = _to(inputs.negative.repeated(n), device, dtype) if inputs.negative is not None else None
         self.true_cfg_scale = inputs.true_cfg_scale
         self.text_ids = flux.text_ids(self.prompt.embeds.shape[1], device, dtype)
         self.guidance = None
         if runner.transformer.config.guidance_embeds:
-            self.guidance = torch.full([1], inputs.guidance_scale, device=device, dtype=torch.float32).expand(
-                n
-            )
+            self.guidance = torch.full([1], inputs.guidance_scale, device=device, dtype=torch.float32).expand(n)
         self.cache = RequestCache(inputs.cache, runner.executor)
         self.caching = inputs.cache.mode != "none"
         self.index = 0
@@ -87,9 +81,7 @@ class FluxTrajectory:
         """Applies true CFG (if any) and this trajectory's own scheduler step."""
         if negative_noise is not None:
             noise = negative_noise + self.true_cfg_scale * (noise - negative_noise)
-        self.latents = self.scheduler.step(
-            noise, self.timesteps[self.index], self.latents, return_dict=False
-        )[0]
+        self.latents = self.scheduler.step(noise, self.timesteps[self.index], self.latents, return_dict=False)[0]
         self.index += 1
         if not torch.isfinite(self.latents).all():
             raise FloatingPointError("the latents became NaN or Inf")
@@ -145,11 +137,7 @@ class FluxRunner:
     def cost(self, job: DenoiseJob) -> int:
         """Image tokens the transformer processes per step for this job."""
         inputs: FluxInputs = job.inputs
-        tokens = (
-            flux.latent_size(inputs.height, self.vae_scale)
-            * flux.latent_size(inputs.width, self.vae_scale)
-            // 4
-        )
+        tokens = flux.latent_size(inputs.height, self.vae_scale) * flux.latent_size(inputs.width, self.vae_scale) // 4
         return tokens * inputs.num_images * (2 if inputs.negative is not None else 1)
 
     def start(self, job: DenoiseJob) -> FluxTrajectory:

@@ -115,9 +115,7 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
                 f"{field}.prompt_embeds",
                 f"shape {list(embeds.shape)} is not [1, tokens, {config.joint_attention_dim}]",
             )
-        check_range(
-            f"{field}.prompt_embeds.shape[1]", embeds.shape[1], 1, self.stage.limits.max_sequence_length
-        )
+        check_range(f"{field}.prompt_embeds.shape[1]", embeds.shape[1], 1, self.stage.limits.max_sequence_length)
         if list(pooled.shape) != [1, config.pooled_projection_dim]:
             raise InvalidArgument(
                 f"{field}.pooled_prompt_embeds",
@@ -172,8 +170,7 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             if negative.embeds.shape != prompt.embeds.shape:
                 raise InvalidArgument(
                     "negative_prompt.prompt_embeds",
-                    f"shape {list(negative.embeds.shape)} differs from the prompt's"
-                    f" {list(prompt.embeds.shape)}",
+                    f"shape {list(negative.embeds.shape)} differs from the prompt's {list(prompt.embeds.shape)}",
                 )
             inputs = replace(inputs, negative=negative)
         return inputs
@@ -232,9 +229,7 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
 
 def _float_tensor(message: object, field: str) -> torch.Tensor:
     if message.datatype not in FLOAT_DATATYPES:
-        raise InvalidArgument(
-            f"{field}.datatype", f"{message.datatype!r} is not one of {', '.join(FLOAT_DATATYPES)}"
-        )
+        raise InvalidArgument(f"{field}.datatype", f"{message.datatype!r} is not one of {', '.join(FLOAT_DATATYPES)}")
     tensor = tensor_codec.decode(message, field)
     if not torch.isfinite(tensor).all():
         raise InvalidArgument(field, "contains NaN or Inf")

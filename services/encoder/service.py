@@ -41,9 +41,7 @@ class EncoderService(encoder_pb2_grpc.TextEncoderServicer):
             text_encoder=folder.load("text_encoder", stage.device, stage.dtype),
             text_encoder_2=folder.load("text_encoder_2", stage.device, stage.dtype),
         )
-        self.max_sequence_length = min(
-            stage.limits.max_sequence_length, self.pipe.tokenizer_2.model_max_length
-        )
+        self.max_sequence_length = min(stage.limits.max_sequence_length, self.pipe.tokenizer_2.model_max_length)
         self._lock = threading.Lock()  # one encode at a time bounds activation memory
         stage.publish_model_info()
 
@@ -63,9 +61,7 @@ class EncoderService(encoder_pb2_grpc.TextEncoderServicer):
         if not request.prompts:
             raise InvalidArgument("prompts", "is empty: give at least one prompt")
         if len(request.prompts) > MAX_PROMPTS:
-            raise InvalidArgument(
-                "prompts", f"has {len(request.prompts)} prompts, over the limit of {MAX_PROMPTS}"
-            )
+            raise InvalidArgument("prompts", f"has {len(request.prompts)} prompts, over the limit of {MAX_PROMPTS}")
         for i, prompt in enumerate(request.prompts):
             check_prompt(f"prompts[{i}]", prompt, self.stage.limits, allow_empty=request.allow_empty)
         length = request.max_sequence_length or min(
@@ -74,9 +70,7 @@ class EncoderService(encoder_pb2_grpc.TextEncoderServicer):
         check_range("max_sequence_length", length, 1, self.max_sequence_length)
         return length
 
-    def Encode(
-        self, request: encoder_pb2.EncodeRequest, context: grpc.ServicerContext
-    ) -> encoder_pb2.EncodeResponse:
+    def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.ServicerContext) -> encoder_pb2.EncodeResponse:
         started = time.perf_counter()
         length = self._validate(request)
         response = encoder_pb2.EncodeResponse()

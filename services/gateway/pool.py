@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from ditserve.client.security import NO_SECURITY, ClientSecurity
 from ditserve.services.common.errors import ServiceError
 
 T = TypeVar("T")
@@ -29,13 +30,18 @@ class StageError(ServiceError):
 
 class StagePool:
     def __init__(
-        self, stage: str, addresses: list[str], stub_class: Callable[[grpc.Channel], Any], options: list
+        self,
+        stage: str,
+        addresses: list[str],
+        stub_class: Callable[[grpc.Channel], Any],
+        options: list,
+        security: ClientSecurity = NO_SECURITY,
     ) -> None:
         if not addresses:
             raise ValueError(f"no addresses for the {stage} stage")
         self.stage = stage
         self.addresses = addresses
-        self._channels = [grpc.insecure_channel(address, options=options) for address in addresses]
+        self._channels = [security.channel(address, options) for address in addresses]
         self._stubs = [stub_class(channel) for channel in self._channels]
         self._counter = itertools.count()
         self._lock = threading.Lock()
@@ -68,9 +74,7 @@ class StagePool:
                     yield message
                 return
             except grpc.RpcError as error:
-                retry = (
-                    error.code() is grpc.StatusCode.UNAVAILABLE and not received and index + 1 < len(stubs)
-                )
+                retry = error.code() is grpc.StatusCode.UNAVAILABLE and not received and index + 1 < len(stubs)
                 if not retry:
                     raise StageError(self.stage, error) from None
 

@@ -7,6 +7,7 @@ flight when its caller goes away.
 
 from __future__ import annotations
 
+import functools
 import secrets
 import threading
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import grpc
 
 import ditserve
+from ditserve.client.security import NO_SECURITY, ClientSecurity
 from ditserve.services.common.errors import ServiceError
 from ditserve.services.common.limits import RequestLimits, check_prompt, check_range, check_size
 from ditserve.services.common.metrics import ServiceMetrics
@@ -45,6 +47,7 @@ class GatewayConfig:
     limits: RequestLimits
     stage_timeout_s: float = 600.0
     max_message_mb: int = 256
+    security: ClientSecurity = NO_SECURITY
 
 
 class CallTracker:
@@ -67,28 +70,23 @@ class CallTracker:
 
 def _progress(stage: str, started: float, step: int = 0, total: int = 0) -> pipeline_pb2.GenerateEvent:
     return pipeline_pb2.GenerateEvent(
-        progress=pipeline_pb2.Progress(
-            stage=stage, step=step, total_steps=total, elapsed_ms=elapsed_ms(started)
-        )
+        progress=pipeline_pb2.Progress(stage=stage, step=step, total_steps=total, elapsed_ms=elapsed_ms(started))
     )
 
 
 class GatewayService(pipeline_pb2_grpc.PipelineServicer):
     role = "gateway"
 
-    def __init__(
-        self, config: GatewayConfig, profiler: Profiler, metrics: ServiceMetrics | None = None
-    ) -> None:
+    def __init__(self, config: GatewayConfig, profiler: Profiler, metrics: ServiceMetrics | None = None) -> None:
         self.config = config
         self.profiler = profiler
         self.metrics = metrics or ServiceMetrics(self.role)
         options = channel_options(config.max_message_mb)
-        self.encoder = StagePool("encoder", config.encoders, encoder_pb2_grpc.TextEncoderStub, options)
-        self.denoiser = StagePool("denoiser", config.denoisers, denoiser_pb2_grpc.DenoiserStub, options)
-        self.vae = StagePool("vae", config.vaes, vae_pb2_grpc.VaeDecoderStub, options)
-        self.metrics.set_model_info(
-            model="", dtype="", device="", attention_backend="", version=ditserve.__version__
-        )
+        pool = functools.partial(StagePool, options=options, security=config.security)
+        self.encoder = pool("encoder", config.encoders, encoder_pb2_grpc.TextEncoderStub)
+        self.denoiser = pool("denoiser", config.denoisers, denoiser_pb2_grpc.DenoiserStub)
+        self.vae = pool("vae", config.vaes, vae_pb2_grpc.VaeDecoderStub)
+        self.metrics.set_model_info(model="", dtype="", device="", attention_backend="", version=ditserve.__version__)
 
     def grpc_service_names(self) -> list[str]:
         return ["ditserve.v1.Pipeline"]
@@ -127,18 +125,14 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
 
     def _timeout(self, context: grpc.ServicerContext) -> float:
         remaining = context.time_remaining()
-        return (
-            self.config.stage_timeout_s if remaining is None else min(remaining, self.config.stage_timeout_s)
-        )
+        return self.config.stage_timeout_s if remaining is None else min(remaining, self.config.stage_timeout_s)
 
     def _call(
         self, pool: StagePool, method: str, message: object, context: grpc.ServicerContext, calls: CallTracker
     ) -> object:
         """A unary stage call under the caller's deadline, cancelled with the caller."""
         return pool.call(
-            lambda stub: calls.track(
-                getattr(stub, method).future(message, timeout=self._timeout(context))
-            ).result()
+            lambda stub: calls.track(getattr(stub, method).future(message, timeout=self._timeout(context))).result()
         )
 
     @staticmethod

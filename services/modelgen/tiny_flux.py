@@ -52,29 +52,45 @@ _Module = TypeVar("_Module", bound=torch.nn.Module)
 
 
 def write_tiny_flux(out_dir: Path, seed: int = 0) -> Path:
-    """Writes the model into out_dir, which must be absent or empty, and returns out_dir.
+    """Writes the model into out_dir, which must be absent or empty, and returns out_dir."""
+    components = {"vae": _seeded(seed, _vae), "transformer": _seeded(seed, _transformer)}
+    return save_flux_folder(out_dir, {**components, **text_components(seed)}, DITSERVE_DEFAULTS)
 
-    A non-empty out_dir is refused: leftovers of another model (a stray .bin, a bigger
-    transformer) would make a folder that loads as something other than what was written.
+
+def ensure_empty_dir(out_dir: Path) -> None:
+    """Refuses a non-empty out_dir, before any work is spent on what would be written there.
+
+    Leftovers of another model (a stray .bin, a bigger transformer) would make a folder that loads
+    as something other than what was written.
     """
-    out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} exists and is not an empty directory; give a new path")
+
+
+def text_components(seed: int) -> dict[str, torch.nn.Module | CLIPTokenizer | T5Tokenizer]:
+    """FLUX's two tokenizers and two text encoders, the encoders seeded; shared by every model written."""
     clip_tokenizer = _clip_tokenizer()
     t5_tokenizer = _t5_tokenizer()
-    pipe = FluxPipeline(
-        scheduler=_scheduler(),
-        vae=_seeded(seed, _vae),
-        text_encoder=_seeded(seed, lambda: _clip_text_encoder(clip_tokenizer)),
-        tokenizer=clip_tokenizer,
-        text_encoder_2=_seeded(seed, lambda: _t5_encoder(t5_tokenizer)),
-        tokenizer_2=t5_tokenizer,
-        transformer=_seeded(seed, _transformer),
-    )
+    return {
+        "tokenizer": clip_tokenizer,
+        "text_encoder": _seeded(seed, lambda: _clip_text_encoder(clip_tokenizer)),
+        "tokenizer_2": t5_tokenizer,
+        "text_encoder_2": _seeded(seed, lambda: _t5_encoder(t5_tokenizer)),
+    }
+
+
+def save_flux_folder(out_dir: Path, components: dict[str, object], defaults: dict[str, str | int | float]) -> Path:
+    """Saves a FluxPipeline of components and FLUX's scheduler, loadable offline by transformers 4 and 5.
+
+    out_dir must be absent or empty (see ensure_empty_dir); defaults become the ditserve.json sidecar.
+    """
+    out_dir = Path(out_dir)
+    ensure_empty_dir(out_dir)
+    pipe = FluxPipeline(scheduler=flux_scheduler(), **components)
     pipe.save_pretrained(out_dir, safe_serialization=True)
-    _write_clip_vocab_files(clip_tokenizer, out_dir / "tokenizer")
+    _write_clip_vocab_files(pipe.tokenizer, out_dir / "tokenizer")
     _name_t5_tokenizer_fast(out_dir / "model_index.json")
-    (out_dir / "ditserve.json").write_text(json.dumps(DITSERVE_DEFAULTS, indent=2) + "\n")
+    (out_dir / "ditserve.json").write_text(json.dumps(defaults, indent=2) + "\n")
     return out_dir
 
 
@@ -123,7 +139,7 @@ def _vae() -> AutoencoderKL:
     )
 
 
-def _scheduler() -> FlowMatchEulerDiscreteScheduler:
+def flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
     """FLUX.1-dev's scheduler config, so timesteps shift with image size exactly as for the real model."""
     return FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
@@ -242,9 +258,7 @@ def _t5_tokenizer() -> T5Tokenizer:
 def _write_clip_vocab_files(tokenizer: CLIPTokenizer, directory: Path) -> None:
     """Adds vocab.json and merges.txt, the files transformers 4's slow CLIPTokenizer loads."""
     model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
-    (directory / "vocab.json").write_text(
-        json.dumps(model["vocab"], ensure_ascii=False) + "\n", encoding="utf-8"
-    )
+    (directory / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False) + "\n", encoding="utf-8")
     merges = "".join(f"{first} {second}\n" for first, second in model["merges"])
     (directory / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
 

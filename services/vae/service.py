@@ -101,9 +101,7 @@ class VaeService(vae_pb2_grpc.VaeDecoderServicer):
         decode_ms = elapsed_ms(started) - queue_ms
         uint8 = (pixels * 255).round().astype(np.uint8)
         quality = request.quality or 90
-        response = vae_pb2.DecodeResponse(
-            images=[encode_image(image, request.format, quality) for image in uint8]
-        )
+        response = vae_pb2.DecodeResponse(images=[encode_image(image, request.format, quality) for image in uint8])
         total = elapsed_ms(started)
         response.timing.CopyFrom(
             common_pb2.Timing(

@@ -47,9 +47,7 @@ def test_caching_skips_steps_and_reports_them(denoisers: dict) -> None:
     pattern = result.timing.computed_steps["cond"]
     assert len(pattern) == STEPS and pattern[0] == pattern[-1] == "1" and "0" in pattern
     metrics = wait_for(server.metrics_port, "ditserve_cache_steps_total", before + STEPS)
-    assert sample(
-        metrics, "ditserve_cache_steps_total", policy="teacache", outcome="cached"
-    ) >= pattern.count("0")
+    assert sample(metrics, "ditserve_cache_steps_total", policy="teacache", outcome="cached") >= pattern.count("0")
 
 
 def test_cfg_branches_decide_on_their_own(denoisers: dict) -> None:

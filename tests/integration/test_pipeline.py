@@ -142,13 +142,9 @@ MALFORMED = [
 
 
 @pytest.mark.parametrize(("tensor", "part"), MALFORMED)
-def test_malformed_tensors_are_rejected_by_the_denoiser(
-    stack: object, tensor: tensor_pb2.Tensor, part: str
-) -> None:
+def test_malformed_tensors_are_rejected_by_the_denoiser(stack: object, tensor: tensor_pb2.Tensor, part: str) -> None:
     stage = StageClient(stack.ports.address("denoiser"))
-    embedding = encoder_pb2.PromptEmbedding(
-        prompt_embeds=tensor, pooled_prompt_embeds=_tensor("FP32", [1, 32], 128)
-    )
+    embedding = encoder_pb2.PromptEmbedding(prompt_embeds=tensor, pooled_prompt_embeds=_tensor("FP32", [1, 32], 128))
     request = denoiser_pb2.DenoiseRequest(prompt=embedding, num_inference_steps=1)
     with pytest.raises(grpc.RpcError) as caught:
         list(stage.denoiser.Denoise(request, timeout=30))
@@ -158,9 +154,7 @@ def test_malformed_tensors_are_rejected_by_the_denoiser(
 
 
 @pytest.mark.parametrize(("tensor", "part"), MALFORMED)
-def test_malformed_tensors_are_rejected_by_the_vae(
-    stack: object, tensor: tensor_pb2.Tensor, part: str
-) -> None:
+def test_malformed_tensors_are_rejected_by_the_vae(stack: object, tensor: tensor_pb2.Tensor, part: str) -> None:
     stage = StageClient(stack.ports.address("vae"))
     with pytest.raises(grpc.RpcError) as caught:
         stage.vae.Decode(vae_pb2.DecodeRequest(latents=tensor, height=64, width=64), timeout=30)

@@ -98,9 +98,7 @@ def test_auto_rules_on_cuda(
     monkeypatch.setattr(
         registry,
         "_import",
-        lambda module: (
-            (fa3, None) if fa3_installed and module == "flash_attn_interface" else (None, "absent")
-        ),
+        lambda module: (fa3, None) if fa3_installed and module == "flash_attn_interface" else (None, "absent"),
     )
     availability = dict.fromkeys(CONCRETE, None) | {BackendName.FA: None if fa3_installed else "absent"}
     chosen, _ = registry._auto(torch.device("cuda"), dtype, availability)

@@ -45,18 +45,14 @@ def create_requests(
     ]
 
 
-def create_scheduler(
-    mode: str, *requests: ScheduledRequest, now: float = 0.0, **config: object
-) -> BatchScheduler:
+def create_scheduler(mode: str, *requests: ScheduledRequest, now: float = 0.0, **config: object) -> BatchScheduler:
     scheduler = BatchScheduler(BatchingConfig(mode, **config))
     for request in requests:
         scheduler.add(request, now)
     return scheduler
 
 
-def step(
-    scheduler: BatchScheduler, now: float = 0.0, failed: tuple[str, ...] = ()
-) -> tuple[StepPlan, list[str]]:
+def step(scheduler: BatchScheduler, now: float = 0.0, failed: tuple[str, ...] = ()) -> tuple[StepPlan, list[str]]:
     """One engine iteration that runs something: schedule, then report the step."""
     plan = scheduler.schedule(now)
     assert plan is not None and plan.request_ids, plan
@@ -342,9 +338,7 @@ def check_plan(
     if previous and plan.joined:  # a join into a running batch: continuous, and no other key starves
         assert config.mode == "continuous"
         key = by_id[previous[0]].key
-        starving = [
-            r for r, at in waiting.items() if by_id[r].key != key and steps - at >= config.max_wait_steps
-        ]
+        starving = [r for r, at in waiting.items() if by_id[r].key != key and steps - at >= config.max_wait_steps]
         assert not starving
 
 

@@ -193,9 +193,7 @@ def test_skipped_fraction_counts_middle_blocks(executor: FluxBlockExecutor) -> N
     assert cache.skipped_fraction == pytest.approx(17 * 2 / (28 * 3))
 
 
-def test_cond_and_uncond_keep_separate_state(
-    transformer: FluxTransformer2DModel, executor: FluxBlockExecutor
-) -> None:
+def test_cond_and_uncond_keep_separate_state(transformer: FluxTransformer2DModel, executor: FluxBlockExecutor) -> None:
     steps = 10
     latents, cond = _conditioning(batch=1, seed=5)
     _, uncond = _conditioning(batch=1, seed=6)
@@ -216,9 +214,7 @@ def test_cond_and_uncond_keep_separate_state(
     for name, kwargs in (("cond", cond), ("uncond", uncond)):
         alone = RequestCache(STATIC_FAST, executor)
         for step, (x, t, output) in enumerate(calls[name]):
-            assert torch.equal(
-                alone.forward("cond", step, steps, hidden_states=x, timestep=t, **kwargs), output
-            )
+            assert torch.equal(alone.forward("cond", step, steps, hidden_states=x, timestep=t, **kwargs), output)
     # And sharing would matter: the residuals the two branches reuse differ.
     last = steps - 1
     assert not torch.allclose(shared.branch("cond").reuse(last)[0], shared.branch("uncond").reuse(last)[0])

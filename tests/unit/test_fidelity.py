@@ -54,9 +54,7 @@ def test_clean_renders_score_right(specs: list[ShapeSpec], images: list[Image.Im
 
 
 @pytest.mark.parametrize("radius", [1.0, 1.5])
-def test_blurred_noisy_renders_score_right(
-    specs: list[ShapeSpec], images: list[Image.Image], radius: float
-) -> None:
+def test_blurred_noisy_renders_score_right(specs: list[ShapeSpec], images: list[Image.Image], radius: float) -> None:
     rng = np.random.default_rng(0)
     degraded = [degrade(image, radius, 8.0, rng) for image in images]
     summary = score_batch(degraded, [spec.prompt for spec in specs])
@@ -70,9 +68,7 @@ def _replacement(values: tuple[str, ...], current: str, *taken: str) -> str:
 
 
 @pytest.mark.parametrize("attribute", ["color", "shape", "background"])
-def test_a_wrong_attribute_scores_wrong(
-    specs: list[ShapeSpec], images: list[Image.Image], attribute: str
-) -> None:
+def test_a_wrong_attribute_scores_wrong(specs: list[ShapeSpec], images: list[Image.Image], attribute: str) -> None:
     for spec, image in zip(specs[::3], images[::3], strict=True):
         wrong = {
             "color": _replacement(FOREGROUNDS, spec.color, spec.background),

@@ -28,9 +28,7 @@ def test_client_and_cli_import_without_torch() -> None:
 
 
 def test_help_lists_every_command() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "ditserve.client.cli", "--help"], capture_output=True, text=True
-    )
+    result = subprocess.run([sys.executable, "-m", "ditserve.client.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     for command in ("serve", "up", "demo", "generate", "info", "make-tiny-model", "bench"):
         assert command in result.stdout

@@ -31,8 +31,7 @@ from ditserve.services.training.shapes import (
 def test_prompt_wording() -> None:
     assert Attributes("red", "circle", "blue", None).prompt == "a red circle on a blue background"
     assert (
-        Attributes("orange", "ring", "gray", "top left").prompt
-        == "an orange ring on a gray background in the top left"
+        Attributes("orange", "ring", "gray", "top left").prompt == "an orange ring on a gray background in the top left"
     )
 
 

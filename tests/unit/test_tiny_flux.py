@@ -91,9 +91,7 @@ def test_seed_changes_every_weight_file_and_no_tokenizer_file(model_dir: Path, t
 
 def test_layout_is_small_safetensors_only_with_flux_classes(model_dir: Path) -> None:
     files = [path for path in model_dir.rglob("*") if path.is_file()]
-    assert {path.relative_to(model_dir).as_posix() for path in files if path.suffix == ".safetensors"} == (
-        WEIGHT_FILES
-    )
+    assert {path.relative_to(model_dir).as_posix() for path in files if path.suffix == ".safetensors"} == (WEIGHT_FILES)
     assert not [path for path in files if path.suffix in {".bin", ".pt", ".pth", ".pkl", ".ckpt"}]
     assert sum(path.stat().st_size for path in files) < 5_000_000
 
@@ -112,9 +110,7 @@ def test_layout_is_small_safetensors_only_with_flux_classes(model_dir: Path) -> 
     assert DITSERVE_DEFAULTS["family"] == "flux"
 
 
-def test_clip_tokenizer_keeps_words_whole_and_loads_from_vocab_and_merges(
-    model_dir: Path, tmp_path: Path
-) -> None:
+def test_clip_tokenizer_keeps_words_whole_and_loads_from_vocab_and_merges(model_dir: Path, tmp_path: Path) -> None:
     tokenizer = CLIPTokenizer.from_pretrained(model_dir / "tokenizer")
     assert tokenizer.model_max_length == 77
     assert tokenizer.eos_token_id == len(tokenizer) - 1 == tokenizer.pad_token_id

@@ -162,9 +162,7 @@ def _import(module: str) -> tuple[ModuleType | None, str | None]:
 
 
 @functools.cache
-def _probe_sdpa(
-    sdp_backend: SDPBackend, device: torch.device, dtype: torch.dtype, head_dim: int
-) -> str | None:
+def _probe_sdpa(sdp_backend: SDPBackend, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
     """Run the forced kernel once on a tiny input; torch's warnings say why it refused."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -246,9 +244,7 @@ def _fa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out  # FA3 releases differ: out, or (out, softmax_lse)
 
 
-@_register(
-    BackendName.SAGE_ATTN, _cuda((8, 0)), _half_precision, _head_dim_at_most(128), _installed("sageattention")
-)
+@_register(BackendName.SAGE_ATTN, _cuda((8, 0)), _half_precision, _head_dim_at_most(128), _installed("sageattention"))
 def _sage_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return _require("sageattention").sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
 
@@ -268,9 +264,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backen
     return _REGISTRY[backend].kernel(q, k, v)
 
 
-def available_backends(
-    device: torch.device, dtype: torch.dtype, head_dim: int
-) -> dict[BackendName, str | None]:
+def available_backends(device: torch.device, dtype: torch.dtype, head_dim: int) -> dict[BackendName, str | None]:
     """Every concrete backend (not `auto`) -> None if it can run here, else the first reason it cannot."""
     return {name: backend.unavailable(device, dtype, head_dim) for name, backend in _REGISTRY.items()}
 
@@ -288,9 +282,7 @@ def default_backend_name() -> str:
     return os.environ.get(ENV_VAR, "").strip() or BackendName.AUTO.value
 
 
-def resolve_backend(
-    name: str, device: torch.device, dtype: torch.dtype, head_dim: int
-) -> tuple[BackendName, str]:
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[BackendName, str]:
     """The backend to run and why (for the log); an explicit backend that cannot run raises."""
     availability = available_backends(device, dtype, head_dim)
     where = f"{device} {str(dtype).removeprefix('torch.')} head_dim={head_dim}"

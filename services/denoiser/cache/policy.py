@@ -190,9 +190,7 @@ class SCMConfig:
                 "dbcache.scm.preset", f"give one of {sorted(SCM_PRESETS)} or compute_bins and cache_bins"
             )
         if self.preset is not None and self.preset not in SCM_PRESETS:
-            raise InvalidArgument(
-                "dbcache.scm.preset", f"must be one of {sorted(SCM_PRESETS)}, got {self.preset!r}"
-            )
+            raise InvalidArgument("dbcache.scm.preset", f"must be one of {sorted(SCM_PRESETS)}, got {self.preset!r}")
         if has_bins:
             compute, cache = _check_bins(self.compute_bins, self.cache_bins)
             object.__setattr__(self, "compute_bins", compute)
@@ -388,9 +386,7 @@ def _taylor_coefficients(points: list[tuple[int, Value]]) -> list[Value]:
     column = [value for _, value in points]
     newton = [column[0]]  # newton[j] = f[t0, ..., tj]
     for j in range(1, len(points)):
-        column = [
-            (column[i] - column[i + 1]) * (1.0 / (times[i] - times[i + j])) for i in range(len(column) - 1)
-        ]
+        column = [(column[i] - column[i + 1]) * (1.0 / (times[i] - times[i + j])) for i in range(len(column) - 1)]
         newton.append(column[0])
     # p(t0 + k) = sum_j newton[j] * prod_{i<j} (k + t0 - ti); expand each product into powers of k.
     taylor: list[Value | None] = [None] * len(points)

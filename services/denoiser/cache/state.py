@@ -245,9 +245,7 @@ def _check_slots(slots: Sequence[Slot], batch: int) -> None:
             )
 
 
-def forward_batch(
-    executor: FluxBlockExecutor, slots: Sequence[Slot], **transformer_kwargs: Any
-) -> torch.Tensor:
+def forward_batch(executor: FluxBlockExecutor, slots: Sequence[Slot], **transformer_kwargs: Any) -> torch.Tensor:
     """One transformer call whose consecutive row groups (slots) each cache by their own decisions.
 
     Blocks run on the rows that need them: all rows before a slot's decision point and in its suffix,
