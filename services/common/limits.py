@@ -26,13 +26,15 @@ class RequestLimits:
     """Most images per request."""
     max_sequence_length: int = 512
     """Most text tokens kept by the sequence encoder."""
+    max_abs_value: float = 1e6
+    """Largest magnitude accepted in incoming float tensors (NaN and Inf are always refused)."""
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("request limits")
         for f in fields(cls):
             flag = "--" + f.name.replace("_", "-")
-            group.add_argument(flag, type=int, default=f.default, help=f"(default: {f.default})")
+            group.add_argument(flag, type=type(f.default), default=f.default, help=f"(default: {f.default})")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RequestLimits:

@@ -11,6 +11,7 @@ import warnings
 import torch
 
 from ditserve.client.tensors import DEFAULT_LIMITS, TensorError, TensorLimits, validate
+from ditserve.services.common.errors import InvalidArgument
 from ditserve.v1 import tensor_pb2
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -51,3 +52,11 @@ def decode(message: tensor_pb2.Tensor, field: str = "tensor", limits: TensorLimi
         # protobuf bytes are immutable; torch warns that the view is not writable.
         warnings.simplefilter("ignore", UserWarning)
         return torch.frombuffer(message.raw_data, dtype=dtype).reshape(shape)
+
+
+def check_values(tensor: torch.Tensor, field: str, max_abs: float) -> None:
+    """Refuses NaN, Inf and magnitudes no encoder or denoiser produces (they overflow inside the model)."""
+    if not torch.isfinite(tensor).all():
+        raise InvalidArgument(field, "contains NaN or Inf")
+    if tensor.numel() and tensor.abs().max().item() > max_abs:
+        raise InvalidArgument(field, f"has values beyond +-{max_abs:g} (see --max-abs-value)")

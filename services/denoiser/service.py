@@ -108,8 +108,9 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
 
     def _conditioning(self, message: encoder_pb2.PromptEmbedding, field: str) -> Conditioning:
         config = self.transformer.config
-        embeds = _float_tensor(message.prompt_embeds, f"{field}.prompt_embeds")
-        pooled = _float_tensor(message.pooled_prompt_embeds, f"{field}.pooled_prompt_embeds")
+        max_abs = self.stage.limits.max_abs_value
+        embeds = _float_tensor(message.prompt_embeds, f"{field}.prompt_embeds", max_abs)
+        pooled = _float_tensor(message.pooled_prompt_embeds, f"{field}.pooled_prompt_embeds", max_abs)
         if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[2] != config.joint_attention_dim:
             raise InvalidArgument(
                 f"{field}.prompt_embeds",
@@ -227,10 +228,9 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
         return denoiser_pb2.DenoiseEvent(result=result)
 
 
-def _float_tensor(message: object, field: str) -> torch.Tensor:
+def _float_tensor(message: object, field: str, max_abs: float) -> torch.Tensor:
     if message.datatype not in FLOAT_DATATYPES:
         raise InvalidArgument(f"{field}.datatype", f"{message.datatype!r} is not one of {', '.join(FLOAT_DATATYPES)}")
     tensor = tensor_codec.decode(message, field)
-    if not torch.isfinite(tensor).all():
-        raise InvalidArgument(field, "contains NaN or Inf")
+    tensor_codec.check_values(tensor, field, max_abs)
     return tensor

@@ -83,8 +83,7 @@ class VaeService(vae_pb2_grpc.VaeDecoderServicer):
                 f"{list(latents.shape)} is not [1..{limits.max_num_images}, {expected[0]}, {expected[1]}]"
                 f" for {request.height}x{request.width}",
             )
-        if not torch.isfinite(latents).all():
-            raise InvalidArgument("latents", "contains NaN or Inf")
+        tensor_codec.check_values(latents, "latents", limits.max_abs_value)
         return latents
 
     def Decode(self, request: vae_pb2.DecodeRequest, context: grpc.ServicerContext) -> vae_pb2.DecodeResponse:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ditserve.client.stub import StageClient
+from ditserve.services.common.limits import RequestLimits
 from ditserve.services.common.model import ModelFolder
 from ditserve.services.common.profiling import Profiler
 from ditserve.services.common.server import ServerOptions, start_server
@@ -28,6 +29,8 @@ def denoisers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             device=torch.device("cpu"),
             dtype=torch.float32,
             profiler=Profiler(tmp_path_factory.mktemp("profiles")),
+            # Admits finite but extreme embeddings so a test can make one request overflow inside a batch.
+            limits=RequestLimits(max_abs_value=3e38),
         )
         config = BatchingConfig(mode=mode, max_batch_size=4, batch_delay_ms=50.0, max_queue=8)
         server = start_server(DenoiserService(stage, config), ServerOptions(port=0, metrics_port=0))

@@ -16,6 +16,7 @@ from helpers import sample, scrape, wait_for
 from PIL import Image
 
 from ditserve.client.stub import PipelineClient, StageClient
+from ditserve.client.tensors import from_numpy
 from ditserve.v1 import common_pb2, denoiser_pb2, encoder_pb2, tensor_pb2, vae_pb2
 
 PROMPT = "a red circle on a blue background"
@@ -236,3 +237,18 @@ def test_generate_cli_writes_the_image(stack: object, client: PipelineClient, tm
     assert np.array_equal(np.asarray(Image.open(target)), _served(client, seed=9)[0])
     bad = subprocess.run([*command, "-o", str(target), "--width", "100"], capture_output=True, text=True)
     assert bad.returncode == 1 and "INVALID_ARGUMENT: width" in bad.stderr
+
+
+@pytest.mark.parametrize(("value", "words"), [(float("nan"), "NaN or Inf"), (1e7, "beyond")])
+def test_extreme_values_are_refused_before_they_reach_the_model(stack: object, value: float, words: str) -> None:
+    stage = StageClient(stack.ports.address("denoiser"))
+    embeds = np.zeros((1, 8, 32), dtype=np.float32)
+    embeds[0, 3, 5] = value
+    embedding = encoder_pb2.PromptEmbedding(
+        prompt_embeds=from_numpy(embeds), pooled_prompt_embeds=from_numpy(np.zeros((1, 32), np.float32))
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stage.denoiser.Denoise(denoiser_pb2.DenoiseRequest(prompt=embedding, num_inference_steps=1), timeout=30))
+    stage.close()
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("prompt.prompt_embeds:") and words in caught.value.details()
