@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
         help="local diffusers-format folder (default: the shipped model)",
     )
     device_flags.add_arguments(parser)
+    parser.add_argument(
+        "--allow-pickle", action="store_true", help="also load .bin weights (pickle runs code: trusted folders only)"
+    )
     if role == "denoiser":
         parser.add_argument(
             "--attention-backend",
@@ -110,7 +113,7 @@ def build_service(role: str, args: argparse.Namespace) -> Service:
     device = device_flags.resolve_device(args.device)
     stage = StageContext(
         role=role,
-        folder=ModelFolder(args.model),
+        folder=ModelFolder(args.model, allow_pickle=args.allow_pickle),
         device=device,
         dtype=device_flags.resolve_dtype(args.dtype, device),
         limits=limits,

@@ -33,8 +33,9 @@ class ModelDefaults:
 
 
 class ModelFolder:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, allow_pickle: bool = False) -> None:
         self.path = Path(path).expanduser().resolve()
+        self.allow_pickle = allow_pickle
         index_path = self.path / "model_index.json"
         if not self.path.is_dir():
             raise ModelLoadError(f"model folder {self.path} does not exist")
@@ -82,8 +83,13 @@ class ModelFolder:
         cls = getattr(importlib.import_module(library), class_name)
         if component.startswith("tokenizer") or component == "scheduler":
             return cls.from_pretrained(folder, local_files_only=True)
+        # use_safetensors=None lets the library fall back to pickle (.bin) files: only when allowed.
+        safetensors_only = None if self.allow_pickle else True
         try:
-            model = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True, torch_dtype=dtype)
+            model = cls.from_pretrained(
+                folder, local_files_only=True, use_safetensors=safetensors_only, torch_dtype=dtype
+            )
         except (OSError, ValueError) as error:
-            raise ModelLoadError(f"{folder}: cannot load {class_name} from safetensors: {error}") from error
+            hint = "" if self.allow_pickle else " (pickle weights load only with --allow-pickle)"
+            raise ModelLoadError(f"{folder}: cannot load {class_name}{hint}: {error}") from error
         return model.to(device).eval().requires_grad_(False)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from ditserve.client.launcher import free_port
+from ditserve.client.stub import StageClient
 
 pytestmark = pytest.mark.integration
 
@@ -36,3 +37,25 @@ def test_unavailable_attention_backend_lists_what_can_run(model_dir: Path) -> No
     assert result.returncode != 0
     assert "'sdpa_cudnn' cannot run" in result.stderr
     assert "torch_sdpa      available" in result.stderr
+
+
+def test_pickle_weights_load_only_when_allowed(model_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(model_dir, folder)
+    shutil.rmtree(folder / "vae")
+    AutoencoderKL.from_pretrained(model_dir / "vae").save_pretrained(folder / "vae", safe_serialization=False)
+    assert not list((folder / "vae").glob("*.safetensors"))
+    refused = _serve("vae", "--model", str(folder))
+    assert refused.returncode != 0 and "--allow-pickle" in refused.stderr
+    port = free_port()
+    command = [sys.executable, "-m", "ditserve.client.cli", "serve", "vae", "--model", str(folder), "--allow-pickle"]
+    process = subprocess.Popen([*command, "--port", str(port), "--metrics-port", str(free_port())])
+    try:
+        StageClient(f"127.0.0.1:{port}").wait_ready(120)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
