@@ -37,6 +37,10 @@ class DitserveFluxAttnProcessor:
             raise ValueError("resolve 'auto' with resolve_backend() before building the processor")
         self.backend = backend
 
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """The seam: sequence-parallel attention replaces this, everything around it stays."""
+        return attention(query, key, value, self.backend)
+
     def __call__(
         self,
         attn: FluxAttention,
@@ -63,7 +67,7 @@ class DitserveFluxAttnProcessor:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        hidden_states = attention(query, key, value, self.backend).flatten(2, 3)
+        hidden_states = self.attend(query, key, value).flatten(2, 3)
         if encoder_hidden_states is None:
             return hidden_states
         text_tokens = encoder_hidden_states.shape[1]

@@ -27,6 +27,11 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 
+def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
+    """mean |current - previous| / mean |previous|, the change measure of TeaCache and DBCache."""
+    return ((current - previous).abs().mean() / previous.abs().mean()).item()
+
+
 @dataclass(frozen=True)
 class FluxStepInputs:
     """One transformer call after the embedders: the two streams and what every block also takes."""
@@ -78,6 +83,10 @@ class FluxBlockExecutor:
         encoder_hidden_states = model.context_embedder(encoder_hidden_states)
         image_rotary_emb = model.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
         return FluxStepInputs(hidden_states, encoder_hidden_states, temb, image_rotary_emb)
+
+    def relative_l1(self, current: torch.Tensor, previous: torch.Tensor) -> float:
+        """The distance cache policies decide on; a sequence-parallel executor reduces it over ranks."""
+        return relative_l1(current, previous)
 
     def modulated_input(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """TeaCache's indicator: the first double block's norm1 output, without running the block."""

@@ -17,7 +17,7 @@ with no suffix block the text stream is dropped after the middle, so it would ch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +27,6 @@ from ditserve.services.denoiser.cache.flux_blocks import FluxBlockExecutor, Flux
 from ditserve.services.denoiser.cache.policy import CacheConfig, DBCacheDecider, TaylorSeer, TeaCacheDecider
 
 BRANCHES = ("cond", "uncond")
-
-
-def _relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
-    return ((current - previous).abs().mean() / previous.abs().mean()).item()
 
 
 class BranchCache:
@@ -86,10 +82,16 @@ class BranchCache:
             return executor.modulated_input(embedded, temb)
         return current - embedded
 
-    def decide(self, step: int, total_steps: int, signal: torch.Tensor) -> bool:
+    def decide(
+        self,
+        step: int,
+        total_steps: int,
+        signal: torch.Tensor,
+        relative_l1: Callable[[torch.Tensor, torch.Tensor], float],
+    ) -> bool:
         assert self._decider is not None, "policy none has nothing to decide"
         previous = self._previous_signal
-        distance = None if previous is None else _relative_l1(signal, previous)
+        distance = None if previous is None else relative_l1(signal, previous)
         computed = self._decider.decide(step, total_steps, distance)
         # TeaCache compares consecutive steps; DBCache compares with the last computed step.
         if computed or isinstance(self._decider, TeaCacheDecider):
@@ -182,7 +184,7 @@ class _SlotRun:
         rows = self.rows
         self._hidden_mark, self._encoder_mark = hidden[rows], encoder[rows]
         signal = self.cache.signal(executor, inputs.hidden_states[rows], inputs.temb[rows], hidden[rows])
-        self.computed = self.cache.decide(self.slot.step, self.slot.total_steps, signal)
+        self.computed = self.cache.decide(self.slot.step, self.slot.total_steps, signal, executor.relative_l1)
 
     def close_middle(self, hidden: torch.Tensor, encoder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores the middle's residual after computing it, or applies the stored one instead of it."""
