@@ -38,6 +38,12 @@ from ditserve.v1 import (
     vae_pb2_grpc,
 )
 
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
 
 @dataclass(frozen=True)
 class GatewayConfig:
@@ -81,7 +87,8 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
         self.config = config
         self.profiler = profiler
         self.metrics = metrics or ServiceMetrics(self.role)
-        options = channel_options(config.max_message_mb)
+        # Short reconnect backoff: a restarted stage is used again within a second or two, not minutes.
+        options = [*channel_options(config.max_message_mb), *RECONNECT_OPTIONS]
         pool = functools.partial(StagePool, options=options, security=config.security)
         self.encoder = pool("encoder", config.encoders, encoder_pb2_grpc.TextEncoderStub)
         self.denoiser = pool("denoiser", config.denoisers, denoiser_pb2_grpc.DenoiserStub)
