@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -99,14 +100,18 @@ def test_full_queue_answers_resource_exhausted(denoisers: dict) -> None:
     requests = [request(100 + i, steps=40) for i in range(12)]
     with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
         outcomes = list(pool.map(lambda r: _outcome(stage, r), requests))
-    assert "RESOURCE_EXHAUSTED" in outcomes and "OK" in outcomes
-    assert set(outcomes) <= {"OK", "RESOURCE_EXHAUSTED"}
+    codes = [code for code, _ in outcomes]
+    assert "RESOURCE_EXHAUSTED" in codes and "OK" in codes
+    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}
+    refused = [seconds for code, seconds in outcomes if code == "RESOURCE_EXHAUSTED"]
+    assert max(refused) < 1.0, "the excess must be refused at once, not after waiting"
 
 
-def _outcome(stage: StageClient, request: denoiser_pb2.DenoiseRequest) -> str:
+def _outcome(stage: StageClient, message: denoiser_pb2.DenoiseRequest) -> tuple[str, float]:
+    started = time.monotonic()
     try:
-        latents_of(stage, request)
-        return "OK"
+        latents_of(stage, message)
+        return "OK", time.monotonic() - started
     except grpc.RpcError as error:
         assert "queue is full" in error.details() or error.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED
-        return error.code().name
+        return error.code().name, time.monotonic() - started
