@@ -56,6 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
             help="default step caching for requests that name none: none, teacache, dbcache (their"
             ' defaults) or a CachePolicy as JSON, e.g. \'{"dbcache": {"residual_diff_threshold": 0.3}}\'',
         )
+        parser.add_argument(
+            "--progress-interval-ms",
+            type=float,
+            default=50.0,
+            help="send step progress at most this often, the last step always (default: 50; 0: every step)."
+            " Each message costs two hops: at 20 steps of a few ms they were 13%% of a request's latency",
+        )
         group = parser.add_argument_group("batching")
         group.add_argument(
             "--batching",
@@ -146,7 +153,9 @@ def build_service(role: str, args: argparse.Namespace) -> Service:
             cache = parse_flag(args.cache_policy)
         except InvalidArgument as error:
             raise StartupError(f"--cache-policy: {error}") from None
-        return DenoiserService(stage, batching, attention_backend=backend, cache=cache)
+        return DenoiserService(
+            stage, batching, attention_backend=backend, cache=cache, progress_interval_ms=args.progress_interval_ms
+        )
     from ditserve.services.vae.service import VaeService
 
     return VaeService(stage)

@@ -10,6 +10,7 @@ process, same model, prompt, seed, size and steps, runs interleaved.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,9 @@ def e2e_rows(model: Path, steps: int, pairs: int) -> tuple[list[dict[str, Any]],
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from ditserve.client.cli import prefer_passive_openmp
+
+    prefer_passive_openmp()  # the in-process side runs under the same OpenMP policy as the services
     codec = codec_rows(args.codec_repeats)
     e2e, settings = e2e_rows(Path(args.model), args.steps, args.pairs)
     total_bytes = sum(row["bytes"] for row in codec)
@@ -150,5 +154,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "e2e_in_process_s_median": median([row["in_process_s"] for row in e2e]),
         "e2e_all_identical": all(row["identical"] for row in e2e),
     }
-    config = {**settings, "pairs": args.pairs, "codec_repeats": args.codec_repeats, "prompt": PROMPT}
+    config = {
+        **settings,
+        "pairs": args.pairs,
+        "codec_repeats": args.codec_repeats,
+        "prompt": PROMPT,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    }
     return result_document("transport", str(args.model), config, codec + e2e, summary)

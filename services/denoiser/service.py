@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -46,6 +47,7 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
         batching: BatchingConfig | None = None,
         attention_backend: str = "auto",
         cache: CacheConfig | None = None,
+        progress_interval_ms: float = 50.0,
     ) -> None:
         self.stage = stage
         self.metrics = stage.metrics
@@ -78,6 +80,7 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             ).inc(),
         )
         self.default_cache = cache or CacheConfig()
+        self.progress_interval_s = progress_interval_ms / 1000.0
         self._check_cache(self.default_cache, "--cache-policy")
         self.batching = batching or BatchingConfig(mode="off")
         self.engine = Engine(self.runner, stage.metrics, stage.profiler, self.batching)
@@ -191,9 +194,16 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
         job = DenoiseJob(request_id, inputs, inputs.steps, request.profile_steps)
         context.add_callback(lambda: self.engine.cancel(job))
         self.engine.submit(job)
+        last_progress = 0.0
         while True:
             event = job.events.get()
             if isinstance(event, events.Progress):
+                # Steps of a few ms would otherwise cost a message each on two hops; the last step
+                # always goes out, so progress still ends at total_steps.
+                now = time.monotonic()
+                if now - last_progress < self.progress_interval_s and event.step < event.total_steps:
+                    continue
+                last_progress = now
                 yield denoiser_pb2.DenoiseEvent(
                     progress=denoiser_pb2.StepProgress(
                         step=event.step, total_steps=event.total_steps, step_ms=event.step_ms

@@ -6,13 +6,20 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+import torch
 from helpers import TOLERANCE_BATCHED, embedding, latents_of, request, sample, scrape
 
 from ditserve.client.stub import StageClient
+from ditserve.services.common.model import ModelFolder
+from ditserve.services.common.profiling import Profiler
+from ditserve.services.common.server import ServerOptions, start_server
+from ditserve.services.common.stage import StageContext
+from ditserve.services.denoiser.service import DenoiserService
 from ditserve.v1 import denoiser_pb2
 
 pytestmark = pytest.mark.integration
@@ -115,3 +122,18 @@ def _outcome(stage: StageClient, message: denoiser_pb2.DenoiseRequest) -> tuple[
     except grpc.RpcError as error:
         assert "queue is full" in error.details() or error.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED
         return error.code().name, time.monotonic() - started
+
+
+def test_every_step_streams_when_the_interval_is_zero(model_dir: Path, tmp_path: Path) -> None:
+    stage = StageContext(
+        role="denoiser", folder=ModelFolder(model_dir), device=torch.device("cpu"), dtype=torch.float32,
+        profiler=Profiler(tmp_path),
+    )  # fmt: skip
+    server = start_server(DenoiserService(stage, progress_interval_ms=0), ServerOptions(port=0, metrics_port=None))
+    client = StageClient(f"127.0.0.1:{server.port}")
+    try:
+        events = list(client.denoiser.Denoise(request(1, steps=5), timeout=60))
+    finally:
+        client.close()
+        server.stop(grace=1)
+    assert [e.progress.step for e in events if e.HasField("progress")] == [1, 2, 3, 4, 5]

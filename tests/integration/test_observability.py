@@ -51,6 +51,8 @@ GRAFANA_VARIABLES = {"$__rate_interval": "1m"}
 THRESHOLD = re.compile(r"\s*(==|!=|>=|<=|>|<)\s*[-+]?[0-9.]+(e[-+]?[0-9]+)?\s*$")
 PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless"}
 DATA_TIMEOUT = 30.0
+# In the containers, /models is the image's embedded copy of models/ (or what is mounted instead).
+CONTAINER_MODELS = "/models/"
 TEACACHE = json_format.Parse('{"teacache": {"threshold": 0.6}}', cache_pb2.CachePolicy())
 
 
@@ -99,8 +101,8 @@ def metric_names(expr: str) -> set[str]:
 @dataclass
 class ComposeStack(Stack):
     """compose.yaml's cpu profile as local processes, keyed by compose service name: each runs its
-    compose command with --host, --port, --metrics-port, other services' `name:port` addresses and
-    paths inside mounted volumes mapped onto loopback and this checkout."""
+    compose command with --host, --port, --metrics-port and other services' `name:port` addresses
+    mapped onto loopback, and the container's /models onto this checkout's models/."""
 
     services: dict[str, dict] = field(default_factory=dict)
 
@@ -112,16 +114,14 @@ class ComposeStack(Stack):
         ports = self.ports
         local = {"--host": "127.0.0.1", "--port": ports.grpc[role], "--metrics-port": ports.metrics[role]}
         addresses = {f"{name}:{self.compose_port(name, '--port')}": ports.address(name) for name in self.services}
-        mounts = [volume.split(":")[:2] for volume in self.services[role].get("volumes", [])]
         command = list(self.services[role]["command"])
         for index in range(1, len(command)):
             flag, value = command[index - 1], command[index]
             if flag in local:
                 command[index] = str(local[flag])
+            elif value.startswith(CONTAINER_MODELS):
+                command[index] = str(ROOT / "models" / value.removeprefix(CONTAINER_MODELS))
             elif flag.startswith("--"):
-                for source, target in mounts:
-                    if value.startswith(f"{target}/"):
-                        value = str(ROOT / source) + value.removeprefix(target)
                 command[index] = ",".join(addresses.get(part, part) for part in value.split(","))
         return [sys.executable, "-m", "ditserve.client.cli", *command]
 
@@ -185,7 +185,7 @@ def drive_traffic(stack: ComposeStack) -> None:
         assert rejected.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     stage = StageClient(stack.ports.address("denoiser"))
     try:
-        running = stage.denoiser.Denoise(request(1, steps=500), timeout=60)
+        running = stage.denoiser.Denoise(request(1, steps=200), timeout=60)
         next(running)
         with pytest.raises(grpc.RpcError) as busy:
             list(stage.denoiser.Denoise(request(1), timeout=60))
@@ -259,7 +259,7 @@ def test_prometheus_scrapes_every_service_and_all_are_up(observed: Observed) -> 
     scraped = {(target["labels"]["job"], target["labels"]["compose_service"]) for target in targets}
     expected = {(service["command"][1], name) for name, service in observed.stack.services.items()}
     assert scraped == expected
-    assert {"denoiser", "denoiser-2"} <= {service for job, service in scraped if job == "denoiser"}
+    assert [job for job, _ in scraped].count("denoiser") >= 2, "the replicas behind the gateway"
     down = [(target["scrapeUrl"], target["lastError"]) for target in targets if target["health"] != "up"]
     assert not down
 
@@ -285,8 +285,8 @@ def test_every_metric_they_use_is_exported_by_a_service(observed: Observed) -> N
 
 
 def test_the_image_healthcheck_sees_every_service_serving(observed: Observed) -> None:
+    check = DEPLOY / "docker" / "healthcheck.py"
     for name, process in observed.stack.processes.items():
-        check = DEPLOY / "docker" / "healthcheck.py"
         result = subprocess.run([sys.executable, check, str(process.pid)], capture_output=True, text=True)
         port = observed.stack.ports.grpc[name]
         assert (result.returncode, result.stdout.strip()) == (0, f"127.0.0.1:{port}: SERVING"), result.stderr
