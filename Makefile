@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PROMPT ?= a red circle on a blue background
 
-.PHONY: install demo test lint protos clean
+.PHONY: install demo test lint protos clean prometheus compose-smoke
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,18 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: install lint
+# The observability test runs Debian's Prometheus and promtool; as root with apt, install them when
+# missing (elsewhere that test skips and says why).
+prometheus:
+	@command -v promtool >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; }
+
+test: install lint prometheus
 	$(PY) -m pytest -q
+
+# Docker + compose: build, up (cpu profile), one image through the gateway, Prometheus targets, down.
+compose-smoke:
+	bash deploy/compose-smoke.sh
 
 demo: install
 	mkdir -p out
