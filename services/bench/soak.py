@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--invalid-fraction", type=float, default=0.2)
     parser.add_argument("--kill-every", type=float, default=15.0, help="seconds between stage kills (0: none)")
     parser.add_argument("--timeout", type=float, default=30.0, help="each request's deadline in seconds")
+    parser.add_argument(
+        "--max-queue", type=int, default=4, help="the denoiser's queue bound: more clients than this overload it"
+    )
 
 
 def _rss_mb(pid: int) -> float:
@@ -55,6 +58,7 @@ class Soak:
         self.started = 0
         self.outcomes: dict[str, int] = {}
         self.durations: list[float] = []
+        self.refused_ms: list[float] = []
 
     def client(self, stop: threading.Event, seed: int) -> None:
         import grpc
@@ -86,13 +90,22 @@ class Soak:
                 with self.lock:
                     self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
                     self.durations.append(time.monotonic() - began)
+                    if outcome == "RESOURCE_EXHAUSTED":
+                        self.refused_ms.append((time.monotonic() - began) * 1000)
+
+
+def _p99(values: list[float]) -> float | None:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] if ordered else None
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from ditserve.client.launcher import Ports, Stack
 
     stack = Stack(model=Path(args.model), ports=Ports.free())
-    stack.extra_args = {"denoiser": ["--batching", "continuous", "--max-queue", "16"]}
+    stack.extra_args = {
+        "denoiser": ["--batching", "continuous", "--max-batch-size", "4", "--max-queue", str(args.max_queue)]
+    }
     stack.start()
     soak = Soak(stack.gateway, args.timeout, args.invalid_fraction)
     stop = threading.Event()
@@ -136,7 +149,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "hung": sum(d > args.timeout + 5 for d in soak.durations),
         "lost": soak.started - ended,
         "rss_growth_mb": max(growth) if growth else None,
+        "refused_ms_p99": _p99(soak.refused_ms),
     }
-    config = {key: getattr(args, key) for key in ("seconds", "clients", "invalid_fraction", "kill_every", "timeout")}
+    keys = ("seconds", "clients", "invalid_fraction", "kill_every", "timeout", "max_queue")
+    config = {key: getattr(args, key) for key in keys}
     rows = [{"outcomes": soak.outcomes, "kills": kills, "rss": rss}]
     return result_document("soak", str(args.model), config, rows, summary)
