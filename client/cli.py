@@ -229,6 +229,12 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from ditserve.services.training import train
+
+    return train.run(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
@@ -300,13 +306,21 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_make_tiny_model)
 
+    train = commands.add_parser(
+        "train-default-model",
+        help="train the shipped shapes model from a seed (resumable; about 90 minutes on 2 cores)",
+    )
+    if argv[:1] == ["train-default-model"]:
+        _add_module_arguments(train, "ditserve.services.training.train")
+    train.set_defaults(func=cmd_train)
+
     bench = commands.add_parser("bench", help="benchmarks that write a JSON result file")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     for name in BENCHES:
         sub = benches.add_parser(name, help=f"the {name} benchmark")
         sub.add_argument("--out", required=True, help="result JSON path")
         if argv[:2] == ["bench", name]:
-            _add_bench_arguments(sub, name)
+            _add_module_arguments(sub, f"ditserve.services.bench.{name}")
         sub.set_defaults(func=cmd_bench)
     return parser
 
@@ -321,11 +335,12 @@ def _add_serve_arguments(parser: argparse.ArgumentParser, role: str) -> None:
     add_arguments(parser, role)
 
 
-def _add_bench_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+def _add_module_arguments(parser: argparse.ArgumentParser, module_name: str) -> None:
+    """Flags owned by a server-side module, loaded only when its command is the one run (torch)."""
     import importlib
 
     try:
-        module = importlib.import_module(f"ditserve.services.bench.{name}")
+        module = importlib.import_module(module_name)
     except ImportError as error:
         parser.set_defaults(missing_extra=str(error))
         return

@@ -1,0 +1,132 @@
+"""Quick checks of a trained shapes model folder, in-process on CPU.
+
+evaluate_model scores FluxPipeline's own images with the geometric judge of eval/fidelity.py, so
+what it measures is the served model, scheduler and all; vae_psnr measures the VAE alone on
+held-out renders. `python -m ditserve.services.training.evaluate MODEL_DIR` prints both as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, FluxPipeline
+
+from ditserve.services.common.model import ModelFolder
+from ditserve.services.eval.fidelity import score_batch, score_image
+from ditserve.services.training.shapes import all_combinations, iter_samples
+
+# Training streams are seeded with (seed, phase) tuples, so no int seed reproduces them.
+HELD_OUT_SEED = 1_000_003
+
+
+def evaluate_model(
+    model_dir: Path,
+    prompts: Sequence[str],
+    steps: int = 28,
+    true_cfg_scale: float | None = None,
+    seed: int = 0,
+    batch_size: int = 35,
+    image_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Generates one image per prompt at the model's native size and scores it.
+
+    Image i is drawn from a generator seeded with seed + i, as a served request with that seed would
+    be. true_cfg_scale defaults to the folder's ditserve.json; above 1 the negative prompt is "",
+    as in training. Returns score_batch's accuracies plus the failures (prompt, predicted); image_dir,
+    if given, receives the images as PNGs.
+    """
+    folder = ModelFolder(model_dir)
+    defaults = folder.defaults
+    cfg = defaults.true_cfg_scale if true_cfg_scale is None else true_cfg_scale
+    pipe = FluxPipeline.from_pretrained(folder.path, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        images += pipe(
+            chunk,
+            negative_prompt=[""] * len(chunk) if cfg > 1 else None,
+            true_cfg_scale=cfg,
+            height=defaults.height,
+            width=defaults.width,
+            num_inference_steps=steps,
+            max_sequence_length=defaults.max_sequence_length,
+            generator=[torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))],
+        ).images
+    if image_dir is not None:
+        Path(image_dir).mkdir(parents=True, exist_ok=True)
+        for index, image in enumerate(images):
+            image.save(Path(image_dir) / f"{index:04d}.png")
+    result: dict[str, Any] = dict(score_batch(images, prompts))
+    scores = [score_image(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
+    result["failures"] = [
+        {"prompt": prompt, "predicted": score["predicted"]}
+        for prompt, score in zip(prompts, scores, strict=True)
+        if not score["all"]
+    ]
+    return result
+
+
+def vae_psnr(model_dir: Path, n: int = 256, seed: int = HELD_OUT_SEED) -> float:
+    """The VAE's round-trip PSNR on n held-out renders at the folder's native size."""
+    vae = AutoencoderKL.from_pretrained(Path(model_dir) / "vae", local_files_only=True)
+    return reconstruction_psnr(vae, n, ModelFolder(model_dir).defaults.height, seed)
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae: AutoencoderKL, n: int, size: int, seed: int = HELD_OUT_SEED) -> float:
+    """PSNR in dB of the pooled squared error over all n images (not a mean of per-image PSNRs,
+    which easy images would inflate), after 8-bit quantisation as FluxPipeline's output has.
+
+    Encodes to the posterior mode: the pipeline never samples a posterior, it decodes what it made.
+    """
+    vae = vae.eval()
+    errors = []
+    samples = iter_samples(seed, size)
+    for start in range(0, n, 32):
+        originals = np.stack([np.asarray(image) for _, image in islice(samples, min(32, n - start))])
+        pixels = torch.from_numpy(originals).permute(0, 3, 1, 2).float() / 127.5 - 1
+        decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
+        quantised = ((decoded / 2 + 0.5).clamp(0, 1) * 255).round().permute(0, 2, 3, 1).numpy()
+        errors.append((quantised - originals) ** 2)
+    mse = float(np.concatenate(errors).mean())
+    return 10 * math.log10(255**2 / mse) if mse > 0 else math.inf
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="VAE PSNR and prompt fidelity of a shapes model folder.")
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("--subset", type=int, help="score this many of the combinations (seeded choice)")
+    parser.add_argument("--true-cfg-scale", type=float, help="default: the folder's ditserve.json")
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--image-dir", type=Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    prompts = [spec.prompt for spec in all_combinations()]
+    if args.subset:
+        chosen = np.random.default_rng(0).choice(len(prompts), size=args.subset, replace=False)
+        prompts = [prompts[i] for i in sorted(chosen)]
+    report = {
+        "vae_psnr_db": vae_psnr(args.model_dir),
+        **evaluate_model(
+            args.model_dir,
+            prompts,
+            steps=args.steps,
+            true_cfg_scale=args.true_cfg_scale,
+            image_dir=args.image_dir,
+        ),
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
