@@ -18,7 +18,7 @@ import grpc
 from ditserve.client.config import DEFAULT_PORTS, default_model_dir
 
 ROLES = ("gateway", "encoder", "denoiser", "vae")
-BENCHES = ("transport", "attention", "serving", "sp", "soak")
+BENCHES = ("transport", "attention", "serving", "sp", "soak", "cache")
 
 
 def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -235,6 +235,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train.run(args)
 
 
+def cmd_calibrate_teacache(args: argparse.Namespace) -> int:
+    from ditserve.services.denoiser.cache.calibrate import calibrate_teacache, calibration_prompts
+
+    coefficients = calibrate_teacache(
+        args.model, calibration_prompts(args.prompts), args.steps, args.device, args.dtype
+    )
+    print(f"stored teacache_coefficients {list(coefficients)} in {Path(args.model) / 'ditserve.json'}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
@@ -313,6 +323,16 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     if argv[:1] == ["train-default-model"]:
         _add_module_arguments(train, "ditserve.services.training.train")
     train.set_defaults(func=cmd_train)
+
+    calibrate = commands.add_parser("calibrate", help="fit per-model constants and store them with the model")
+    methods = calibrate.add_subparsers(dest="method", required=True, metavar="METHOD")
+    teacache = methods.add_parser("teacache", help="fit TeaCache's rescale polynomial from a few prompts")
+    teacache.add_argument("--model", default=str(default_model_dir()), help="model folder (written: ditserve.json)")
+    teacache.add_argument("--prompts", type=int, default=4, help="calibration prompts (default: 4)")
+    teacache.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    teacache.add_argument("--device", default="auto")
+    teacache.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    teacache.set_defaults(func=cmd_calibrate_teacache)
 
     bench = commands.add_parser("bench", help="benchmarks that write a JSON result file")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")

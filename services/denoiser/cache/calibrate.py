@@ -13,7 +13,8 @@ computes it at serve time, and (y) the noise prediction. Fit y = f(x) with a 4th
 fixed, seeded subset of the shapes evaluation prompts (calibration_prompts), each with its own seed.
 
 The result is stored as "teacache_coefficients" in ditserve.json, next to the model's other defaults, with
-"teacache_calibration" saying what it was fitted on. LocalFlux, the in-process encoder + runner used here,
+"teacache_calibration" saying what it was fitted on, including the range of x seen: like TeaCache's own
+polynomials, the fit means nothing far outside it. LocalFlux, the in-process encoder + runner used here,
 is also what `ditserve bench cache` runs our rows with.
 """
 
@@ -199,6 +200,7 @@ def calibrate_teacache(
         prompts=len(prompts),
         steps=steps,
         samples=len(fit.input_changes),
+        input_change_range=[min(fit.input_changes), max(fit.input_changes)],  # where the fit holds
         true_cfg_scale=folder.defaults.true_cfg_scale,
     )
     return fit.coefficients

@@ -1,0 +1,147 @@
+"""`ditserve bench cache`: its row grid, its metrics, and one minimal run on the shipped tiny model."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ditserve.services.bench import cache
+from ditserve.services.denoiser.cache.calibrate import calibration_prompts
+
+CACHE_DIT = importlib.util.find_spec("cache_dit") is not None
+
+
+def test_fn_settings_scale_with_depth() -> None:
+    assert cache.depth_scaled_fn(57) == [1, 4, 8]  # cache-dit's FLUX.1 settings at FLUX.1's depth
+    assert cache.depth_scaled_fn(3) == [1, 2]  # the tiny model: a middle block is always left
+    assert cache.depth_scaled_fn(2) == [1]
+
+
+def test_cache_dit_rows_mirror_ours() -> None:
+    rows = cache.all_rows(57)
+    names = [row.name for row in rows]
+    assert len(names) == len(set(names))
+    ours = {row.name.removeprefix("ours/"): row.cache for row in rows if row.peer == "ours"}
+    mirrored = [row for row in rows if row.peer == "cache-dit"]
+    assert mirrored and all(ours[row.name.removeprefix("cache-dit/")] == row.cache for row in mirrored)
+    assert sum(row.method == "teacache" for row in rows) >= 4
+
+
+def test_row_patterns_keep_both_baselines_and_reject_typos() -> None:
+    rows = cache.all_rows(3)
+    chosen = [row.name for row in cache.select_rows(rows, "ours/teacache t=0.4")]
+    assert chosen == ["ours/none", "diffusers/none", "ours/teacache t=0.4"]
+    with pytest.raises(SystemExit, match="no row matches"):
+        cache.select_rows(rows, "ours/teacache t=9")
+
+
+def test_bench_prompts_are_fixed_and_never_calibration_prompts() -> None:
+    excluded = calibration_prompts()
+    chosen = cache.bench_prompts(12, excluded)
+    assert chosen == cache.bench_prompts(12, excluded)
+    assert [seed for _, seed in chosen] == list(range(12))
+    assert not {prompt for prompt, _ in chosen} & set(excluded)
+
+
+def test_psnr_and_ssim() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    noisy = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+    assert cache.psnr(image, image) == cache.PSNR_CAP_DB
+    assert cache.ssim(image, image) == pytest.approx(1.0)
+    assert 25 < cache.psnr(noisy, image) < 35
+    assert cache.ssim(noisy, image) == pytest.approx(cache.ssim(image, noisy))
+    assert 0 < cache.ssim(noisy, image) < 1
+
+
+def _result(name: str, speedup: float, psnr: float | None, fidelity: float, **extra: Any) -> dict[str, Any]:
+    peer, method = name.split("/")[0], "none" if name.endswith("/none") else "x"
+    return {
+        "name": name,
+        "peer": peer,
+        "method": method,
+        "speedup": speedup,
+        "psnr_db": psnr,
+        "fidelity": fidelity,
+        "denoise_s": 1 / speedup,
+        **extra,
+    }
+
+
+def test_summary_rule() -> None:
+    results = [
+        _result("ours/none", 1.0, None, 90),
+        _result("diffusers/none", 1.0, None, 90),
+        _result("ours/a", 3.0, 29.9, 90),  # PSNR too low
+        _result("ours/b", 2.5, 31, 87.5),  # fidelity 2.5 points down
+        _result("ours/c", 2.2, 31, 88),
+        _result("cache-dit/d", 2.0, 35, 90),
+        {"name": "diffusers/e", "peer": "diffusers", "method": "x", "error": "boom"},
+    ]
+    summary = cache.summarize(results, baseline_identical=True)
+    assert summary["best_row"] == "ours/c" and summary["best_speedup_psnr30"] == 2.2
+    assert summary["peer_best_row"] == "cache-dit/d"
+    assert summary["ratio_vs_peer"] == pytest.approx(1.1)
+    assert summary["targets_met"] == {"best_speedup_psnr30": True, "ratio_vs_peer": True}
+    assert summary["errors"] == {"diffusers/e": "boom"}
+    assert summary["timing_warning"] is None
+    results[1] = _result("diffusers/none", 1.0, None, 90, denoise_s=1.5)
+    assert "differ by 33%" in cache.summarize(results, baseline_identical=True)["timing_warning"]
+
+
+RUN_ROWS = ["ours/teacache t=0.4", "diffusers/fbc t=0.2"] + (["cache-dit/dbcache F1B0 r=0.24"] if CACHE_DIT else [])
+
+
+@pytest.fixture(scope="module")
+def run_on_tiny(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """One minimal run (2 prompts, 4 steps, 1 round) shared by the checks below: loading is most of it."""
+    out = tmp_path_factory.mktemp("bench") / "cache.json"
+    args = argparse.Namespace(
+        model=str(model_dir),
+        prompts=2,
+        steps=4,
+        repeats=1,
+        rows=",".join(RUN_ROWS),
+        device="cpu",
+        dtype="fp32",
+        out=str(out),
+    )
+    return out, cache.run(args)
+
+
+def test_minimal_run_on_the_tiny_model(run_on_tiny: tuple[Path, dict[str, Any]]) -> None:
+    out, document = run_on_tiny
+    json.dumps(document, allow_nan=False)  # a strict JSON document: no Infinity, no NaN
+    results = {row["name"]: row for row in document["rows"]}
+    assert list(results)[:2] == ["ours/none", "diffusers/none"] and set(results) == {
+        *list(results)[:2],
+        *RUN_ROWS,
+    }
+    assert not document["summary"]["errors"]
+    for name in ("ours/none", "diffusers/none"):
+        assert results[name]["speedup"] == pytest.approx(1.0)
+        assert results[name]["psnr_db"] is None and results[name]["skipped_fraction"] == 0.0
+    for name in RUN_ROWS:
+        row = results[name]
+        assert row["denoise_s"] > 0 and 0 <= row["skipped_fraction"] < 1
+        assert 0 < row["psnr_db"] <= cache.PSNR_CAP_DB and 0 < row["ssim"] <= 1
+        assert 0 <= row["fidelity"] <= 100
+    assert results["ours/teacache t=0.4"]["skipped_fraction"] > 0  # 4 steps: the middle two may be reused
+    summary = document["summary"]
+    assert summary["baselines_identical"]  # our loop is FluxPipeline's, bit for bit
+    assert summary["teacache_coefficients_source"] == "fitted in the bench"
+    assert {"best_speedup_psnr30", "peer_best_speedup_psnr30", "ratio_vs_peer"} <= set(summary)
+    assert Path(summary["plot"]) == out.with_suffix(".png") and out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.skipif(not CACHE_DIT, reason="cache-dit is not installed: pip install 'ditserve[bench]'")
+def test_minimal_run_has_a_cache_dit_row(run_on_tiny: tuple[Path, dict[str, Any]]) -> None:
+    row = next(row for row in run_on_tiny[1]["rows"] if row["peer"] == "cache-dit")
+    assert "error" not in row and row["psnr_db"] > 0
+    assert row["params"]["fn"] == 1 and row["params"]["residual_diff_threshold"] == 0.24
