@@ -83,6 +83,14 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
             "--max-wait-steps", type=int, default=0, help="continuous: steps another shape waits at most"
         )
         group.add_argument("--max-queue", type=int, default=64, help="waiting requests before RESOURCE_EXHAUSTED")
+        group = parser.add_argument_group(
+            "sequence parallelism (one image's tokens split over ulysses x ring processes, one GPU each;"
+            " see docs/sequence-parallel.md)"
+        )
+        group.add_argument("--sp-ulysses", type=int, default=1, help="Ulysses degree: must divide the heads")
+        group.add_argument(
+            "--sp-ring", type=int, default=1, help="ring degree (> 1 needs torch_sdpa, sdpa_flash or sdpa_math)"
+        )
 
 
 def _addresses(value: str) -> list[str]:
@@ -135,6 +143,7 @@ def build_service(role: str, args: argparse.Namespace) -> Service:
         from ditserve.services.denoiser.attention import default_backend_name
         from ditserve.services.denoiser.batching import BatchingConfig
         from ditserve.services.denoiser.cache.wire import parse_flag
+        from ditserve.services.denoiser.parallel.mesh import SPConfig
         from ditserve.services.denoiser.service import DenoiserService
 
         backend = args.attention_backend or default_backend_name()
@@ -153,8 +162,17 @@ def build_service(role: str, args: argparse.Namespace) -> Service:
             cache = parse_flag(args.cache_policy)
         except InvalidArgument as error:
             raise StartupError(f"--cache-policy: {error}") from None
+        try:
+            sequence_parallel = SPConfig(args.sp_ulysses, args.sp_ring)
+        except ValueError as error:
+            raise StartupError(f"--sp-ulysses/--sp-ring: {error}") from None
         return DenoiserService(
-            stage, batching, attention_backend=backend, cache=cache, progress_interval_ms=args.progress_interval_ms
+            stage,
+            batching,
+            attention_backend=backend,
+            cache=cache,
+            progress_interval_ms=args.progress_interval_ms,
+            sequence_parallel=sequence_parallel,
         )
     from ditserve.services.vae.service import VaeService
 

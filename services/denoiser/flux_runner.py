@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -100,8 +101,24 @@ def _to(cond: Conditioning, device: torch.device, dtype: torch.dtype) -> Conditi
     return Conditioning(cond.embeds.to(device, dtype), cond.pooled.to(device, dtype))
 
 
+class CallMirror(Protocol):
+    """Replays each transformer call on other processes: sequence parallelism (parallel/serving.py)."""
+
+    def announce(
+        self, trajectories: list[FluxTrajectory], branch: str, caching: bool, inputs: dict[str, torch.Tensor | None]
+    ) -> None: ...
+
+    def fail(self, error: Exception) -> Exception:
+        """The error every trajectory of a failed call ends with: the other ranks' state is lost."""
+        ...
+
+
 class FluxRunner:
-    """Holds the transformer and the scheduler template; makes one trajectory per job."""
+    """Holds the transformer and the scheduler template; makes one trajectory per job.
+
+    Under sequence parallelism `transformer` is a SequenceParallelFlux, `executor` its executor, and
+    `mirror` announces each call to the other ranks before rank 0 makes it.
+    """
 
     def __init__(
         self,
@@ -112,9 +129,12 @@ class FluxRunner:
         dtype: torch.dtype,
         family: str = "flux",
         on_cache_step: Callable[[str, bool], None] | None = None,
+        executor: FluxBlockExecutor | None = None,
+        mirror: CallMirror | None = None,
     ) -> None:
         self.transformer = transformer
-        self.executor = FluxBlockExecutor(transformer, family)
+        self.executor = executor or FluxBlockExecutor(transformer, family)
+        self.mirror = mirror
         self.on_cache_step = on_cache_step
         self.scheduler = scheduler
         self.vae_scale = vae_scale
@@ -137,8 +157,12 @@ class FluxRunner:
     def cost(self, job: DenoiseJob) -> int:
         """Image tokens the transformer processes per step for this job."""
         inputs: FluxInputs = job.inputs
-        tokens = flux.latent_size(inputs.height, self.vae_scale) * flux.latent_size(inputs.width, self.vae_scale) // 4
-        return tokens * inputs.num_images * (2 if inputs.negative is not None else 1)
+        branches = 2 if inputs.negative is not None else 1
+        return self.image_tokens(inputs.height, inputs.width) * inputs.num_images * branches
+
+    def image_tokens(self, height: int, width: int) -> int:
+        """Tokens of one image: 2x2 patches of the latent."""
+        return flux.latent_size(height, self.vae_scale) * flux.latent_size(width, self.vae_scale) // 4
 
     def start(self, job: DenoiseJob) -> FluxTrajectory:
         return FluxTrajectory(self, job.inputs)
@@ -159,7 +183,10 @@ class FluxRunner:
             "img_ids": first.image_ids,
         }
         caches = [t.cache.branch(branch) for t in trajectories]
-        if any(t.caching for t in trajectories):
+        caching = any(t.caching for t in trajectories)
+        if self.mirror is not None:
+            self.mirror.announce(trajectories, branch, caching, inputs)
+        if caching:
             slots = [
                 Slot(cache, t.index, len(t.timesteps), t.latents.shape[0])
                 for cache, t in zip(caches, trajectories, strict=True)
@@ -182,12 +209,15 @@ class FluxRunner:
         Alone, this is FluxPipeline's exact call sequence (bit-exact); together, one transformer
         call per CFG branch for all samples. If a batched call raises, each trajectory is retried
         alone so only the culprit fails: no trajectory has moved before every prediction exists.
+        Not with a mirror: the other ranks may be left inside a collective, so the call fails them all.
         """
         try:
             noise = self._predict(trajectories, negative=False)
             cfg = trajectories[0].negative is not None
             negative = self._predict(trajectories, negative=True) if cfg else [None] * len(trajectories)
         except Exception as error:
+            if self.mirror is not None:
+                return [self.mirror.fail(error)] * len(trajectories)
             if len(trajectories) == 1:
                 return [error]
             return [self.step([trajectory])[0] for trajectory in trajectories]

@@ -31,6 +31,7 @@ from ditserve.services.denoiser.cache.wire import cache_config
 from ditserve.services.denoiser.engine import Engine
 from ditserve.services.denoiser.flux_runner import Conditioning, FluxInputs, FluxRunner
 from ditserve.services.denoiser.job import DenoiseJob
+from ditserve.services.denoiser.parallel.mesh import SPConfig
 from ditserve.v1 import common_pb2, denoiser_pb2, denoiser_pb2_grpc, encoder_pb2
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
         attention_backend: str = "auto",
         cache: CacheConfig | None = None,
         progress_interval_ms: float = 50.0,
+        sequence_parallel: SPConfig | None = None,
     ) -> None:
         self.stage = stage
         self.metrics = stage.metrics
@@ -62,6 +64,14 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
         log.info("attention: %s", reason)
         apply_attention_backend(self.transformer, backend)
         self.attention_backend = backend.value
+        self.sequence_parallel = sequence_parallel or SPConfig()
+        self.sp = None
+        if self.sequence_parallel.world_size > 1:
+            from ditserve.services.denoiser.parallel.serving import SPDriver  # starts processes: only when asked
+
+            self.sp = SPDriver.start(
+                self.sequence_parallel, folder, self.transformer, stage.device, stage.dtype, backend
+            )
         cache_steps = Counter(
             "ditserve_cache_steps",
             "Transformer passes (per step and CFG branch) of requests with step caching",
@@ -69,7 +79,7 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             registry=stage.metrics.registry,
         )
         self.runner = FluxRunner(
-            self.transformer,
+            self.sp.model if self.sp is not None else self.transformer,
             folder.load("scheduler"),
             flux.vae_scale_factor(folder.config("vae")),
             stage.device,
@@ -78,6 +88,8 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             on_cache_step=lambda policy, computed: cache_steps.labels(
                 policy, "computed" if computed else "cached"
             ).inc(),
+            executor=self.sp.model.executor if self.sp is not None else None,
+            mirror=self.sp,
         )
         self.default_cache = cache or CacheConfig()
         self.progress_interval_s = progress_interval_ms / 1000.0
@@ -104,10 +116,13 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             batching=self.batching.mode,
             cache_policy=self.default_cache.mode,
             max_batch_size=self.batching.max_batch_size,
+            sequence_parallel=str(self.sequence_parallel),
         )
 
     def close(self) -> None:
         self.engine.close()
+        if self.sp is not None:
+            self.sp.stop()
 
     def _conditioning(self, message: encoder_pb2.PromptEmbedding, field: str) -> Conditioning:
         config = self.transformer.config
@@ -165,6 +180,9 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             num_images=inputs.num_images,
             true_cfg_scale=true_cfg,
         )
+        if self.sp is not None:
+            image_tokens = self.runner.image_tokens(inputs.height, inputs.width)
+            self.sp.check_tokens(prompt.embeds.shape[1], image_tokens, inputs.height, inputs.width)
         if not (math.isfinite(guidance) and 0.0 <= guidance <= 100.0):
             raise InvalidArgument("guidance_scale", f"{guidance} is outside [0, 100]")
         if true_cfg > 1.0:
@@ -183,6 +201,8 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
         self, request: denoiser_pb2.DenoiseRequest, context: grpc.ServicerContext
     ) -> Iterator[denoiser_pb2.DenoiseEvent]:
         self.metrics.count_bytes("in", request.ByteSize())
+        if self.sp is not None:
+            self.sp.check_available()
         inputs = self.parse(request)
         request_id = request.request_id or uuid.uuid4().hex
         if request.profile_steps:

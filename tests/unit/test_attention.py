@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
+from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
 from ditserve.services.denoiser.attention import (
     ENV_VAR,
@@ -181,5 +182,9 @@ def test_processor_with_sdpa_math_matches_diffusers(
     ours = _with_our_processor(BackendName.SDPA_MATH, flux_inputs)
     torch.testing.assert_close(ours, diffusers_default, rtol=0, atol=KERNEL_ATOL)
     diffusers_math = _tiny_flux()
-    diffusers_math.set_attention_backend("_native_math")
-    assert torch.equal(ours, _run(diffusers_math, flux_inputs))
+    active, _ = _AttentionBackendRegistry.get_active_backend()
+    try:
+        diffusers_math.set_attention_backend("_native_math")
+        assert torch.equal(ours, _run(diffusers_math, flux_inputs))
+    finally:  # set_attention_backend also sets a process-wide default; later tests must not inherit it
+        _AttentionBackendRegistry.set_active_backend(active)

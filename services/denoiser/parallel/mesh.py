@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -175,8 +176,12 @@ def init_sequence_parallel(
     rank: int,
     device: torch.device,
     init_method: str = "env://",
+    timeout: timedelta | None = None,
 ) -> SPMesh:
-    """Joins the world of `config.world_size` ranks (gloo on CPU, NCCL on CUDA) and builds the mesh."""
+    """Joins the world of `config.world_size` ranks (gloo on CPU, NCCL on CUDA) and builds the mesh.
+
+    `timeout` bounds every collective: a rank that stopped answering fails the others instead of hanging.
+    """
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(
@@ -184,6 +189,7 @@ def init_sequence_parallel(
         init_method=init_method,
         rank=rank,
         world_size=config.world_size,
+        timeout=timeout,
         device_id=device if device.type == "cuda" else None,
     )
     return build_mesh(config, device)

@@ -1,0 +1,178 @@
+"""`ditserve serve denoiser --sp-ulysses U --sp-ring R` over real gRPC gives the single-process latents.
+
+Each sequence-parallel denoiser is a `ditserve serve` subprocess (rank 0) with its follower processes
+(gloo on loopback, OMP_NUM_THREADS=1); the reference is an in-process single-process denoiser over the
+same model folder and attention backend (torch_sdpa: ring needs its LSE). U=2 and R=2 run the shipped
+tiny model (2 heads); U=2xR=2 a random 4-head transformer in a copy of it (Ulysses must divide the heads).
+
+Tolerance: final latents (4 steps, values up to 4.1) differed from one process's by 4.8e-7 at most,
+alone and batched with a DBCache request, in all three layouts (FP32, CPU, torch 2.13), with identical
+cache decisions. Held to TOLERANCE_BATCHED (1e-5, tests/integration/helpers.py), which covers both the SP
+and the batching reorderings; a mix-up of shards or samples would be ~1.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+from google.protobuf import json_format
+from helpers import TOLERANCE_BATCHED, latents_of, request
+
+from ditserve.client.launcher import free_port
+from ditserve.client.stub import StageClient
+from ditserve.services.common import tensor_codec
+from ditserve.services.common.errors import StartupError
+from ditserve.services.common.model import ModelFolder
+from ditserve.services.common.stage import StageContext
+from ditserve.services.denoiser.batching import BatchingConfig
+from ditserve.services.denoiser.parallel.mesh import SPConfig
+from ditserve.services.denoiser.service import DenoiserService
+from ditserve.v1 import cache_pb2, common_pb2, denoiser_pb2
+
+STEPS = 4
+BACKEND = "torch_sdpa"
+DBCACHE = '{"dbcache": {"fn": 1, "bn": 0, "residual_diff_threshold": 0.5, "max_warmup_steps": 1}}'
+WORLDS = {"U2": (2, 1, "tiny"), "R2": (1, 2, "tiny"), "U2xR2": (2, 2, "4x16")}
+
+
+@pytest.fixture(scope="module")
+def folders(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The shipped tiny model, and a copy whose transformer has 4 heads (random weights, seed 0)."""
+    copy = tmp_path_factory.mktemp("four-heads") / "tiny-flux"
+    shutil.copytree(model_dir, copy)
+    torch.manual_seed(0)
+    config = dict(FluxTransformer2DModel.load_config(model_dir / "transformer"), num_attention_heads=4)
+    FluxTransformer2DModel.from_config(config).save_pretrained(copy / "transformer")
+    return {"tiny": model_dir, "4x16": copy}
+
+
+def cpu_stage(folder: Path) -> StageContext:
+    return StageContext(role="denoiser", folder=ModelFolder(folder), device=torch.device("cpu"), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def references(folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, DenoiserService]:
+    """Single-process denoisers (batching off) over each folder: the latents SP has to reproduce."""
+    return {
+        name: DenoiserService(
+            cpu_stage(folder),
+            BatchingConfig(mode="off"),
+            attention_backend=BACKEND,
+        )
+        for name, folder in folders.items()
+    }
+
+
+def reference(service: DenoiserService, message: denoiser_pb2.DenoiseRequest) -> denoiser_pb2.DenoiseResult:
+    return list(service.Denoise(message, _NoContext()))[-1].result
+
+
+def latents(result: denoiser_pb2.DenoiseResult) -> np.ndarray:
+    return tensor_codec.decode(result.latents).numpy()
+
+
+class _NoContext:
+    """What Denoise needs of a grpc.ServicerContext when called in-process."""
+
+    def add_callback(self, callback: object) -> bool:
+        return True
+
+
+@contextmanager
+def sp_denoiser(folder: Path, ulysses: int, ring: int, log: Path, *flags: str) -> Iterator[StageClient]:
+    """A `ditserve serve denoiser` subprocess with sequence parallelism, ready to serve."""
+    port = free_port()
+    command = [sys.executable, "-m", "ditserve.client.cli", "serve", "denoiser", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--metrics-port", str(free_port()), "--model", str(folder)]
+    command += ["--device", "cpu", "--attention-backend", BACKEND, "--sp-ulysses", str(ulysses)]
+    command += ["--sp-ring", str(ring), *flags]
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            command, stdout=output, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
+    client = StageClient(f"127.0.0.1:{port}")
+    try:
+        client.wait_ready(timeout=60)
+        yield client
+    finally:
+        client.close()
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def policy(text: str) -> cache_pb2.CachePolicy:
+    return json_format.Parse(text, cache_pb2.CachePolicy())
+
+
+@pytest.mark.parametrize("world", list(WORLDS))
+def test_sp_matches_single_process(
+    world: str, folders: dict[str, Path], references: dict[str, DenoiserService], tmp_path: Path
+) -> None:
+    """Alone, then batched with a step-cached request: each within tolerance of one process."""
+    ulysses, ring, model = WORLDS[world]
+    single = references[model]
+    plain = request(1, STEPS)
+    cached = request(2, STEPS, cache=policy(DBCACHE))
+    flags = ("--batching", "continuous", "--max-batch-size", "4")
+    with sp_denoiser(folders[model], ulysses, ring, tmp_path / "denoiser.log", *flags) as stage:
+        info = stage.admin.Info(common_pb2.InfoRequest(), timeout=10)
+        assert info.details["sequence_parallel"] == f"U{ulysses}xR{ring}"
+        alone = latents_of(stage, plain)
+        with ThreadPoolExecutor(2) as pool:
+            together = list(
+                pool.map(lambda message: list(stage.denoiser.Denoise(message, timeout=60)), [plain, cached])
+            )
+        with pytest.raises(grpc.RpcError) as uneven:
+            latents_of(stage, request(3, STEPS, height=80, width=80))  # 25 image tokens
+    assert np.abs(alone - latents(reference(single, plain))).max() <= TOLERANCE_BATCHED
+    for message, events in zip([plain, cached], together, strict=True):
+        result, expected = events[-1].result, reference(single, message)
+        assert np.abs(latents(result) - latents(expected)).max() <= TOLERANCE_BATCHED
+        assert dict(result.timing.computed_steps) == dict(expected.timing.computed_steps)
+    assert "0" in together[1][-1].result.timing.computed_steps["cond"]  # the cache really skipped steps
+    assert uneven.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "height/width" in uneven.value.details()
+
+
+def test_dead_follower_makes_requests_unavailable(folders: dict[str, Path], tmp_path: Path) -> None:
+    """A follower killed mid-request: that request and the next end UNAVAILABLE within seconds."""
+    log = tmp_path / "denoiser.log"
+    with sp_denoiser(folders["tiny"], 2, 1, log) as stage:
+        follower = int(re.search(r"follower pids \[(\d+)\]", log.read_text()).group(1))
+        stream = stage.denoiser.Denoise(request(4, steps=200, height=256, width=256), timeout=60)
+        next(stream)  # the request is running
+        os.kill(follower, signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as running:
+            list(stream)
+        with pytest.raises(grpc.RpcError) as after:
+            latents_of(stage, request(5, STEPS))
+        elapsed = time.monotonic() - started
+    assert running.value.code() == grpc.StatusCode.UNAVAILABLE, running.value.details()
+    assert after.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert elapsed < 10
+
+
+def test_layout_the_model_cannot_take_fails_startup(model_dir: Path) -> None:
+    """Checked before any process starts: Ulysses 4 cannot split the tiny model's 2 heads."""
+    with pytest.raises(StartupError, match="ulysses degree 4 must divide the attention heads"):
+        DenoiserService(cpu_stage(model_dir), attention_backend=BACKEND, sequence_parallel=SPConfig(ulysses=4))
