@@ -147,7 +147,10 @@ def _wait_for_interrupt() -> None:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    stop.wait()
+    # Wake up now and then: a signal delivered to another thread runs its Python handler only once
+    # the main thread runs bytecode, and a bare wait() may never return to let it.
+    while not stop.wait(timeout=0.25):
+        pass
 
 
 def _stack(args: argparse.Namespace) -> object:

@@ -158,7 +158,10 @@ def serve_forever(service: Service, options: ServerOptions, security: ServerSecu
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    stop.wait()
+    # Wake up now and then: a signal delivered to another thread runs its Python handler only once
+    # the main thread runs bytecode, and a bare wait() may never return to let it.
+    while not stop.wait(timeout=0.25):
+        pass
     log.info("%s draining (grace %.0fs)", service.role, options.grace_seconds)
     running.stop(options.grace_seconds)
     log.info("%s stopped", service.role)
