@@ -18,7 +18,7 @@ import grpc
 from ditserve.client.config import DEFAULT_PORTS, default_model_dir
 
 ROLES = ("gateway", "encoder", "denoiser", "vae")
-BENCHES = ("transport", "attention", "serving", "sp", "soak", "cache")
+BENCHES = ("transport", "attention", "serving", "sp", "soak", "cache", "fidelity")
 
 
 def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:

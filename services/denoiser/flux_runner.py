@@ -15,7 +15,7 @@ import torch
 from ditserve.services.common import flux
 from ditserve.services.denoiser.batching import BatchingConfig
 from ditserve.services.denoiser.cache.flux_blocks import FluxBlockExecutor
-from ditserve.services.denoiser.cache.policy import CacheConfig
+from ditserve.services.denoiser.cache.policy import FLUX1_TEACACHE_COEFFICIENTS, CacheConfig
 from ditserve.services.denoiser.cache.state import RequestCache, Slot, forward_batch
 from ditserve.services.denoiser.job import DenoiseJob
 
@@ -127,13 +127,13 @@ class FluxRunner:
         vae_scale: int,
         device: torch.device,
         dtype: torch.dtype,
-        family: str = "flux",
+        teacache_coefficients: tuple[float, ...] | None = FLUX1_TEACACHE_COEFFICIENTS,
         on_cache_step: Callable[[str, bool], None] | None = None,
         executor: FluxBlockExecutor | None = None,
         mirror: CallMirror | None = None,
     ) -> None:
         self.transformer = transformer
-        self.executor = executor or FluxBlockExecutor(transformer, family)
+        self.executor = executor or FluxBlockExecutor(transformer, teacache_coefficients)
         self.mirror = mirror
         self.on_cache_step = on_cache_step
         self.scheduler = scheduler

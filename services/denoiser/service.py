@@ -16,6 +16,7 @@ from prometheus_client import Counter
 from ditserve.services.common import flux, tensor_codec
 from ditserve.services.common.errors import Cancelled, FailedPrecondition, InvalidArgument, StartupError
 from ditserve.services.common.limits import check_generation, check_range
+from ditserve.services.common.model import SIDECAR
 from ditserve.services.common.profiling import SAFE_NAME, add_block_ranges
 from ditserve.services.common.stage import StageContext
 from ditserve.services.denoiser import job as events
@@ -25,7 +26,7 @@ from ditserve.services.denoiser.attention import (
     resolve_backend,
 )
 from ditserve.services.denoiser.batching import BatchingConfig
-from ditserve.services.denoiser.cache.policy import CacheConfig
+from ditserve.services.denoiser.cache.policy import CacheConfig, model_teacache_coefficients
 from ditserve.services.denoiser.cache.state import RequestCache
 from ditserve.services.denoiser.cache.wire import cache_config
 from ditserve.services.denoiser.engine import Engine
@@ -64,13 +65,23 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
         log.info("attention: %s", reason)
         apply_attention_backend(self.transformer, backend)
         self.attention_backend = backend.value
+        try:
+            teacache_coefficients = model_teacache_coefficients(folder.family, folder.sidecar)
+        except InvalidArgument as error:
+            raise StartupError(f"{folder.path / SIDECAR}: {error}") from None
         self.sequence_parallel = sequence_parallel or SPConfig()
         self.sp = None
         if self.sequence_parallel.world_size > 1:
             from ditserve.services.denoiser.parallel.serving import SPDriver  # starts processes: only when asked
 
             self.sp = SPDriver.start(
-                self.sequence_parallel, folder, self.transformer, stage.device, stage.dtype, backend
+                self.sequence_parallel,
+                folder,
+                self.transformer,
+                stage.device,
+                stage.dtype,
+                backend,
+                teacache_coefficients,
             )
         cache_steps = Counter(
             "ditserve_cache_steps",
@@ -84,7 +95,7 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             flux.vae_scale_factor(folder.config("vae")),
             stage.device,
             stage.dtype,
-            family=folder.family,
+            teacache_coefficients=teacache_coefficients,
             on_cache_step=lambda policy, computed: cache_steps.labels(
                 policy, "computed" if computed else "cached"
             ).inc(),
@@ -113,6 +124,7 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             default_height=defaults.height,
             default_width=defaults.width,
             default_steps=defaults.steps,
+            default_true_cfg_scale=defaults.true_cfg_scale,
             batching=self.batching.mode,
             cache_policy=self.default_cache.mode,
             max_batch_size=self.batching.max_batch_size,

@@ -16,6 +16,7 @@ import grpc
 
 from ditserve.client.security import NO_SECURITY, ClientSecurity
 from ditserve.services.common.errors import ServiceError
+from ditserve.v1 import common_pb2, common_pb2_grpc
 
 T = TypeVar("T")
 
@@ -43,17 +44,27 @@ class StagePool:
         self.addresses = addresses
         self._channels = [security.channel(address, options) for address in addresses]
         self._stubs = [stub_class(channel) for channel in self._channels]
+        self._admin_stubs = [common_pb2_grpc.AdminStub(channel) for channel in self._channels]
         self._counter = itertools.count()
         self._lock = threading.Lock()
 
-    def _rotation(self) -> list[Any]:
+    def _rotation(self, stubs: list[Any] | None = None) -> list[Any]:
+        stubs = self._stubs if stubs is None else stubs
         with self._lock:
-            start = next(self._counter) % len(self._stubs)
-        return self._stubs[start:] + self._stubs[:start]
+            start = next(self._counter) % len(stubs)
+        return stubs[start:] + stubs[:start]
 
     def call(self, attempt: Callable[[Any], T]) -> T:
         """Runs `attempt(stub)` on replicas in turn until one does not answer UNAVAILABLE."""
-        stubs = self._rotation()
+        return self._call(attempt, self._rotation())
+
+    def info(self, timeout: float) -> common_pb2.InfoResponse:
+        """Admin.Info of one replica (every stage serves Admin on the same port)."""
+        return self._call(
+            lambda stub: stub.Info(common_pb2.InfoRequest(), timeout=timeout), self._rotation(self._admin_stubs)
+        )
+
+    def _call(self, attempt: Callable[[Any], T], stubs: list[Any]) -> T:
         for index, stub in enumerate(stubs):
             try:
                 return attempt(stub)

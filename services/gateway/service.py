@@ -80,6 +80,26 @@ def _progress(stage: str, started: float, step: int = 0, total: int = 0) -> pipe
     )
 
 
+class DenoiserDefaults:
+    """The denoiser's default true CFG scale, asked once by Admin.Info.
+
+    The gateway holds no model, yet must know whether a request that leaves true_cfg_scale unset
+    needs its negative prompt encoded (the shipped model guides with true CFG by default).
+    """
+
+    def __init__(self, pool: StagePool) -> None:
+        self._pool = pool
+        self._true_cfg_scale: float | None = None
+        self._lock = threading.Lock()
+
+    def true_cfg_scale(self, timeout: float) -> float:
+        with self._lock:
+            if self._true_cfg_scale is None:
+                details = self._pool.info(timeout).details
+                self._true_cfg_scale = float(details.get("default_true_cfg_scale", "1.0"))
+            return self._true_cfg_scale
+
+
 class GatewayService(pipeline_pb2_grpc.PipelineServicer):
     role = "gateway"
 
@@ -93,6 +113,7 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
         self.encoder = pool("encoder", config.encoders, encoder_pb2_grpc.TextEncoderStub)
         self.denoiser = pool("denoiser", config.denoisers, denoiser_pb2_grpc.DenoiserStub)
         self.vae = pool("vae", config.vaes, vae_pb2_grpc.VaeDecoderStub)
+        self.denoiser_defaults = DenoiserDefaults(self.denoiser)
         self.metrics.set_model_info(model="", dtype="", device="", attention_backend="", version=ditserve.__version__)
 
     def grpc_service_names(self) -> list[str]:
@@ -148,6 +169,7 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
         encoded: encoder_pb2.EncodeResponse,
         request_id: str,
         seed: int,
+        true_cfg_scale: float,
     ) -> denoiser_pb2.DenoiseRequest:
         message = denoiser_pb2.DenoiseRequest(
             request_id=request_id,
@@ -158,11 +180,10 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
             seed=seed,
             num_images=request.num_images,
             profile_steps=request.profile_steps,
+            true_cfg_scale=true_cfg_scale,
         )
         if request.HasField("guidance_scale"):
             message.guidance_scale = request.guidance_scale
-        if request.HasField("true_cfg_scale"):
-            message.true_cfg_scale = request.true_cfg_scale
         if request.HasField("cache"):
             message.cache.CopyFrom(request.cache)
         if len(encoded.embeddings) > 1:  # true CFG: the negative prompt was encoded second
@@ -178,7 +199,12 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
         seed = request.seed if request.HasField("seed") else secrets.randbits(63)
         calls = CallTracker()
         context.add_callback(calls.cancel_all)
-        true_cfg = request.HasField("true_cfg_scale") and request.true_cfg_scale > 1.0
+        true_cfg_scale = (
+            request.true_cfg_scale
+            if request.HasField("true_cfg_scale")
+            else self.denoiser_defaults.true_cfg_scale(self._timeout(context))
+        )
+        true_cfg = true_cfg_scale > 1.0
         stage_ms: dict[str, float] = {}
 
         t0 = time.perf_counter()
@@ -192,7 +218,7 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
         yield _progress("encode", started)
 
         t0 = time.perf_counter()
-        denoise_request = self._denoise_request(request, encoded, request_id, seed)
+        denoise_request = self._denoise_request(request, encoded, request_id, seed, true_cfg_scale)
         result: denoiser_pb2.DenoiseResult | None = None
         for event in self.denoiser.stream(
             lambda stub: calls.track(stub.Denoise(denoise_request, timeout=self._timeout(context)))

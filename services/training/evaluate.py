@@ -2,13 +2,11 @@
 
 evaluate_model scores FluxPipeline's own images with the geometric judge of eval/fidelity.py, so
 what it measures is the served model, scheduler and all; vae_psnr measures the VAE alone on
-held-out renders. `python -m ditserve.services.training.evaluate MODEL_DIR` prints both as JSON.
+held-out renders. `ditserve bench fidelity` reports both.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from collections.abc import Sequence
 from itertools import islice
@@ -25,6 +23,17 @@ from ditserve.services.training.shapes import all_combinations, iter_samples
 
 # Training streams are seeded with (seed, phase) tuples, so no int seed reproduces them.
 HELD_OUT_SEED = 1_000_003
+
+
+def evaluation_prompts(subset: int | None = None) -> list[str]:
+    """Every colour x shape x background once (all_combinations), or a seeded subset in list order."""
+    prompts = [spec.prompt for spec in all_combinations()]
+    if subset is None or subset >= len(prompts):
+        return prompts
+    if subset < 1:
+        raise ValueError(f"subset must be at least 1, got {subset}")
+    chosen = np.random.default_rng(0).choice(len(prompts), size=subset, replace=False)
+    return [prompts[i] for i in sorted(chosen)]
 
 
 def evaluate_model(
@@ -99,34 +108,3 @@ def reconstruction_psnr(vae: AutoencoderKL, n: int, size: int, seed: int = HELD_
         errors.append((quantised - originals) ** 2)
     mse = float(np.concatenate(errors).mean())
     return 10 * math.log10(255**2 / mse) if mse > 0 else math.inf
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="VAE PSNR and prompt fidelity of a shapes model folder.")
-    parser.add_argument("model_dir", type=Path)
-    parser.add_argument("--subset", type=int, help="score this many of the combinations (seeded choice)")
-    parser.add_argument("--true-cfg-scale", type=float, help="default: the folder's ditserve.json")
-    parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--image-dir", type=Path)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(2)
-    prompts = [spec.prompt for spec in all_combinations()]
-    if args.subset:
-        chosen = np.random.default_rng(0).choice(len(prompts), size=args.subset, replace=False)
-        prompts = [prompts[i] for i in sorted(chosen)]
-    report = {
-        "vae_psnr_db": vae_psnr(args.model_dir),
-        **evaluate_model(
-            args.model_dir,
-            prompts,
-            steps=args.steps,
-            true_cfg_scale=args.true_cfg_scale,
-            image_dir=args.image_dir,
-        ),
-    }
-    print(json.dumps(report, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import shutil
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+import torch
 from google.protobuf import json_format
 from helpers import TOLERANCE_BATCHED, embedding, latents_of, request, sample, wait_for
 
+from ditserve.client.stub import StageClient
 from ditserve.services.common import tensor_codec
+from ditserve.services.common.model import SIDECAR, ModelFolder
+from ditserve.services.common.server import ServerOptions, start_server
+from ditserve.services.common.stage import StageContext
+from ditserve.services.denoiser.cache.policy import COEFFICIENTS_KEY
+from ditserve.services.denoiser.service import DenoiserService
 from ditserve.v1 import cache_pb2, denoiser_pb2
 
 pytestmark = pytest.mark.integration
@@ -96,3 +106,26 @@ def test_invalid_policies_name_the_field(denoisers: dict, text: str, field: str)
         _result(stage, request(4, STEPS, cache=policy(text)))
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.details().startswith(field)
+
+
+def test_teacache_defaults_to_the_models_calibrated_coefficients(
+    denoisers: dict, model_dir: Path, tmp_path: Path
+) -> None:
+    """Coefficients stored by `ditserve calibrate teacache` are what a request without its own gets."""
+    folder = tmp_path / "calibrated"
+    shutil.copytree(model_dir, folder)
+    sidecar = json.loads((folder / SIDECAR).read_text())
+    # A polynomial that is 0 everywhere: nothing accumulates, so only the forced steps compute.
+    (folder / SIDECAR).write_text(json.dumps({**sidecar, COEFFICIENTS_KEY: [0.0] * 5}))
+    stage = StageContext(role="denoiser", folder=ModelFolder(folder), device=torch.device("cpu"), dtype=torch.float32)
+    server = start_server(DenoiserService(stage), ServerOptions(port=0, metrics_port=0))
+    client = StageClient(f"127.0.0.1:{server.port}")
+    teacache = policy('{"teacache": {"threshold": 0.5}}')
+    try:
+        calibrated = _result(client, request(5, STEPS, cache=teacache)).timing.computed_steps["cond"]
+    finally:
+        client.close()
+        server.stop(grace=1)
+    shipped = _result(denoisers["off"][1], request(5, STEPS, cache=teacache)).timing.computed_steps["cond"]
+    assert calibrated == "1" + "0" * (STEPS - 2) + "1"
+    assert shipped.count("1") > 2

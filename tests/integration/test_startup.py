@@ -59,3 +59,16 @@ def test_pickle_weights_load_only_when_allowed(model_dir: Path, tmp_path: Path) 
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+def test_broken_calibrated_teacache_coefficients_are_refused(model_dir: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    sidecar = json.loads((folder / "ditserve.json").read_text())
+    (folder / "ditserve.json").write_text(json.dumps({**sidecar, "teacache_coefficients": [1.0, 2.0]}))
+    result = _serve("denoiser", "--model", str(folder))
+    assert result.returncode != 0
+    assert "ditserve.json: teacache.coefficients: must be the 5 coefficients" in result.stderr

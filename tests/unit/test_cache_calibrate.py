@@ -12,13 +12,17 @@ import torch
 
 from ditserve.services.common.model import SIDECAR, ModelFolder
 from ditserve.services.denoiser.cache.calibrate import (
-    COEFFICIENTS_KEY,
     LocalFlux,
     calibrate_teacache,
     calibration_prompts,
     fit_teacache,
 )
-from ditserve.services.denoiser.cache.policy import TeaCacheConfig, TeaCacheDecider
+from ditserve.services.denoiser.cache.policy import (
+    COEFFICIENTS_KEY,
+    TeaCacheConfig,
+    TeaCacheDecider,
+    model_teacache_coefficients,
+)
 
 
 @pytest.fixture
@@ -39,7 +43,9 @@ def test_calibrate_writes_five_finite_coefficients_into_the_sidecar(model_dir: P
     assert {key: folder.sidecar[key] for key in before} == before  # every other key kept
     assert folder.defaults == ModelFolder(model_dir).defaults
     # What the denoiser will do with them: a TeaCache decider accepts them as this model's coefficients.
-    TeaCacheDecider(TeaCacheConfig(coefficients=coefficients), folder.family)
+    assert model_teacache_coefficients(folder.family, folder.sidecar) == coefficients
+    decider = TeaCacheDecider(TeaCacheConfig(), model_teacache_coefficients(folder.family, folder.sidecar))
+    assert decider.coefficients == coefficients
     assert (model_dir / SIDECAR).read_bytes() == shipped
 
 

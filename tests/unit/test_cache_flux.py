@@ -258,5 +258,5 @@ def test_configs_the_model_cannot_serve_fail_at_admission(transformer: FluxTrans
         RequestCache(CacheConfig(dbcache=DBCacheConfig(fn=2, bn=1)), FluxBlockExecutor(transformer))
     assert error.value.field == "dbcache.fn"
     with pytest.raises(InvalidArgument) as error:
-        RequestCache(CacheConfig(teacache=TeaCacheConfig()), FluxBlockExecutor(transformer, family="other"))
+        RequestCache(CacheConfig(teacache=TeaCacheConfig()), FluxBlockExecutor(transformer, teacache_coefficients=None))
     assert error.value.field == "teacache.coefficients"

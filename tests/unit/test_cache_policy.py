@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from ditserve.services.common.errors import InvalidArgument
 from ditserve.services.denoiser.cache.policy import (
+    COEFFICIENTS_KEY,
     FLUX1_TEACACHE_COEFFICIENTS,
     CacheConfig,
     DBCacheConfig,
@@ -25,6 +26,7 @@ from ditserve.services.denoiser.cache.policy import (
     TaylorSeerConfig,
     TeaCacheConfig,
     TeaCacheDecider,
+    model_teacache_coefficients,
     scm_mask,
 )
 
@@ -93,14 +95,28 @@ def test_teacache_threshold_zero_computes_every_step() -> None:
 
 
 def test_teacache_uses_the_flux1_coefficients_by_default() -> None:
-    decider = TeaCacheDecider(TeaCacheConfig(), family="flux")
+    decider = TeaCacheDecider(TeaCacheConfig())
     assert decider.coefficients == FLUX1_TEACACHE_COEFFICIENTS
     assert decider.rescale(0.0) == pytest.approx(0.264230861)
     assert decider.rescale(0.1) == pytest.approx(float(np.poly1d(FLUX1_TEACACHE_COEFFICIENTS)(0.1)))
     with pytest.raises(InvalidArgument) as error:
-        TeaCacheDecider(TeaCacheConfig(), family="chroma")
+        TeaCacheDecider(TeaCacheConfig(), None)
     assert error.value.field == "teacache.coefficients"
-    assert TeaCacheDecider(TeaCacheConfig(coefficients=IDENTITY), family="chroma").rescale(0.5) == 0.5
+    assert TeaCacheDecider(TeaCacheConfig(coefficients=IDENTITY), None).rescale(0.5) == 0.5
+
+
+def test_a_models_calibrated_coefficients_win_over_its_familys() -> None:
+    calibrated = (1.0, 2.0, 3.0, 4.0, 5.0)
+    assert model_teacache_coefficients("flux", {}) == FLUX1_TEACACHE_COEFFICIENTS
+    assert model_teacache_coefficients("chroma", {}) is None
+    assert model_teacache_coefficients("flux", {COEFFICIENTS_KEY: list(calibrated)}) == calibrated
+    assert model_teacache_coefficients("chroma", {COEFFICIENTS_KEY: list(calibrated)}) == calibrated
+    # A request's own coefficients still win over the model's.
+    assert TeaCacheDecider(TeaCacheConfig(coefficients=IDENTITY), calibrated).coefficients == IDENTITY
+    for broken in ([1.0, 2.0], "12345", [1, 2, 3, 4, float("nan")]):
+        with pytest.raises(InvalidArgument) as error:
+            model_teacache_coefficients("flux", {COEFFICIENTS_KEY: broken})
+        assert error.value.field == "teacache.coefficients"
 
 
 def test_dbcache_defaults_are_sglangs() -> None:

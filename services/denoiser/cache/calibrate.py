@@ -35,11 +35,10 @@ from ditserve.services.common import flux
 from ditserve.services.common.device import resolve_device, resolve_dtype
 from ditserve.services.common.model import SIDECAR, ModelFolder
 from ditserve.services.denoiser.cache.flux_blocks import relative_l1
-from ditserve.services.denoiser.cache.policy import CacheConfig
+from ditserve.services.denoiser.cache.policy import COEFFICIENTS_KEY, CacheConfig, model_teacache_coefficients
 from ditserve.services.denoiser.flux_runner import Conditioning, FluxInputs, FluxRunner, FluxTrajectory
 from ditserve.services.training.shapes import all_combinations
 
-COEFFICIENTS_KEY = "teacache_coefficients"
 CALIBRATION_KEY = "teacache_calibration"
 CALIBRATION_SEED = 1234  # picks the calibration prompts; the cache bench picks its prompts from the rest
 DEFAULT_PROMPTS = 4
@@ -81,7 +80,7 @@ class LocalFlux:
             flux.vae_scale_factor(folder.config("vae")),
             device,
             dtype,
-            family=folder.family,
+            teacache_coefficients=model_teacache_coefficients(folder.family, folder.sidecar),
         )
         self.true_cfg = self.defaults.true_cfg_scale > 1
         self.negative = self.encode("") if self.true_cfg else None

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from diffusers import FluxTransformer2DModel
 
+from ditserve.services.denoiser.cache.policy import FLUX1_TEACACHE_COEFFICIENTS
+
 
 def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
     """mean |current - previous| / mean |previous|, the change measure of TeaCache and DBCache."""
@@ -45,9 +47,13 @@ class FluxStepInputs:
 class FluxBlockExecutor:
     """Stateless stages of one FLUX transformer; per-request cache state lives in state.py."""
 
-    def __init__(self, transformer: FluxTransformer2DModel, family: str = "flux") -> None:
+    def __init__(
+        self,
+        transformer: FluxTransformer2DModel,
+        teacache_coefficients: tuple[float, ...] | None = FLUX1_TEACACHE_COEFFICIENTS,
+    ) -> None:
         self.transformer = transformer
-        self.family = family  # picks TeaCache's default coefficients
+        self.teacache_coefficients = teacache_coefficients  # for requests that give none
         self.blocks: tuple[torch.nn.Module, ...] = (
             *transformer.transformer_blocks,
             *transformer.single_transformer_blocks,

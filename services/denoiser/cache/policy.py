@@ -42,6 +42,8 @@ FLUX1_TEACACHE_COEFFICIENTS: tuple[float, ...] = (
 )
 # Published coefficients per model family (ditserve.json "family"); other models pass calibrated ones.
 TEACACHE_COEFFICIENTS: dict[str, tuple[float, ...]] = {"flux": FLUX1_TEACACHE_COEFFICIENTS}
+# Where `ditserve calibrate teacache` stores a model's own coefficients in its ditserve.json.
+COEFFICIENTS_KEY = "teacache_coefficients"
 
 # cache-dit's presets as (compute bins, cache bins) over 28 steps; the mask alternates them, compute first.
 SCM_PRESETS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -145,15 +147,26 @@ class TeaCacheConfig:
         _integer("teacache.forced_first_steps", self.forced_first_steps, 1)
         _integer("teacache.forced_last_steps", self.forced_last_steps, 1)
 
-    def coefficients_for(self, family: str) -> tuple[float, ...]:
+    def coefficients_for(self, model_default: tuple[float, ...] | None) -> tuple[float, ...]:
+        """The request's own coefficients, else the model's (see model_teacache_coefficients)."""
         if self.coefficients is not None:
             return self.coefficients
-        if family not in TEACACHE_COEFFICIENTS:
+        if model_default is None:
             raise InvalidArgument(
                 "teacache.coefficients",
-                f"no published coefficients for model family {family!r}; pass ones calibrated for it",
+                "the model has no TeaCache coefficients (none published for its family, none calibrated: "
+                "run `ditserve calibrate teacache`); pass ones calibrated for it",
             )
-        return TEACACHE_COEFFICIENTS[family]
+        return model_default
+
+
+def model_teacache_coefficients(family: str, sidecar: dict[str, object]) -> tuple[float, ...] | None:
+    """A model's default TeaCache coefficients: its calibrated ones (ditserve.json), else its family's
+    published ones, else None. Calibrated values are validated as a request's would be."""
+    calibrated = sidecar.get(COEFFICIENTS_KEY)
+    if calibrated is None:
+        return TEACACHE_COEFFICIENTS.get(family)
+    return TeaCacheConfig(coefficients=calibrated).coefficients  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -271,9 +284,11 @@ class CacheConfig:
 class TeaCacheDecider:
     """TeaCache's rule for one branch of one request; decide() is called once per step, in order."""
 
-    def __init__(self, config: TeaCacheConfig, family: str = "flux") -> None:
+    def __init__(
+        self, config: TeaCacheConfig, model_coefficients: tuple[float, ...] | None = FLUX1_TEACACHE_COEFFICIENTS
+    ) -> None:
         self.config = config
-        self.coefficients = config.coefficients_for(family)
+        self.coefficients = config.coefficients_for(model_coefficients)
         self.accumulated = 0.0
 
     def rescale(self, rel_l1: float) -> float:

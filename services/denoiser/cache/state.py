@@ -32,7 +32,7 @@ BRANCHES = ("cond", "uncond")
 class BranchCache:
     """One CFG branch of one request: its decider, its residuals, and what it decided at each step."""
 
-    def __init__(self, config: CacheConfig, num_blocks: int, family: str) -> None:
+    def __init__(self, config: CacheConfig, num_blocks: int, teacache_coefficients: tuple[float, ...] | None) -> None:
         self.num_blocks = num_blocks
         self.decisions: list[bool] = []  # per step, in order; True: computed
         self.blocks_run = 0
@@ -42,7 +42,7 @@ class BranchCache:
         order = 0  # plain reuse of the last residual
         self.prefix_end = self.suffix_start = num_blocks  # policy none: every block is prefix
         if config.teacache is not None:
-            self._decider = TeaCacheDecider(config.teacache, family)
+            self._decider = TeaCacheDecider(config.teacache, teacache_coefficients)
             self.prefix_end = 0
         elif config.dbcache is not None:
             config.dbcache.check_blocks(num_blocks)
@@ -122,11 +122,11 @@ class RequestCache:
         self.config = config
         self.executor = executor
         # Built now so a config the model cannot serve (Fn + Bn too large, no TeaCache coefficients for
-        # its family) fails when the request is accepted, not at its first step.
+        # the model) fails when the request is accepted, not at its first step.
         self.branches: dict[str, BranchCache] = {"cond": self._new_branch()}
 
     def _new_branch(self) -> BranchCache:
-        return BranchCache(self.config, self.executor.num_blocks, self.executor.family)
+        return BranchCache(self.config, self.executor.num_blocks, self.executor.teacache_coefficients)
 
     def branch(self, name: str) -> BranchCache:
         if name not in BRANCHES:

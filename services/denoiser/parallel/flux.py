@@ -31,6 +31,7 @@ from diffusers.models.transformers.transformer_flux import (
 from ditserve.services.denoiser.attention.flux import DitserveFluxAttnProcessor
 from ditserve.services.denoiser.attention.registry import BackendName
 from ditserve.services.denoiser.cache.flux_blocks import FluxBlockExecutor, FluxStepInputs
+from ditserve.services.denoiser.cache.policy import FLUX1_TEACACHE_COEFFICIENTS
 from ditserve.services.denoiser.parallel.attention import SequenceParallelAttention
 from ditserve.services.denoiser.parallel.mesh import SPMesh
 from ditserve.services.denoiser.parallel.sharding import JointSequenceSharder
@@ -53,10 +54,14 @@ class SequenceParallelFluxExecutor(FluxBlockExecutor):
     """
 
     def __init__(
-        self, transformer: FluxTransformer2DModel, mesh: SPMesh, backend: BackendName, family: str = "flux"
+        self,
+        transformer: FluxTransformer2DModel,
+        mesh: SPMesh,
+        backend: BackendName,
+        teacache_coefficients: tuple[float, ...] | None = FLUX1_TEACACHE_COEFFICIENTS,
     ) -> None:
         mesh.config.check_heads(transformer.config.num_attention_heads)
-        super().__init__(transformer, family)
+        super().__init__(transformer, teacache_coefficients)
         self.mesh = mesh
         self.sharder = JointSequenceSharder(mesh.world)
         transformer.set_attn_processor(SequenceParallelFluxAttnProcessor(backend, mesh))
@@ -84,11 +89,15 @@ class SequenceParallelFlux(torch.nn.Module):
     """A FluxTransformer2DModel call, sequence-parallel inside: full inputs in, full output out, per rank."""
 
     def __init__(
-        self, transformer: FluxTransformer2DModel, mesh: SPMesh, backend: BackendName, family: str = "flux"
+        self,
+        transformer: FluxTransformer2DModel,
+        mesh: SPMesh,
+        backend: BackendName,
+        teacache_coefficients: tuple[float, ...] | None = FLUX1_TEACACHE_COEFFICIENTS,
     ) -> None:
         super().__init__()
         self.transformer = transformer
-        self.executor = SequenceParallelFluxExecutor(transformer, mesh, backend, family)
+        self.executor = SequenceParallelFluxExecutor(transformer, mesh, backend, teacache_coefficients)
 
     @property
     def config(self) -> Any:

@@ -60,7 +60,7 @@ class FollowerSpec:
     device_type: str
     dtype: torch.dtype
     backend: BackendName
-    family: str
+    teacache_coefficients: tuple[float, ...] | None
     port: int
     threads: int
     parent_pid: int
@@ -103,7 +103,7 @@ class SPDriver:
         self.spec = spec
         self.processes = processes
         self.mesh, self.headers = spec.join(0)
-        self.model = SequenceParallelFlux(transformer, self.mesh, spec.backend, spec.family)
+        self.model = SequenceParallelFlux(transformer, self.mesh, spec.backend, spec.teacache_coefficients)
         self.broken: str | None = None
         self._jobs: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self._ids = itertools.count()
@@ -118,6 +118,7 @@ class SPDriver:
         device: torch.device,
         dtype: torch.dtype,
         backend: BackendName,
+        teacache_coefficients: tuple[float, ...] | None,
         timeout_s: float = CALL_TIMEOUT_S,
     ) -> SPDriver:
         """Checks the layout against the model, starts the followers and waits until they are ready."""
@@ -134,7 +135,7 @@ class SPDriver:
             device_type=device.type,
             dtype=dtype,
             backend=backend,
-            family=folder.family,
+            teacache_coefficients=teacache_coefficients,
             port=free_port(),
             threads=torch.get_num_threads(),
             parent_pid=os.getpid(),
@@ -248,7 +249,7 @@ def follow(rank: int, spec: FollowerSpec, ready: Any) -> None:
     threading.Thread(target=_exit_with_parent, args=(spec.parent_pid,), daemon=True).start()
     mesh, headers = spec.join(rank)
     transformer = ModelFolder(spec.model, allow_pickle=spec.allow_pickle).load("transformer", mesh.device, spec.dtype)
-    model = SequenceParallelFlux(transformer.eval(), mesh, spec.backend, spec.family)
+    model = SequenceParallelFlux(transformer.eval(), mesh, spec.backend, spec.teacache_coefficients)
     caches: dict[int, RequestCache] = {}
     ready.put(rank)
     with torch.inference_mode():
