@@ -248,6 +248,12 @@ def cmd_calibrate_teacache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_fidelity(args: argparse.Namespace) -> int:
+    from ditserve.services.eval import command
+
+    return command.run(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
@@ -336,6 +342,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     teacache.add_argument("--device", default="auto")
     teacache.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     teacache.set_defaults(func=cmd_calibrate_teacache)
+
+    evaluate = commands.add_parser("eval", help="score images against their prompts")
+    scorers = evaluate.add_subparsers(dest="scorer", required=True, metavar="SCORER")
+    fidelity = scorers.add_parser("fidelity", help="colour, shape and background of shapes-model images")
+    _add_module_arguments(fidelity, "ditserve.services.eval.command")
+    fidelity.set_defaults(func=cmd_eval_fidelity)
 
     bench = commands.add_parser("bench", help="benchmarks that write a JSON result file")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")

@@ -1,7 +1,7 @@
 """Quick checks of a trained shapes model folder, in-process on CPU.
 
 evaluate_model scores FluxPipeline's own images with the geometric judge of eval/fidelity.py, so
-what it measures is the served model, scheduler and all; vae_psnr measures the VAE alone on
+what it measures is the served model, scheduler and all; vae_quality measures the VAE alone on
 held-out renders. `ditserve bench fidelity` reports both.
 """
 
@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, FluxPipeline
+from PIL import Image
 
 from ditserve.services.common.model import ModelFolder
 from ditserve.services.eval.fidelity import score_batch, score_image
-from ditserve.services.training.shapes import all_combinations, iter_samples
+from ditserve.services.training.shapes import ShapeSpec, all_combinations, iter_samples
 
 # Training streams are seeded with (seed, phase) tuples, so no int seed reproduces them.
 HELD_OUT_SEED = 1_000_003
@@ -84,27 +85,37 @@ def evaluate_model(
     return result
 
 
-def vae_psnr(model_dir: Path, n: int = 256, seed: int = HELD_OUT_SEED) -> float:
-    """The VAE's round-trip PSNR on n held-out renders at the folder's native size."""
+def vae_quality(model_dir: Path, n: int = 256, seed: int = HELD_OUT_SEED) -> dict[str, Any]:
+    """The VAE on n held-out renders at the folder's native size: round-trip PSNR, and the scorer's
+    accuracy on the reconstructions (it must judge the model, not the VAE's blur)."""
     vae = AutoencoderKL.from_pretrained(Path(model_dir) / "vae", local_files_only=True)
-    return reconstruction_psnr(vae, n, ModelFolder(model_dir).defaults.height, seed)
+    specs, originals, decoded = reconstruct(vae, n, ModelFolder(model_dir).defaults.height, seed)
+    images = [Image.fromarray(pixels) for pixels in decoded]
+    return {
+        "vae_psnr_db": psnr_db(decoded, originals),
+        "scorer_on_reconstructions": score_batch(images, [spec.prompt for spec in specs]),
+    }
 
 
 @torch.no_grad()
-def reconstruction_psnr(vae: AutoencoderKL, n: int, size: int, seed: int = HELD_OUT_SEED) -> float:
-    """PSNR in dB of the pooled squared error over all n images (not a mean of per-image PSNRs,
-    which easy images would inflate), after 8-bit quantisation as FluxPipeline's output has.
-
-    Encodes to the posterior mode: the pipeline never samples a posterior, it decodes what it made.
-    """
+def reconstruct(
+    vae: AutoencoderKL, n: int, size: int, seed: int = HELD_OUT_SEED
+) -> tuple[list[ShapeSpec], np.ndarray, np.ndarray]:
+    """n held-out renders and their round trips, both uint8 [n, size, size, 3], quantised as
+    FluxPipeline's output is. Encodes to the posterior mode: the pipeline never samples a posterior."""
     vae = vae.eval()
-    errors = []
-    samples = iter_samples(seed, size)
+    pairs = list(islice(iter_samples(seed, size), n))
+    originals = np.stack([np.asarray(image) for _, image in pairs])
+    decoded = []
     for start in range(0, n, 32):
-        originals = np.stack([np.asarray(image) for _, image in islice(samples, min(32, n - start))])
-        pixels = torch.from_numpy(originals).permute(0, 3, 1, 2).float() / 127.5 - 1
-        decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
-        quantised = ((decoded / 2 + 0.5).clamp(0, 1) * 255).round().permute(0, 2, 3, 1).numpy()
-        errors.append((quantised - originals) ** 2)
-    mse = float(np.concatenate(errors).mean())
+        pixels = torch.from_numpy(originals[start : start + 32]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        images = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
+        decoded.append(((images / 2 + 0.5).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy())
+    return [spec for spec, _ in pairs], originals, np.concatenate(decoded)
+
+
+def psnr_db(images: np.ndarray, references: np.ndarray) -> float:
+    """PSNR of the pooled squared error over all images (a mean of per-image PSNRs would let easy
+    images inflate it)."""
+    mse = float(((images.astype(np.float64) - references) ** 2).mean())
     return 10 * math.log10(255**2 / mse) if mse > 0 else math.inf
