@@ -15,7 +15,7 @@ DEFAULT_PORTS: dict[str, tuple[int, int]] = {
     "vae": (50053, 9403),
 }
 STAGES = ("encoder", "denoiser", "vae")
-DEFAULT_MODEL_NAME = "tiny-flux"
+DEFAULT_MODEL_NAME = "shapes-flux"
 
 
 def repo_root() -> Path:

@@ -14,12 +14,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ditserve.client.config import default_model_dir
 from ditserve.services.bench.common import result_document
 from ditserve.services.common.model import ModelFolder
-from ditserve.services.training.evaluate import evaluate_model, evaluation_prompts, vae_quality
+from ditserve.services.eval.fidelity import score_image
+from ditserve.services.eval.grid import sample_grid
+from ditserve.services.training.evaluate import evaluation_prompts, generate_images, score_report, vae_quality
 
 TARGETS = {"fidelity_all": 0.90, "vae_psnr_db": 28.0}
+GRID_IMAGES = 30
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +35,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default: 0)")
     parser.add_argument("--vae-images", type=int, default=256, help="held-out renders for the PSNR (default: 256)")
     parser.add_argument("--image-dir", type=Path, help="also write every generated image here as PNG")
+    parser.add_argument(
+        "--grid", type=int, default=GRID_IMAGES, help=f"images in the grid PNG next to --out (default: {GRID_IMAGES})"
+    )
+
+
+def _write_grid(images: list, prompts: list[str], count: int, path: Path) -> None:
+    """A seeded pick across the list, in list order (so colours read top to bottom)."""
+    if count <= 0:
+        return
+    picked = sorted(np.random.default_rng(0).choice(len(images), size=min(count, len(images)), replace=False))
+    verdicts = [score_image(images[i], prompts[i])["all"] for i in picked]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sample_grid([images[i] for i in picked], [prompts[i] for i in picked], verdicts).save(path)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -37,8 +55,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     steps = args.steps or folder.defaults.steps
     prompts = evaluation_prompts(args.subset)
     started = time.perf_counter()
-    report = evaluate_model(folder.path, prompts, steps=steps, seed=args.seed, image_dir=args.image_dir)
+    images = generate_images(folder.path, prompts, steps=steps, seed=args.seed)
     seconds_per_image = (time.perf_counter() - started) / len(prompts)
+    report = score_report(images, prompts)
+    if args.image_dir is not None:
+        args.image_dir.mkdir(parents=True, exist_ok=True)
+        for index, image in enumerate(images):
+            image.save(args.image_dir / f"{index:04d}.png")
+    _write_grid(images, prompts, args.grid, Path(args.out).with_suffix(".png"))
     vae = vae_quality(folder.path, n=args.vae_images)
     psnr = vae["vae_psnr_db"]
     summary = {

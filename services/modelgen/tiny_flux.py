@@ -53,7 +53,7 @@ _Module = TypeVar("_Module", bound=torch.nn.Module)
 
 def write_tiny_flux(out_dir: Path, seed: int = 0) -> Path:
     """Writes the model into out_dir, which must be absent or empty, and returns out_dir."""
-    components = {"vae": _seeded(seed, _vae), "transformer": _seeded(seed, _transformer)}
+    components = {"vae": _seeded(seed, _vae), "transformer": tiny_transformer(seed)}
     return save_flux_folder(out_dir, {**components, **text_components(seed)}, DITSERVE_DEFAULTS)
 
 
@@ -98,6 +98,11 @@ def _seeded(seed: int, build: Callable[[], _Module]) -> _Module:
     """Reseeds before each module so its weights depend on seed alone, not on what was built before."""
     torch.manual_seed(seed)
     return build()
+
+
+def tiny_transformer(seed: int = 0) -> FluxTransformer2DModel:
+    """The tiny model's transformer alone (1 double + 2 single blocks, 2 heads x 16), seeded."""
+    return _seeded(seed, _transformer)
 
 
 def _transformer() -> FluxTransformer2DModel:

@@ -1,8 +1,8 @@
 """Quick checks of a trained shapes model folder, in-process on CPU.
 
-evaluate_model scores FluxPipeline's own images with the geometric judge of eval/fidelity.py, so
-what it measures is the served model, scheduler and all; vae_quality measures the VAE alone on
-held-out renders. `ditserve bench fidelity` reports both.
+generate_images draws with FluxPipeline itself and score_report applies the geometric judge of
+eval/fidelity.py, so what is measured is the model, scheduler and all; vae_quality measures the VAE
+alone on held-out renders. `ditserve bench fidelity` reports both.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, FluxPipeline
 from PIL import Image
+from tqdm import tqdm
 
 from ditserve.services.common.model import ModelFolder
 from ditserve.services.eval.fidelity import score_batch, score_image
@@ -37,21 +38,19 @@ def evaluation_prompts(subset: int | None = None) -> list[str]:
     return [prompts[i] for i in sorted(chosen)]
 
 
-def evaluate_model(
+def generate_images(
     model_dir: Path,
     prompts: Sequence[str],
     steps: int = 28,
     true_cfg_scale: float | None = None,
     seed: int = 0,
     batch_size: int = 35,
-    image_dir: Path | None = None,
-) -> dict[str, Any]:
-    """Generates one image per prompt at the model's native size and scores it.
+) -> list[Image.Image]:
+    """One image per prompt at the model's native size, by FluxPipeline itself.
 
     Image i is drawn from a generator seeded with seed + i, as a served request with that seed would
     be. true_cfg_scale defaults to the folder's ditserve.json; above 1 the negative prompt is "",
-    as in training. Returns score_batch's accuracies plus the failures (prompt, predicted); image_dir,
-    if given, receives the images as PNGs.
+    as in training.
     """
     folder = ModelFolder(model_dir)
     defaults = folder.defaults
@@ -59,7 +58,7 @@ def evaluate_model(
     pipe = FluxPipeline.from_pretrained(folder.path, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     images = []
-    for start in range(0, len(prompts), batch_size):
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generating", unit="batch"):
         chunk = list(prompts[start : start + batch_size])
         images += pipe(
             chunk,
@@ -71,10 +70,11 @@ def evaluate_model(
             max_sequence_length=defaults.max_sequence_length,
             generator=[torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))],
         ).images
-    if image_dir is not None:
-        Path(image_dir).mkdir(parents=True, exist_ok=True)
-        for index, image in enumerate(images):
-            image.save(Path(image_dir) / f"{index:04d}.png")
+    return images
+
+
+def score_report(images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, Any]:
+    """score_batch's accuracies plus the failures: prompt and what was seen instead."""
     result: dict[str, Any] = dict(score_batch(images, prompts))
     scores = [score_image(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
     result["failures"] = [

@@ -15,7 +15,7 @@ The text encoders stay frozen at tiny_flux's seeded random init, for three reaso
   from its colour-swapped twin's by 48% of its norm (T5's state of "red" by 7% between the two roles);
 - frozen encoders make each prompt's embedding a constant, encoded once (there are about 840 prompts)
   and looked up, so the whole time budget goes to the transformer;
-- the shipped encoders are reproducible from the seed alone, the same as tiny-flux's.
+- the shipped encoders are reproducible from the seed alone, the same as `make-tiny-model`'s.
 
 Both phases checkpoint (weights, optimizer, both RNG states, step, losses) every few minutes and
 resume from there. The run is deterministic from the seed on a given machine and thread count.

@@ -110,7 +110,7 @@ def _wait_for_status(stage: StageClient, status: int, timeout: float = 10.0) -> 
 
 
 def _embedding() -> object:
-    """A well-formed embedding for the tiny model (dims 32), without running the encoder."""
+    """A well-formed embedding for the shipped model (dims 32), without running the encoder."""
     import torch
 
     from ditserve.services.common import tensor_codec

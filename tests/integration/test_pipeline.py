@@ -15,8 +15,10 @@ import torch
 from helpers import sample, scrape, wait_for
 from PIL import Image
 
+from ditserve.client.config import DEFAULT_MODEL_NAME
 from ditserve.client.stub import PipelineClient, StageClient
 from ditserve.client.tensors import from_numpy
+from ditserve.services.common.model import ModelFolder
 from ditserve.v1 import common_pb2, denoiser_pb2, encoder_pb2, tensor_pb2, vae_pb2
 
 PROMPT = "a red circle on a blue background"
@@ -44,12 +46,15 @@ def _served(client: PipelineClient, **settings: object) -> np.ndarray:
 
 
 def _in_process(pipe: object, seed: int, **settings: object) -> np.ndarray:
+    """FluxPipeline at the folder's defaults (ditserve.json), as the services resolve them."""
+    defaults = ModelFolder(pipe.config._name_or_path).defaults
+    settings = {"true_cfg_scale": defaults.true_cfg_scale, "negative_prompt": "", **settings}
     images = pipe(
         PROMPT,
         num_inference_steps=STEPS,
-        height=64,
-        width=64,
-        max_sequence_length=64,
+        height=defaults.height,
+        width=defaults.width,
+        max_sequence_length=defaults.max_sequence_length,
         generator=torch.Generator().manual_seed(seed),
         **settings,
     ).images
@@ -60,10 +65,11 @@ def _in_process(pipe: object, seed: int, **settings: object) -> np.ndarray:
     ("served", "in_process"),
     [
         ({}, {}),
-        ({"true_cfg_scale": 3.0, "negative_prompt": ""}, {"true_cfg_scale": 3.0, "negative_prompt": ""}),
+        ({"true_cfg_scale": 1.0}, {"true_cfg_scale": 1.0}),
+        ({"true_cfg_scale": 2.0, "negative_prompt": "a ring"}, {"true_cfg_scale": 2.0, "negative_prompt": "a ring"}),
         ({"num_images": 2}, {"num_images_per_prompt": 2}),
     ],
-    ids=["plain", "true-cfg", "two-images"],
+    ids=["model-defaults", "no-cfg", "true-cfg", "two-images"],
 )
 def test_served_image_is_bit_exact_with_flux_pipeline(
     client: PipelineClient, reference_pipeline: object, served: dict, in_process: dict
@@ -223,7 +229,7 @@ def test_info_and_health_on_every_service(stack: object) -> None:
         stage.close()
         assert info.service == role and info.version
         if role != "gateway":
-            assert info.model.endswith("tiny-flux") and info.dtype == "fp32" and info.device == "cpu"
+            assert info.model.endswith(DEFAULT_MODEL_NAME) and info.dtype == "fp32" and info.device == "cpu"
         if role == "denoiser":
             assert info.attention_backend == "torch_sdpa"  # auto's choice on CPU
             metrics = scrape(stack.ports.metrics[role])

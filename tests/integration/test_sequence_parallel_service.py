@@ -52,8 +52,8 @@ WORLDS = {"U2": (2, 1, "tiny"), "R2": (1, 2, "tiny"), "U2xR2": (2, 2, "4x16")}
 
 @pytest.fixture(scope="module")
 def folders(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The shipped tiny model, and a copy whose transformer has 4 heads (random weights, seed 0)."""
-    copy = tmp_path_factory.mktemp("four-heads") / "tiny-flux"
+    """The shipped model, and a copy whose transformer has 4 heads (random weights, seed 0)."""
+    copy = tmp_path_factory.mktemp("four-heads") / "model"
     shutil.copytree(model_dir, copy)
     torch.manual_seed(0)
     config = dict(FluxTransformer2DModel.load_config(model_dir / "transformer"), num_attention_heads=4)

@@ -39,7 +39,8 @@ def test_calibrate_writes_five_finite_coefficients_into_the_sidecar(model_dir: P
     assert len(coefficients) == 5 and all(math.isfinite(c) for c in coefficients)
     folder = ModelFolder(model_copy)
     assert folder.sidecar[COEFFICIENTS_KEY] == list(coefficients)
-    assert folder.sidecar["teacache_calibration"]["samples"] == 2 * 5  # per prompt, steps - 1 changes
+    branches = 2 if folder.defaults.true_cfg_scale > 1 else 1  # the shipped model guides with true CFG
+    assert folder.sidecar["teacache_calibration"]["samples"] == 2 * 5 * branches  # per prompt, steps - 1 changes
     assert {key: folder.sidecar[key] for key in before} == before  # every other key kept
     assert folder.defaults == ModelFolder(model_dir).defaults
     # What the denoiser will do with them: a TeaCache decider accepts them as this model's coefficients.

@@ -8,7 +8,6 @@ those comparisons allow float rounding (1e-5).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +24,7 @@ from ditserve.services.denoiser.cache.policy import (
     TeaCacheConfig,
 )
 from ditserve.services.denoiser.cache.state import RequestCache, Slot, forward_batch
+from ditserve.services.modelgen.tiny_flux import tiny_transformer
 
 CPU = torch.device("cpu")
 TEXT_TOKENS = 8
@@ -34,8 +34,10 @@ Predict = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @pytest.fixture(scope="module")
-def transformer(model_dir: Path) -> FluxTransformer2DModel:
-    return FluxTransformer2DModel.from_pretrained(model_dir / "transformer").eval()
+def transformer() -> FluxTransformer2DModel:
+    """`make-tiny-model`'s seeded transformer: the executor's mechanics, fast; the services' tests run the
+    shipped model."""
+    return tiny_transformer(seed=0).eval()
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +106,7 @@ def _cached(cache: RequestCache, steps: int, kwargs: dict[str, torch.Tensor]) ->
     return lambda step, x, t: cache.forward("cond", step, steps, hidden_states=x, timestep=t, **kwargs)
 
 
-@pytest.mark.parametrize("guided", [False, True], ids=["shipped", "guidance"])
+@pytest.mark.parametrize("guided", [False, True], ids=["tiny", "guidance"])
 def test_executor_without_caching_is_the_transformer_bit_for_bit(
     transformer: FluxTransformer2DModel, guided: bool
 ) -> None:

@@ -196,7 +196,7 @@ def test_image_is_built_as_compose_and_the_healthcheck_expect() -> None:
     assert "ARG TORCH_SPEC=" in dockerfile and "pip install ${TORCH_SPEC}" in dockerfile
     (user,) = re.findall(r"^USER (\S+)$", dockerfile, re.MULTILINE)
     assert user not in ("root", "0")
-    assert "COPY models/tiny-flux /models/tiny-flux" in dockerfile and "VOLUME /models" in dockerfile
+    assert "COPY models/shapes-flux /models/shapes-flux" in dockerfile and "VOLUME /models" in dockerfile
     assert "COPY deploy/docker/healthcheck.py /opt/ditserve/healthcheck.py" in dockerfile
     assert 'CMD ["python3", "/opt/ditserve/healthcheck.py"]' in dockerfile
     assert 'ENTRYPOINT ["ditserve"]' in dockerfile

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel
 
-from ditserve.client.config import default_model_dir
 from ditserve.services.common import profiling
 from ditserve.services.common.errors import InvalidArgument
+from ditserve.services.modelgen.tiny_flux import tiny_transformer
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", ".hidden", "", "x" * 65, "a b", "é"])
@@ -29,7 +28,7 @@ def test_block_ranges_leave_outputs_unchanged(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(profiling, "_NVTX", True)
     monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda name: calls.append(name) or len(calls))
     monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: calls.append("pop") or 0)
-    model = FluxTransformer2DModel.from_pretrained(default_model_dir() / "transformer").eval()
+    model = tiny_transformer(seed=0).eval()
     generator = torch.Generator().manual_seed(0)
     inputs = {
         "hidden_states": torch.randn(1, 16, 16, generator=generator),

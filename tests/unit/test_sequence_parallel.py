@@ -1,8 +1,8 @@
 """Sequence parallelism on CPU with gloo: U=2, R=2 and U=2xR=2 give the single-process results.
 
 Worlds of 2 or 4 local processes (services/denoiser/parallel/launch.py: a forkserver, loopback, a free
-port, OMP_NUM_THREADS=1). U=2 and R=2 run the shipped tiny model (2 heads x 16); U=2xR=2 a random FLUX
-transformer with 4 heads x 16, so each Ulysses rank holds two heads and their order is checked too.
+port, OMP_NUM_THREADS=1). U=2 and R=2 run `make-tiny-model`'s seeded transformer (2 heads x 16); U=2xR=2 a
+random FLUX transformer with 4 heads x 16, so each Ulysses rank holds two heads and their order is checked too.
 
 Tolerances (FP32, CPU, torch 2.13), measured: SP attention vs plain softmax attention (sdpa_math)
 differs by 6.6e-7 at most over the sdpa_math, torch_sdpa and sdpa_flash backends (0 for Ulysses over
@@ -24,7 +24,6 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
-from ditserve.client.config import default_model_dir
 from ditserve.services.bench import sp as bench_sp
 from ditserve.services.denoiser.attention import BackendName, apply_attention_backend, attention
 from ditserve.services.denoiser.cache.flux_blocks import FluxBlockExecutor
@@ -46,6 +45,7 @@ from ditserve.services.denoiser.parallel import (
 from ditserve.services.denoiser.parallel.attention import flash_attention_lse
 from ditserve.services.denoiser.parallel.cost import AttentionShape, bytes_per_forward
 from ditserve.services.denoiser.parallel.launch import run_world
+from ditserve.services.modelgen.tiny_flux import tiny_transformer
 
 ATOL = 2e-6
 TEXT_TOKENS, IMAGE_SIDE = 8, 8  # 8 + 64 tokens: both divisible by every world size here
@@ -59,7 +59,7 @@ WORLDS = {
 
 def _model(name: str) -> FluxTransformer2DModel:
     if name == "tiny":
-        return FluxTransformer2DModel.from_pretrained(default_model_dir() / "transformer").eval()
+        return tiny_transformer(seed=0).eval()
     torch.manual_seed(0)
     return FluxTransformer2DModel(
         in_channels=16,
