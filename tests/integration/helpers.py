@@ -58,6 +58,9 @@ def embedding(seed: int, scale: float = 1.0) -> encoder_pb2.PromptEmbedding:
 
 
 def request(seed: int, steps: int = 6, **fields: object) -> denoiser_pb2.DenoiseRequest:
+    """A direct denoiser request; without CFG unless fields ask for it (the shipped model's default
+    true CFG needs a negative embedding, which the gateway would encode)."""
+    fields = {"true_cfg_scale": 1.0, **fields}
     return denoiser_pb2.DenoiseRequest(
         request_id=f"r{seed}", prompt=embedding(seed), num_inference_steps=steps, seed=seed, **fields
     )

@@ -71,7 +71,7 @@ def test_a_failing_request_fails_alone(denoisers: dict) -> None:
     expected = [latents_of(solo_stage, message) for message in good]
     # Finite on the wire (so validation admits it) but overflows inside the transformer.
     poison = denoiser_pb2.DenoiseRequest(
-        request_id="poison", prompt=embedding(7, scale=1e30), num_inference_steps=6, seed=7
+        request_id="poison", prompt=embedding(7, scale=1e30), num_inference_steps=6, seed=7, true_cfg_scale=1.0
     )
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         futures = [pool.submit(latents_of, stage, message) for message in [good[0], poison, good[1]]]

@@ -94,7 +94,7 @@ def test_a_batch_mixing_policies_gives_each_request_its_solo_image(denoisers: di
     [
         ('{"teacache": {"threshold": -1}}', "cache.teacache.threshold"),
         ('{"dbcache": {"fn": 0}}', "cache.dbcache.fn"),
-        ('{"dbcache": {"fn": 2, "bn": 1}}', "cache.dbcache.fn"),
+        ('{"dbcache": {"fn": 5, "bn": 1}}', "cache.dbcache.fn"),
         ('{"dbcache": {"taylorseer": {"order": 3}}}', "cache.dbcache.taylorseer.order"),
         ('{"dbcache": {"scm": {"preset": "warp"}}}', "cache.dbcache.scm.preset"),
         ('{"teacache": {"coefficients": [1, 2]}}', "cache.teacache.coefficients"),

@@ -78,7 +78,7 @@ def test_sigterm_drains_in_flight_work(model_dir: Path, tmp_path: Path) -> None:
 
         # Long enough (seconds) that the drain is observed while it still runs.
         request = denoiser_pb2.DenoiseRequest(
-            prompt=encoder_output, num_inference_steps=100, height=512, width=512, seed=1
+            prompt=encoder_output, num_inference_steps=100, height=512, width=512, seed=1, true_cfg_scale=1.0
         )
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             stream = stage.denoiser.Denoise(request, timeout=120)

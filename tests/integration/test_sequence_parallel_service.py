@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +28,6 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel
 from google.protobuf import json_format
 from helpers import TOLERANCE_BATCHED, latents_of, request
 
@@ -47,18 +45,8 @@ from ditserve.v1 import cache_pb2, common_pb2, denoiser_pb2
 STEPS = 4
 BACKEND = "torch_sdpa"
 DBCACHE = '{"dbcache": {"fn": 1, "bn": 0, "residual_diff_threshold": 0.5, "max_warmup_steps": 1}}'
-WORLDS = {"U2": (2, 1, "tiny"), "R2": (1, 2, "tiny"), "U2xR2": (2, 2, "4x16")}
-
-
-@pytest.fixture(scope="module")
-def folders(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The shipped model, and a copy whose transformer has 4 heads (random weights, seed 0)."""
-    copy = tmp_path_factory.mktemp("four-heads") / "model"
-    shutil.copytree(model_dir, copy)
-    torch.manual_seed(0)
-    config = dict(FluxTransformer2DModel.load_config(model_dir / "transformer"), num_attention_heads=4)
-    FluxTransformer2DModel.from_config(config).save_pretrained(copy / "transformer")
-    return {"tiny": model_dir, "4x16": copy}
+# The shipped model has 4 heads, so U=2xR=2 gives each Ulysses rank two heads and their order is checked.
+WORLDS = {"U2": (2, 1), "R2": (1, 2), "U2xR2": (2, 2)}
 
 
 def cpu_stage(folder: Path) -> StageContext:
@@ -66,16 +54,9 @@ def cpu_stage(folder: Path) -> StageContext:
 
 
 @pytest.fixture(scope="module")
-def references(folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, DenoiserService]:
-    """Single-process denoisers (batching off) over each folder: the latents SP has to reproduce."""
-    return {
-        name: DenoiserService(
-            cpu_stage(folder),
-            BatchingConfig(mode="off"),
-            attention_backend=BACKEND,
-        )
-        for name, folder in folders.items()
-    }
+def single(model_dir: Path) -> DenoiserService:
+    """A single-process denoiser (batching off): the latents SP has to reproduce."""
+    return DenoiserService(cpu_stage(model_dir), BatchingConfig(mode="off"), attention_backend=BACKEND)
 
 
 def reference(service: DenoiserService, message: denoiser_pb2.DenoiseRequest) -> denoiser_pb2.DenoiseResult:
@@ -124,16 +105,13 @@ def policy(text: str) -> cache_pb2.CachePolicy:
 
 
 @pytest.mark.parametrize("world", list(WORLDS))
-def test_sp_matches_single_process(
-    world: str, folders: dict[str, Path], references: dict[str, DenoiserService], tmp_path: Path
-) -> None:
+def test_sp_matches_single_process(world: str, model_dir: Path, single: DenoiserService, tmp_path: Path) -> None:
     """Alone, then batched with a step-cached request: each within tolerance of one process."""
-    ulysses, ring, model = WORLDS[world]
-    single = references[model]
+    ulysses, ring = WORLDS[world]
     plain = request(1, STEPS)
     cached = request(2, STEPS, cache=policy(DBCACHE))
     flags = ("--batching", "continuous", "--max-batch-size", "4")
-    with sp_denoiser(folders[model], ulysses, ring, tmp_path / "denoiser.log", *flags) as stage:
+    with sp_denoiser(model_dir, ulysses, ring, tmp_path / "denoiser.log", *flags) as stage:
         info = stage.admin.Info(common_pb2.InfoRequest(), timeout=10)
         assert info.details["sequence_parallel"] == f"U{ulysses}xR{ring}"
         alone = latents_of(stage, plain)
@@ -153,10 +131,10 @@ def test_sp_matches_single_process(
     assert "height/width" in uneven.value.details()
 
 
-def test_dead_follower_makes_requests_unavailable(folders: dict[str, Path], tmp_path: Path) -> None:
+def test_dead_follower_makes_requests_unavailable(model_dir: Path, tmp_path: Path) -> None:
     """A follower killed mid-request: that request and the next end UNAVAILABLE within seconds."""
     log = tmp_path / "denoiser.log"
-    with sp_denoiser(folders["tiny"], 2, 1, log) as stage:
+    with sp_denoiser(model_dir, 2, 1, log) as stage:
         follower = int(re.search(r"follower pids \[(\d+)\]", log.read_text()).group(1))
         stream = stage.denoiser.Denoise(request(4, steps=200, height=256, width=256), timeout=60)
         next(stream)  # the request is running
@@ -173,6 +151,6 @@ def test_dead_follower_makes_requests_unavailable(folders: dict[str, Path], tmp_
 
 
 def test_layout_the_model_cannot_take_fails_startup(model_dir: Path) -> None:
-    """Checked before any process starts: Ulysses 4 cannot split the tiny model's 2 heads."""
-    with pytest.raises(StartupError, match="ulysses degree 4 must divide the attention heads"):
-        DenoiserService(cpu_stage(model_dir), attention_backend=BACKEND, sequence_parallel=SPConfig(ulysses=4))
+    """Checked before any process starts: Ulysses 3 cannot split the shipped model's 4 heads."""
+    with pytest.raises(StartupError, match="ulysses degree 3 must divide the attention heads"):
+        DenoiserService(cpu_stage(model_dir), attention_backend=BACKEND, sequence_parallel=SPConfig(ulysses=3))
