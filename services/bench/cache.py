@@ -2,7 +2,8 @@
 
 Rows (--rows narrows them by name pattern; the two uncached baselines always run):
 - ours: our own loop in this process, as the denoiser serves it (FluxRunner, one FluxTrajectory per
-  prompt): none; TeaCache at TEACACHE_THRESHOLDS; DBCache at Fn 1 and at the deeper Fn cache-dit uses on
+  prompt): none; TeaCache at TEACACHE_THRESHOLDS, and with TaylorSeer (order 1) forecasting the skipped
+  residual at TEACACHE_TAYLORSEER_THRESHOLDS; DBCache at Fn 1 and at the deeper Fn cache-dit uses on
   FLUX.1 (4 and 8 of its 57 blocks) scaled to this model's depth, each at DBCACHE_THRESHOLDS, without and
   with TaylorSeer (order 1); the four SCM presets (dynamic, on DBCache Fn 1 with TaylorSeer).
 - cache-dit: each of our DBCache and SCM rows field for field (Fn, Bn, threshold, warmup, caps, TaylorSeer
@@ -88,6 +89,8 @@ FLUX1_BLOCKS = 57  # 19 double + 38 single: the depth cache-dit's Fn settings ar
 CACHE_DIT_FLUX1_FN = (4, 8)
 # TeaCache4FLUX's published FLUX.1 settings (0.25-0.8), and below them, where a calibrated small model keeps 30 dB.
 TEACACHE_THRESHOLDS = (0.06, 0.08, 0.1, 0.12, 0.15, 0.25, 0.4, 0.6, 0.8)
+# TaylorSeer forecasts what TeaCache skips, so it is tried where plain reuse falls under 30 dB.
+TEACACHE_TAYLORSEER_THRESHOLDS = (0.1, 0.12, 0.15, 0.25)
 DBCACHE_THRESHOLDS = (0.08, 0.16, 0.24)
 # SCM rows: the mask's cached steps still pass the DBCache rule (policy dynamic), with no cap of their own.
 SCM_BASE = DBCacheConfig(fn=1, max_continuous_cached_steps=-1, taylorseer=TaylorSeerConfig(order=1))
@@ -156,6 +159,10 @@ def all_rows(num_blocks: int) -> list[Row]:
     rows = [Row("ours/none", "ours", "none"), Row("diffusers/none", "diffusers", "none")]
     for threshold in TEACACHE_THRESHOLDS:
         rows.append(Row(f"ours/teacache t={threshold}", "ours", "teacache", CacheConfig(TeaCacheConfig(threshold))))
+    for threshold in TEACACHE_TAYLORSEER_THRESHOLDS:
+        config = TeaCacheConfig(threshold, taylorseer=TaylorSeerConfig(order=1, parent="teacache"))
+        name = f"ours/teacache t={threshold} +taylorseer"
+        rows.append(Row(name, "ours", "teacache+taylorseer", CacheConfig(config)))
     dbcache: list[tuple[str, str, DBCacheConfig]] = []
     for fn in depth_scaled_fn(num_blocks):
         for threshold in DBCACHE_THRESHOLDS:
@@ -578,6 +585,7 @@ SERIES_COLORS = [
     (127, 127, 127),
     (188, 189, 34),
     (23, 190, 207),
+    (0, 0, 0),
 ]
 
 

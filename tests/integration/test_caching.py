@@ -37,7 +37,12 @@ def _result(stage: object, message: denoiser_pb2.DenoiseRequest) -> denoiser_pb2
 
 @pytest.mark.parametrize(
     "exact",
-    ['{"none": {}}', '{"teacache": {"threshold": 0}}', '{"dbcache": {"residual_diff_threshold": 0}}'],
+    [
+        '{"none": {}}',
+        '{"teacache": {"threshold": 0}}',
+        '{"teacache": {"threshold": 0, "taylorseer": {"order": 2}}}',
+        '{"dbcache": {"residual_diff_threshold": 0}}',
+    ],
 )
 def test_policies_that_never_cache_are_bit_exact(denoisers: dict, exact: str) -> None:
     """The diffusers three-run check: off, on (but never skipping), off again."""
@@ -96,6 +101,7 @@ def test_a_batch_mixing_policies_gives_each_request_its_solo_image(denoisers: di
         ('{"dbcache": {"fn": 0}}', "cache.dbcache.fn"),
         ('{"dbcache": {"fn": 5, "bn": 1}}', "cache.dbcache.fn"),
         ('{"dbcache": {"taylorseer": {"order": 3}}}', "cache.dbcache.taylorseer.order"),
+        ('{"teacache": {"taylorseer": {"order": 0}}}', "cache.teacache.taylorseer.order"),
         ('{"dbcache": {"scm": {"preset": "warp"}}}', "cache.dbcache.scm.preset"),
         ('{"teacache": {"coefficients": [1, 2]}}', "cache.teacache.coefficients"),
     ],

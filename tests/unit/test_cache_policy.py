@@ -258,3 +258,14 @@ def test_invalid_values_name_their_field(build: Callable[[], object], field: str
     with pytest.raises(InvalidArgument) as error:
         build()
     assert error.value.field == field
+
+
+def test_teacache_takes_taylorseer_and_names_its_field() -> None:
+    config = TeaCacheConfig(0.1, taylorseer=TaylorSeerConfig(order=2, parent="teacache"))
+    assert config.taylorseer.order == 2 and config.taylorseer == TaylorSeerConfig(order=2)
+    with pytest.raises(InvalidArgument) as error:
+        TaylorSeerConfig(order=3, parent="teacache")
+    assert error.value.field == "teacache.taylorseer.order"
+    with pytest.raises(InvalidArgument) as error:
+        TeaCacheConfig(taylorseer={"order": 1})
+    assert error.value.field == "teacache.taylorseer"

@@ -21,16 +21,18 @@ class NoCache(_message.Message):
     def __init__(self) -> None: ...
 
 class TeaCachePolicy(_message.Message):
-    __slots__ = ("threshold", "coefficients", "forced_first_steps", "forced_last_steps")
+    __slots__ = ("threshold", "coefficients", "forced_first_steps", "forced_last_steps", "taylorseer")
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     COEFFICIENTS_FIELD_NUMBER: _ClassVar[int]
     FORCED_FIRST_STEPS_FIELD_NUMBER: _ClassVar[int]
     FORCED_LAST_STEPS_FIELD_NUMBER: _ClassVar[int]
+    TAYLORSEER_FIELD_NUMBER: _ClassVar[int]
     threshold: float
     coefficients: _containers.RepeatedScalarFieldContainer[float]
     forced_first_steps: int
     forced_last_steps: int
-    def __init__(self, threshold: _Optional[float] = ..., coefficients: _Optional[_Iterable[float]] = ..., forced_first_steps: _Optional[int] = ..., forced_last_steps: _Optional[int] = ...) -> None: ...
+    taylorseer: TaylorSeerPolicy
+    def __init__(self, threshold: _Optional[float] = ..., coefficients: _Optional[_Iterable[float]] = ..., forced_first_steps: _Optional[int] = ..., forced_last_steps: _Optional[int] = ..., taylorseer: _Optional[_Union[TaylorSeerPolicy, _Mapping]] = ...) -> None: ...
 
 class TaylorSeerPolicy(_message.Message):
     __slots__ = ("order",)

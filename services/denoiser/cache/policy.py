@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
 from ditserve.services.common.errors import InvalidArgument
@@ -128,6 +128,7 @@ class TeaCacheConfig:
     coefficients: tuple[float, ...] | None = None  # None: the model family's published ones
     forced_first_steps: int = 1
     forced_last_steps: int = 1
+    taylorseer: TaylorSeerConfig | None = None
 
     def __post_init__(self) -> None:
         if _number("teacache.threshold", self.threshold) < 0:
@@ -146,6 +147,8 @@ class TeaCacheConfig:
         # shapes the final image most.
         _integer("teacache.forced_first_steps", self.forced_first_steps, 1)
         _integer("teacache.forced_last_steps", self.forced_last_steps, 1)
+        if self.taylorseer is not None and not isinstance(self.taylorseer, TaylorSeerConfig):
+            raise InvalidArgument("teacache.taylorseer", f"must be a TaylorSeerConfig: {self.taylorseer!r}")
 
     def coefficients_for(self, model_default: tuple[float, ...] | None) -> tuple[float, ...]:
         """The request's own coefficients, else the model's (see model_teacache_coefficients)."""
@@ -174,10 +177,12 @@ class TaylorSeerConfig:
     """Forecast the reused residual from its values on computed steps instead of reusing the last one."""
 
     order: int = 1
+    parent: str = field(default="dbcache", compare=False, repr=False)  # names the field in errors
 
     def __post_init__(self) -> None:
-        if _integer("dbcache.taylorseer.order", self.order, 1) > 2:
-            raise InvalidArgument("dbcache.taylorseer.order", f"must be 1 or 2, got {self.order}")
+        name = f"{self.parent}.taylorseer.order"
+        if _integer(name, self.order, 1) > 2:
+            raise InvalidArgument(name, f"must be 1 or 2, got {self.order}")
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,8 @@ class BranchCache:
         if config.teacache is not None:
             self._decider = TeaCacheDecider(config.teacache, teacache_coefficients)
             self.prefix_end = 0
+            if config.teacache.taylorseer is not None:
+                order = config.teacache.taylorseer.order
         elif config.dbcache is not None:
             config.dbcache.check_blocks(num_blocks)
             self._decider = DBCacheDecider(config.dbcache)

@@ -38,6 +38,8 @@ def cache_config(policy: cache_pb2.CachePolicy, field: str = "cache") -> CacheCo
             options = _given(message, TEACACHE_FIELDS)
             if message.coefficients:
                 options["coefficients"] = tuple(message.coefficients)
+            if message.HasField("taylorseer"):
+                options["taylorseer"] = TaylorSeerConfig(order=message.taylorseer.order, parent="teacache")
             return CacheConfig(teacache=TeaCacheConfig(**options))
         if kind == "dbcache":
             message = policy.dbcache
