@@ -19,7 +19,6 @@ import numpy as np
 from ditserve.client.config import default_model_dir
 from ditserve.services.bench.common import result_document
 from ditserve.services.common.model import ModelFolder
-from ditserve.services.eval.fidelity import score_image
 from ditserve.services.eval.grid import sample_grid
 from ditserve.services.training.evaluate import evaluation_prompts, generate_images, score_report, vae_quality
 
@@ -40,14 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _write_grid(images: list, prompts: list[str], count: int, path: Path) -> None:
+def _write_grid(images: list, prompts: list[str], passed: list[bool], count: int, path: Path) -> None:
     """A seeded pick across the list, in list order (so colours read top to bottom)."""
     if count <= 0:
         return
     picked = sorted(np.random.default_rng(0).choice(len(images), size=min(count, len(images)), replace=False))
-    verdicts = [score_image(images[i], prompts[i])["all"] for i in picked]
     path.parent.mkdir(parents=True, exist_ok=True)
-    sample_grid([images[i] for i in picked], [prompts[i] for i in picked], verdicts).save(path)
+    sample_grid([images[i] for i in picked], [prompts[i] for i in picked], [passed[i] for i in picked]).save(path)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -62,7 +60,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.image_dir.mkdir(parents=True, exist_ok=True)
         for index, image in enumerate(images):
             image.save(args.image_dir / f"{index:04d}.png")
-    _write_grid(images, prompts, args.grid, Path(args.out).with_suffix(".png"))
+    _write_grid(images, prompts, report["passed"], args.grid, Path(args.out).with_suffix(".png"))
     vae = vae_quality(folder.path, n=args.vae_images)
     psnr = vae["vae_psnr_db"]
     summary = {

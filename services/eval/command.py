@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from ditserve.services.eval.fidelity import score_batch, score_image
+from ditserve.services.eval.fidelity import score_batch, score_image, summarize
 from ditserve.services.training.shapes import iter_samples
 
 # The bar for the scorer: it must judge the model, not the renderer or the VAE's blur.
@@ -64,9 +64,10 @@ def _score_files(args: argparse.Namespace) -> int:
         except (OSError, UnidentifiedImageError) as error:
             raise SystemExit(f"ditserve eval fidelity: cannot read {path}: {error}") from None
     try:
-        for path, image, prompt in zip(args.images, images, prompts, strict=True):
-            print(json.dumps({"image": str(path), "prompt": prompt, **score_image(image, prompt)}))
-        print(json.dumps({"summary": score_batch(images, prompts)}))
+        scores = [score_image(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
+        for path, prompt, score in zip(args.images, prompts, scores, strict=True):
+            print(json.dumps({"image": str(path), "prompt": prompt, **score}))
+        print(json.dumps({"summary": summarize(scores)}))
     except ValueError as error:  # a prompt outside the shapes grammar
         raise SystemExit(f"ditserve eval fidelity: {error}") from None
     return 0

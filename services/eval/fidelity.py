@@ -177,9 +177,13 @@ def score_batch(images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[s
     """Accuracy per attribute and for all attributes at once, over paired images and prompts."""
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-    if not images:
+    return summarize([score_image(image, prompt) for image, prompt in zip(images, prompts, strict=True)])
+
+
+def summarize(scores: Sequence[dict[str, Any]]) -> dict[str, float | int]:
+    """score_batch's accuracies from score_image results already in hand."""
+    if not scores:
         raise ValueError("no images to score")
-    scores = [score_image(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
     summary: dict[str, float | int] = {
         name: sum(score[name] for score in scores) / len(scores) for name in (*ATTRIBUTES, "all")
     }

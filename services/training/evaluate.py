@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ditserve.services.common.model import ModelFolder
-from ditserve.services.eval.fidelity import score_batch, score_image
+from ditserve.services.eval.fidelity import score_batch, score_image, summarize
 from ditserve.services.training.shapes import ShapeSpec, all_combinations, iter_samples
 
 # Training streams are seeded with (seed, phase) tuples, so no int seed reproduces them.
@@ -74,9 +74,11 @@ def generate_images(
 
 
 def score_report(images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, Any]:
-    """score_batch's accuracies plus the failures: prompt and what was seen instead."""
-    result: dict[str, Any] = dict(score_batch(images, prompts))
+    """score_batch's accuracies, each image's verdict ("passed") and the failures: prompt and what was
+    seen instead. Each image is judged once."""
     scores = [score_image(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
+    result: dict[str, Any] = dict(summarize(scores))
+    result["passed"] = [score["all"] for score in scores]
     result["failures"] = [
         {"prompt": prompt, "predicted": score["predicted"]}
         for prompt, score in zip(prompts, scores, strict=True)
