@@ -5,13 +5,16 @@ Rows (--rows narrows them by name pattern; the two uncached baselines always run
   prompt): none; TeaCache at TEACACHE_THRESHOLDS, and with TaylorSeer (order 1) forecasting the skipped
   residual at TEACACHE_TAYLORSEER_THRESHOLDS; DBCache at Fn 1 and at the deeper Fn cache-dit uses on
   FLUX.1 (4 and 8 of its 57 blocks) scaled to this model's depth, each at DBCACHE_THRESHOLDS, without and
-  with TaylorSeer (order 1); the four SCM presets (dynamic, on DBCache Fn 1 with TaylorSeer).
+  with TaylorSeer (order 1); the four SCM presets (dynamic, on DBCache Fn 1 with TaylorSeer); whole-step
+  caching (DBCache Fn 0 Bn 0: a static mask of WHOLE_STEP_COMPUTED computed steps, power_mask's spacing,
+  TaylorSeer order 1 forecasting the skipped steps' transformer output).
 - cache-dit: each of our DBCache and SCM rows field for field (Fn, Bn, threshold, warmup, caps, TaylorSeer
   order, the very same SCM step mask) through cache_dit.enable_cache on a FluxPipeline, with
   enable_separate_cfg=True under true CFG so each branch keeps its own cache, as cache-dit advises.
 - diffusers: FluxPipeline uncached (the peers' baseline) and its transformer's enable_cache hooks:
   FirstBlockCache at FBC_THRESHOLDS; TaylorSeerCache in lite mode (blocks skipped, proj_out forecast,
-  factors kept in the model's dtype rather than its bf16 default) at TAYLORSEER_INTERVALS; MagCache at
+  factors kept in the model's dtype rather than its bf16 default; computed every N-th step after a
+  warmup of 3) at TAYLORSEER_INTERVALS; MagCache at
   MAGCACHE_THRESHOLDS with magnitude ratios from MagCache's own calibrate mode on the calibration prompts.
 TeaCache uses the model's calibrated coefficients (ditserve.json "teacache_coefficients", written by
 denoiser/cache/calibrate.py); a folder without them gets them fitted here, the same way, not saved. The
@@ -95,7 +98,10 @@ DBCACHE_THRESHOLDS = (0.08, 0.16, 0.24)
 # SCM rows: the mask's cached steps still pass the DBCache rule (policy dynamic), with no cap of their own.
 SCM_BASE = DBCacheConfig(fn=1, max_continuous_cached_steps=-1, taylorseer=TaylorSeerConfig(order=1))
 FBC_THRESHOLDS = (0.05, 0.08, 0.12, 0.2)
-TAYLORSEER_INTERVALS = (2, 3, 5)
+TAYLORSEER_INTERVALS = (2, 3, 4, 5)
+# Whole-step rows: computed steps out of the schedule, spaced by power_mask with WHOLE_STEP_POWER.
+WHOLE_STEP_COMPUTED = (8, 9, 10)
+WHOLE_STEP_POWER = 1.3
 MAGCACHE_THRESHOLDS = (0.06, 0.12, 0.24)
 PSNR_FLOOR_DB = 30.0
 FIDELITY_SLACK = 2.0  # points of fidelity a cached row may lose against uncached
@@ -155,7 +161,32 @@ def depth_scaled_fn(num_blocks: int) -> list[int]:
     return sorted({1} | deeper)
 
 
-def all_rows(num_blocks: int) -> list[Row]:
+def power_mask(computed: int, steps: int, power: float) -> list[bool]:
+    """computed steps at round((steps - 1) * (k / (computed - 1)) ** power): first and last included, and
+    power > 1 packs them where the early, high-noise steps change the output fastest (fewer when two
+    round to the same step)."""
+    chosen = {round((steps - 1) * (k / max(1, computed - 1)) ** power) for k in range(computed)}
+    return [step in chosen for step in range(steps)]
+
+
+def mask_bins(mask: Sequence[bool]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The (compute, cache) bins of a mask that starts computing: what SCMConfig takes, and scm_mask inverts."""
+    runs: list[int] = []
+    for index, compute in enumerate(mask):
+        if index and compute == mask[index - 1]:
+            runs[-1] += 1
+        else:
+            runs.append(1)
+    return tuple(runs[::2]), tuple(runs[1::2])
+
+
+def whole_step_config(computed: int, steps: int) -> DBCacheConfig:
+    compute, cache = mask_bins(power_mask(computed, steps, WHOLE_STEP_POWER))
+    scm = SCMConfig(compute_bins=compute, cache_bins=cache, policy="static")
+    return DBCacheConfig(fn=0, max_warmup_steps=0, taylorseer=TaylorSeerConfig(order=1), scm=scm)
+
+
+def all_rows(num_blocks: int, steps: int) -> list[Row]:
     rows = [Row("ours/none", "ours", "none"), Row("diffusers/none", "diffusers", "none")]
     for threshold in TEACACHE_THRESHOLDS:
         rows.append(Row(f"ours/teacache t={threshold}", "ours", "teacache", CacheConfig(TeaCacheConfig(threshold))))
@@ -176,6 +207,12 @@ def all_rows(num_blocks: int) -> list[Row]:
         dbcache.append((f"scm {preset}", "scm", config))
     for peer in ("ours", "cache-dit"):
         rows += [Row(f"{peer}/{name}", peer, method, CacheConfig(dbcache=c)) for name, method, c in dbcache]
+    rows += [
+        Row(
+            f"ours/whole-step k={k} +taylorseer", "ours", "whole-step", CacheConfig(dbcache=whole_step_config(k, steps))
+        )
+        for k in WHOLE_STEP_COMPUTED
+    ]
     rows += [Row(f"diffusers/fbc t={t}", "diffusers", "fbc", hook={"threshold": t}) for t in FBC_THRESHOLDS]
     rows += [
         Row(f"diffusers/taylorseer-lite i={i}", "diffusers", "taylorseer-lite", hook={"cache_interval": i})
@@ -586,6 +623,7 @@ SERIES_COLORS = [
     (188, 189, 34),
     (23, 190, 207),
     (0, 0, 0),
+    (255, 187, 120),
 ]
 
 
@@ -671,7 +709,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     folder = ModelFolder(args.model)
     model = LocalFlux(folder, device, dtype)
     steps = args.steps or folder.defaults.steps
-    rows = select_rows(all_rows(model.runner.executor.num_blocks), args.rows)
+    rows = select_rows(all_rows(model.runner.executor.num_blocks, steps), args.rows)
     cache_dit_installed = importlib.util.find_spec("cache_dit") is not None
     for row in rows:
         if row.peer == "cache-dit" and not cache_dit_installed:

@@ -13,6 +13,7 @@ import pytest
 
 from ditserve.services.bench import cache
 from ditserve.services.denoiser.cache.calibrate import calibration_prompts
+from ditserve.services.denoiser.cache.policy import scm_mask
 
 CACHE_DIT = importlib.util.find_spec("cache_dit") is not None
 
@@ -24,7 +25,7 @@ def test_fn_settings_scale_with_depth() -> None:
 
 
 def test_cache_dit_rows_mirror_ours() -> None:
-    rows = cache.all_rows(57)
+    rows = cache.all_rows(57, 28)
     names = [row.name for row in rows]
     assert len(names) == len(set(names))
     ours = {row.name.removeprefix("ours/"): row.cache for row in rows if row.peer == "ours"}
@@ -33,8 +34,23 @@ def test_cache_dit_rows_mirror_ours() -> None:
     assert sum(row.method == "teacache" for row in rows) >= 4
 
 
+@pytest.mark.parametrize("steps", [12, 28, 50])
+@pytest.mark.parametrize("computed", [2, 8, 10])
+def test_whole_step_masks_compute_the_ends_and_round_trip_through_bins(steps: int, computed: int) -> None:
+    mask = cache.power_mask(computed, steps, cache.WHOLE_STEP_POWER)
+    assert len(mask) == steps and mask[0] and mask[-1]
+    assert computed - 2 <= sum(mask) <= computed  # two near the start may round to one step
+    assert scm_mask(cache.mask_bins(mask), steps) == mask
+    assert cache.whole_step_config(computed, steps).scm.mask(steps) == mask  # type: ignore[union-attr]
+
+
+def test_whole_step_masks_are_denser_early() -> None:
+    mask = cache.power_mask(9, 28, cache.WHOLE_STEP_POWER)
+    assert "".join("1" if compute else "0" for compute in mask) == "1010100010010001000100010001"
+
+
 def test_row_patterns_keep_both_baselines_and_reject_typos() -> None:
-    rows = cache.all_rows(3)
+    rows = cache.all_rows(3, 28)
     chosen = [row.name for row in cache.select_rows(rows, "ours/teacache t=0.4")]
     assert chosen == ["ours/none", "diffusers/none", "ours/teacache t=0.4"]
     with pytest.raises(SystemExit, match="no row matches"):

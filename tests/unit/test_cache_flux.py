@@ -29,6 +29,11 @@ from ditserve.services.modelgen.tiny_flux import tiny_transformer
 CPU = torch.device("cpu")
 TEXT_TOKENS = 8
 STATIC_FAST = CacheConfig(dbcache=DBCacheConfig(scm=SCMConfig(preset="fast", policy="static")))
+WHOLE_STEP_ULTRA = CacheConfig(
+    dbcache=DBCacheConfig(
+        fn=0, max_warmup_steps=0, taylorseer=TaylorSeerConfig(order=1), scm=SCMConfig(preset="ultra", policy="static")
+    )
+)
 
 Predict = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -169,8 +174,9 @@ def test_off_on_off_returns_to_the_original(
         CacheConfig(teacache=TeaCacheConfig(threshold=100.0)),
         CacheConfig(dbcache=DBCacheConfig(bn=1, max_warmup_steps=1, residual_diff_threshold=1.0)),
         CacheConfig(dbcache=DBCacheConfig(max_warmup_steps=3, taylorseer=TaylorSeerConfig(order=2))),
+        WHOLE_STEP_ULTRA,
     ],
-    ids=["teacache", "dbcache-bn1", "dbcache-taylorseer2"],
+    ids=["teacache", "dbcache-bn1", "dbcache-taylorseer2", "whole-step"],
 )
 def test_cached_steps_reproduce_an_unchanged_step(
     transformer: FluxTransformer2DModel, executor: FluxBlockExecutor, config: CacheConfig
@@ -193,6 +199,25 @@ def test_skipped_fraction_counts_middle_blocks(executor: FluxBlockExecutor) -> N
     assert cache.branches["cond"].pattern == "1111110100010000100000100001"
     # 17 cached steps skip the 2 middle blocks (Fn 1, Bn 0) of 3, over 28 steps.
     assert cache.skipped_fraction == pytest.approx(17 * 2 / (28 * 3))
+
+
+def test_whole_step_cache_runs_nothing_of_the_model_on_cached_steps(
+    transformer: FluxTransformer2DModel, executor: FluxBlockExecutor
+) -> None:
+    latents, kwargs = _conditioning(batch=1, seed=4)
+    cache = RequestCache(WHOLE_STEP_ULTRA, executor)
+    embeds = []
+    handle = transformer.x_embedder.register_forward_hook(lambda *_: embeds.append(1))
+    try:
+        cached = _denoise(_cached(cache, 28, kwargs), latents, steps=28)
+    finally:
+        handle.remove()
+    assert cache.branches["cond"].pattern == "1111001000001000000100000001"
+    assert len(embeds) == 8 and cache.skipped_fraction == pytest.approx(20 / 28)
+    # The forecast steps follow the computed ones: close to the uncached trajectory, yet not it.
+    plain = _denoise(_plain(transformer, kwargs), latents, steps=28)
+    assert not torch.equal(cached, plain)
+    assert (cached - plain).abs().mean() < 0.1 * plain.abs().mean()
 
 
 def test_cond_and_uncond_keep_separate_state(transformer: FluxTransformer2DModel, executor: FluxBlockExecutor) -> None:
@@ -226,7 +251,7 @@ def test_cond_and_uncond_keep_separate_state(transformer: FluxTransformer2DModel
 
 def test_batched_slots_decide_independently(executor: FluxBlockExecutor) -> None:
     steps = 8
-    configs = [CacheConfig(), CacheConfig(teacache=TeaCacheConfig(threshold=0.6)), STATIC_FAST]
+    configs = [CacheConfig(), CacheConfig(teacache=TeaCacheConfig(threshold=0.6)), STATIC_FAST, WHOLE_STEP_ULTRA]
     inputs = [_conditioning(batch=1, seed=10 + index) for index in range(len(configs))]
     latents = torch.cat([x for x, _ in inputs])
     kwargs = {
@@ -243,7 +268,7 @@ def test_batched_slots_decide_independently(executor: FluxBlockExecutor) -> None
 
     together = _denoise(predict, latents, steps)
     patterns = [cache.branches["cond"].pattern for cache in batched]
-    assert len(set(patterns)) == 3  # none, TeaCache and DBCache differ at some step
+    assert len(set(patterns)) == 4  # none, TeaCache, DBCache and whole-step differ at some step
     for index, (config, (x, alone_kwargs)) in enumerate(zip(configs, inputs, strict=True)):
         alone = RequestCache(config, executor)
         torch.testing.assert_close(

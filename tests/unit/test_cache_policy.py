@@ -162,6 +162,14 @@ def test_scm_static_mask_decides_alone() -> None:
     assert _run(DBCacheDecider(config).decide, [None] + [5.0] * 27) == PUBLISHED_MASKS["fast"]
 
 
+def test_fn_0_needs_no_signal_and_follows_its_static_mask() -> None:
+    # Fn 0 has no residual to compare, so every step sees None: the mask alone decides, warmup aside.
+    config = DBCacheConfig(fn=0, scm=SCMConfig(preset="fast", policy="static"))
+    assert _run(DBCacheDecider(config).decide, [None] * 28) == PUBLISHED_MASKS["fast"]
+    with pytest.raises(InvalidArgument, match="static"):
+        DBCacheConfig(fn=0, scm=SCMConfig(preset="fast", policy="dynamic"))
+
+
 def test_scm_dynamic_mask_zero_steps_still_follow_the_diff() -> None:
     config = DBCacheConfig(scm=SCMConfig(preset="fast"), max_continuous_cached_steps=-1)
     assert _run(DBCacheDecider(config).decide, [None] + [0.0] * 27) == PUBLISHED_MASKS["fast"]

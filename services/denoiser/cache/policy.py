@@ -226,7 +226,9 @@ class SCMConfig:
 class DBCacheConfig:
     """DBCache: always compute the first Fn and last Bn blocks; reuse the middle while the Fn residual holds.
 
-    max_cached_steps and max_continuous_cached_steps: -1 means no cap.
+    max_cached_steps and max_continuous_cached_steps: -1 means no cap. Fn 0 (beyond cache-dit, which
+    needs Fn >= 1) skips every block on a cached step, so only a static SCM mask can choose those steps:
+    with TaylorSeer it is TaylorSeer's own fixed schedule, on any mask rather than every N-th step.
     """
 
     fn: int = 1
@@ -240,7 +242,7 @@ class DBCacheConfig:
     scm: SCMConfig | None = None
 
     def __post_init__(self) -> None:
-        _integer("dbcache.fn", self.fn, 1)  # the diff is taken on the Fn residual, so at least one block
+        _integer("dbcache.fn", self.fn, 0)
         _integer("dbcache.bn", self.bn, 0)
         if _number("dbcache.residual_diff_threshold", self.residual_diff_threshold) < 0:
             raise InvalidArgument(
@@ -254,6 +256,9 @@ class DBCacheConfig:
             raise InvalidArgument("dbcache.taylorseer", f"must be a TaylorSeerConfig: {self.taylorseer!r}")
         if self.scm is not None and not isinstance(self.scm, SCMConfig):
             raise InvalidArgument("dbcache.scm", f"must be an SCMConfig, got {self.scm!r}")
+        if self.fn == 0 and (self.scm is None or self.scm.policy != "static"):
+            # The diff is taken on the Fn residual: with no first block only a static mask can decide.
+            raise InvalidArgument("dbcache.fn", "0 needs a static step mask (dbcache.scm with policy 'static')")
 
     def check_blocks(self, num_blocks: int) -> None:
         """Fn and Bn are model-independent numbers; they must leave the model a middle to cache."""
@@ -341,13 +346,15 @@ class DBCacheDecider:
     def _must_compute(self, step: int, total_steps: int, diff: float | None) -> bool:
         config = self.config
         mask = config.scm.mask(total_steps) if config.scm is not None else None
-        if diff is None or self._in_warmup(step, mask):
+        if self._in_warmup(step, mask):
             return True
         if mask is not None:
             if mask[step]:
                 return True
             if config.scm is not None and config.scm.policy == "static":
                 return False
+        if diff is None:
+            return True
         if 0 <= config.max_cached_steps <= self.cached_steps:
             return True
         if 0 <= config.max_continuous_cached_steps <= self.continuous_cached_steps:

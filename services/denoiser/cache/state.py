@@ -13,6 +13,10 @@ decision is taken on the first block's modulated input and a skipped step adds t
 Bn suffix, the decision is taken on the Fn residual, and a skipped step adds the middle's stored (or
 TaylorSeer-forecast) residual to both streams. The text stream's residual is kept only when Bn > 0:
 with no suffix block the text stream is dropped after the middle, so it would change nothing.
+DBCache at Fn 0 and Bn 0 (its static step mask decides alone) caches the whole call instead: a skipped
+step returns the stored (or forecast) transformer output and runs nothing of the model, not even its
+embedders. The output is also what varies most smoothly from step to step (a flow model's velocity), so
+TaylorSeer forecasts it better than a residual that norm_out and proj_out would still transform.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ class BranchCache:
             self.suffix_start = num_blocks - config.dbcache.bn
             if config.dbcache.taylorseer is not None:
                 order = config.dbcache.taylorseer.order
+        # The middle's hidden-stream residual; for a whole-step cache, the transformer's output.
         self._hidden_residual: TaylorSeer[torch.Tensor] = TaylorSeer(order)
         self._encoder_residual: TaylorSeer[torch.Tensor] | None = (
             TaylorSeer(order) if self.suffix_start < num_blocks else None
@@ -61,6 +66,16 @@ class BranchCache:
     @property
     def caching(self) -> bool:
         return self._decider is not None
+
+    @property
+    def caches_whole_step(self) -> bool:
+        """Fn 0 and Bn 0: no block runs on a cached step, so neither does anything else of the model."""
+        return (
+            self.caching
+            and self.prefix_end == 0
+            and self.suffix_start == self.num_blocks
+            and not (isinstance(self._decider, TeaCacheDecider))
+        )
 
     @property
     def keeps_encoder_residual(self) -> bool:
@@ -78,22 +93,23 @@ class BranchCache:
 
     def signal(
         self, executor: FluxBlockExecutor, embedded: torch.Tensor, temb: torch.Tensor, current: torch.Tensor
-    ) -> torch.Tensor:
-        """What the decision watches: TeaCache the first block's modulated input, DBCache the Fn residual."""
+    ) -> torch.Tensor | None:
+        """What the decision watches: TeaCache the first block's modulated input, DBCache the Fn residual
+        (none at Fn 0, whose static mask decides alone)."""
         if isinstance(self._decider, TeaCacheDecider):
             return executor.modulated_input(embedded, temb)
-        return current - embedded
+        return current - embedded if self.prefix_end > 0 else None
 
     def decide(
         self,
         step: int,
         total_steps: int,
-        signal: torch.Tensor,
+        signal: torch.Tensor | None,
         relative_l1: Callable[[torch.Tensor, torch.Tensor], float],
     ) -> bool:
         assert self._decider is not None, "policy none has nothing to decide"
         previous = self._previous_signal
-        distance = None if previous is None else relative_l1(signal, previous)
+        distance = None if previous is None or signal is None else relative_l1(signal, previous)
         computed = self._decider.decide(step, total_steps, distance)
         # TeaCache compares consecutive steps; DBCache compares with the last computed step.
         if computed or isinstance(self._decider, TeaCacheDecider):
@@ -104,6 +120,11 @@ class BranchCache:
         self._hidden_residual.update(step, hidden_residual)
         if self._encoder_residual is not None and encoder_residual is not None:
             self._encoder_residual.update(step, encoder_residual)
+
+    def decide_step(self, step: int, total_steps: int) -> bool:
+        """A whole-step cache's decision, which needs no signal: taken before the model runs."""
+        assert isinstance(self._decider, DBCacheDecider) and self.caches_whole_step
+        return self._decider.decide(step, total_steps, None)
 
     def reuse(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         hidden = self._hidden_residual.predict(step)
@@ -262,13 +283,21 @@ def forward_batch(executor: FluxBlockExecutor, slots: Sequence[Slot], **transfor
             slot.cache.record(True)
         return output
 
-    inputs = executor.embed(**transformer_kwargs)
     runs: list[_SlotRun] = []
     start = 0
     for slot in slots:
         runs.append(_SlotRun(slot, start))
         start += slot.rows
-    caching = [run for run in runs if run.cache.caching]
+    whole = [run for run in runs if run.cache.caches_whole_step]
+    for run in whole:
+        run.computed = run.cache.decide_step(run.slot.step, run.slot.total_steps)
+    if len(whole) == len(runs) and not any(run.computed for run in whole):
+        for run in runs:
+            run.cache.record(False)
+        return torch.cat([run.cache.reuse(run.slot.step)[0] for run in runs])
+
+    inputs = executor.embed(**transformer_kwargs)
+    caching = [run for run in runs if run.cache.caching and not run.cache.caches_whole_step]
     hidden, encoder = inputs.hidden_states, inputs.encoder_hidden_states
     for index in range(executor.num_blocks + 1):
         for run in caching:
@@ -279,6 +308,12 @@ def forward_batch(executor: FluxBlockExecutor, slots: Sequence[Slot], **transfor
         if index < executor.num_blocks:
             active = [run.rows for run in runs if run.active(index)]
             hidden, encoder = _run_block(executor, index, hidden, encoder, inputs, active)
+    output = executor.finish(hidden, inputs.temb)
+    for run in whole:
+        if run.computed:
+            run.cache.store(run.slot.step, output[run.rows], None)
+        else:
+            output = _replace_rows(output, run.rows, run.cache.reuse(run.slot.step)[0])
     for run in runs:
         run.cache.record(run.computed)
-    return executor.finish(hidden, inputs.temb)
+    return output
