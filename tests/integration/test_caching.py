@@ -86,6 +86,13 @@ def test_a_batch_mixing_policies_gives_each_request_its_solo_image(denoisers: di
             cache=policy('{"dbcache": {"residual_diff_threshold": 0.4, "taylorseer": {"order": 2}}}'),
         ),
         request(13, STEPS, cache=policy('{"dbcache": {"scm": {"preset": "fast", "policy": "static"}}}')),
+        request(
+            14,
+            STEPS,
+            cache=policy(
+                '{"dbcache": {"fn": 0, "taylorseer": {"order": 1}, "scm": {"preset": "ultra", "policy": "static"}}}'
+            ),
+        ),
     ]
     alone = [latents_of(solo, message) for message in messages]
     with concurrent.futures.ThreadPoolExecutor(len(messages)) as pool:
