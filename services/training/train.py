@@ -119,7 +119,7 @@ class Phase:
 
 
 VAE_PHASE = Phase("vae", steps=1000, batch_size=32, learning_rate=1e-3, warmup_steps=100, bf16=True)
-TRANSFORMER_PHASE = Phase("transformer", steps=24000, batch_size=32, learning_rate=1e-3, warmup_steps=500, bf16=False)
+TRANSFORMER_PHASE = Phase("transformer", steps=40000, batch_size=32, learning_rate=1e-3, warmup_steps=500, bf16=False)
 
 Batch = tuple[torch.Tensor, ...]
 # Each phase's streams are seeded with (seed, its index here); latent statistics use 2, the latent pool 3.
@@ -256,6 +256,9 @@ class _Job:
         text_ids = torch.zeros(MAX_SEQUENCE_LENGTH, 3, device=self.device)
 
         pool, pool_prompts = self._latent_pool(vae, pool_size)
+        # Compiled, a step runs 1.4x faster on 2 cores (the model is small enough for op overhead to count);
+        # the module itself stays uncompiled, so its state_dict keys are diffusers' own.
+        compiled = torch.compile(transformer)
 
         def batch(data_rng: np.random.Generator, noise_rng: torch.Generator) -> Batch:
             drawn = data_rng.integers(len(pool), size=phase.batch_size)
@@ -274,7 +277,7 @@ class _Job:
             pooled: torch.Tensor,
             target: torch.Tensor,
         ) -> torch.Tensor:
-            prediction = transformer(
+            prediction = compiled(
                 hidden_states=noisy,
                 timestep=sigma,
                 pooled_projections=pooled,
@@ -301,7 +304,8 @@ class _Job:
         generators; loss runs the model on it. Both generators are checkpointed, so a resumed run draws
         the batches the uninterrupted run would have.
         """
-        optimizer = torch.optim.AdamW(model.parameters(), lr=phase.learning_rate, weight_decay=0.0)
+        # fused: one kernel for all parameters instead of a dozen ops each; 1.1x a step for the transformer.
+        optimizer = torch.optim.AdamW(model.parameters(), lr=phase.learning_rate, weight_decay=0.0, fused=True)
         data_rng = np.random.default_rng((self.seed, PHASES.index(phase.name)))
         noise_rng = torch.Generator().manual_seed(int(data_rng.integers(2**63)))
         state: dict[str, Any] = {"step": 0, "losses": []}
