@@ -45,6 +45,11 @@ from ditserve.v1 import cache_pb2, common_pb2, denoiser_pb2
 STEPS = 4
 BACKEND = "torch_sdpa"
 DBCACHE = '{"dbcache": {"fn": 1, "bn": 0, "residual_diff_threshold": 0.5, "max_warmup_steps": 1}}'
+# Whole-step caching at 4 steps: mask 1001, so steps 1 and 2 skip the transformer call on every rank.
+WHOLE_STEP = (
+    '{"dbcache": {"fn": 0, "max_warmup_steps": 0, "taylorseer": {"order": 1},'
+    ' "scm": {"compute_bins": [1, 1], "cache_bins": [2], "policy": "static"}}}'
+)
 # The shipped model has 4 heads, so U=2xR=2 gives each Ulysses rank two heads and their order is checked.
 WORLDS = {"U2": (2, 1), "R2": (1, 2), "U2xR2": (2, 2)}
 
@@ -106,27 +111,30 @@ def policy(text: str) -> cache_pb2.CachePolicy:
 
 @pytest.mark.parametrize("world", list(WORLDS))
 def test_sp_matches_single_process(world: str, model_dir: Path, single: DenoiserService, tmp_path: Path) -> None:
-    """Alone, then batched with a step-cached request: each within tolerance of one process."""
+    """Alone, then batched with step-cached requests: each within tolerance of one process."""
     ulysses, ring = WORLDS[world]
     plain = request(1, STEPS)
     cached = request(2, STEPS, cache=policy(DBCACHE))
+    whole = request(4, STEPS, cache=policy(WHOLE_STEP))
+    messages = [plain, cached, whole]
     flags = ("--batching", "continuous", "--max-batch-size", "4")
     with sp_denoiser(model_dir, ulysses, ring, tmp_path / "denoiser.log", *flags) as stage:
         info = stage.admin.Info(common_pb2.InfoRequest(), timeout=10)
         assert info.details["sequence_parallel"] == f"U{ulysses}xR{ring}"
         alone = latents_of(stage, plain)
-        with ThreadPoolExecutor(2) as pool:
-            together = list(
-                pool.map(lambda message: list(stage.denoiser.Denoise(message, timeout=60)), [plain, cached])
-            )
+        whole_alone = latents_of(stage, whole)  # no rank runs the model on a skipped step
+        with ThreadPoolExecutor(len(messages)) as pool:
+            together = list(pool.map(lambda message: list(stage.denoiser.Denoise(message, timeout=60)), messages))
         with pytest.raises(grpc.RpcError) as uneven:
             latents_of(stage, request(3, STEPS, height=80, width=80))  # 25 image tokens
     assert np.abs(alone - latents(reference(single, plain))).max() <= TOLERANCE_BATCHED
-    for message, events in zip([plain, cached], together, strict=True):
+    assert np.abs(whole_alone - latents(reference(single, whole))).max() <= TOLERANCE_BATCHED
+    for message, events in zip(messages, together, strict=True):
         result, expected = events[-1].result, reference(single, message)
         assert np.abs(latents(result) - latents(expected)).max() <= TOLERANCE_BATCHED
         assert dict(result.timing.computed_steps) == dict(expected.timing.computed_steps)
     assert "0" in together[1][-1].result.timing.computed_steps["cond"]  # the cache really skipped steps
+    assert together[2][-1].result.timing.computed_steps["cond"] == "1001"
     assert uneven.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "height/width" in uneven.value.details()
 
