@@ -45,6 +45,8 @@ class BranchCache:
         self._decider: TeaCacheDecider | DBCacheDecider | None = None
         order = 0  # plain reuse of the last residual
         self.prefix_end = self.suffix_start = num_blocks  # policy none: every block is prefix
+        # DBCache Fn 0 Bn 0: no block runs on a cached step, so neither does anything else of the model.
+        self.caches_whole_step = False
         if config.teacache is not None:
             self._decider = TeaCacheDecider(config.teacache, teacache_coefficients)
             self.prefix_end = 0
@@ -55,6 +57,7 @@ class BranchCache:
             self._decider = DBCacheDecider(config.dbcache)
             self.prefix_end = config.dbcache.fn
             self.suffix_start = num_blocks - config.dbcache.bn
+            self.caches_whole_step = config.dbcache.fn == 0 and config.dbcache.bn == 0
             if config.dbcache.taylorseer is not None:
                 order = config.dbcache.taylorseer.order
         # The middle's hidden-stream residual; for a whole-step cache, the transformer's output.
@@ -66,16 +69,6 @@ class BranchCache:
     @property
     def caching(self) -> bool:
         return self._decider is not None
-
-    @property
-    def caches_whole_step(self) -> bool:
-        """Fn 0 and Bn 0: no block runs on a cached step, so neither does anything else of the model."""
-        return (
-            self.caching
-            and self.prefix_end == 0
-            and self.suffix_start == self.num_blocks
-            and not (isinstance(self._decider, TeaCacheDecider))
-        )
 
     @property
     def keeps_encoder_residual(self) -> bool:
