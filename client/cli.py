@@ -248,6 +248,19 @@ def cmd_calibrate_teacache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate_step_mask(args: argparse.Namespace) -> int:
+    from ditserve.services.denoiser.cache.calibrate import calibrate_step_masks, calibration_prompts, snr_db
+    from ditserve.services.denoiser.cache.step_masks import mask_text
+
+    found = calibrate_step_masks(
+        args.model, calibration_prompts(args.prompts), args.steps, args.fewest, args.order, args.device, args.dtype
+    )
+    for computed, searched in sorted(found.items()):
+        print(f"{computed:3d} computed  {mask_text(searched.mask)}  latent SNR {snr_db(searched.error):5.1f} dB")
+    print(f"stored step_masks in {Path(args.model) / 'ditserve.json'}")
+    return 0
+
+
 def cmd_eval_fidelity(args: argparse.Namespace) -> int:
     from ditserve.services.eval import command
 
@@ -342,6 +355,24 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     teacache.add_argument("--device", default="auto")
     teacache.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     teacache.set_defaults(func=cmd_calibrate_teacache)
+    step_mask = methods.add_parser(
+        "step-mask",
+        help="search the steps a whole-step cache computes, for every count down to a fifth of the steps",
+        description="Searches, on calibration prompts, which k steps whole-step caching (dbcache fn 0, bn 0,"
+        " static mask) should compute, for every k from steps-1 down to --fewest, with TaylorSeer forecasting"
+        " the others; stores them as the model's step_masks. Requests then ask for"
+        ' {"dbcache": {"fn": 0, "bn": 0, "taylorseer": {"order": 1},'
+        ' "scm": {"preset": "calibrated", "computed_steps": K, "policy": "static"}}}.'
+        " About 5 minutes for the default model on 2 cores.",
+    )
+    step_mask.add_argument("--model", default=str(default_model_dir()), help="model folder (written: ditserve.json)")
+    step_mask.add_argument("--prompts", type=int, default=4, help="calibration prompts, 2 seeds each (default: 4)")
+    step_mask.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    step_mask.add_argument("--fewest", type=int, default=None, help="fewest computed steps (default: steps / 5)")
+    step_mask.add_argument("--order", type=int, default=1, choices=[1, 2], help="TaylorSeer order (default: 1)")
+    step_mask.add_argument("--device", default="auto")
+    step_mask.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    step_mask.set_defaults(func=cmd_calibrate_step_mask)
 
     evaluate = commands.add_parser("eval", help="score images against their prompts")
     scorers = evaluate.add_subparsers(dest="scorer", required=True, metavar="SCORER")

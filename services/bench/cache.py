@@ -1,13 +1,16 @@
 """`ditserve bench cache`: our step caching beside its peers, on one model, one prompt set, the same seeds.
 
-Rows (--rows narrows them by name pattern; the two uncached baselines always run):
+Rows (--rows narrows them by name pattern; the two uncached baselines and the control always run):
 - ours: our own loop in this process, as the denoiser serves it (FluxRunner, one FluxTrajectory per
-  prompt): none; TeaCache at TEACACHE_THRESHOLDS, and with TaylorSeer (order 1) forecasting the skipped
+  prompt): none; a control, none with the initial noise nudged by CONTROL_NUDGE (no caching, and a change
+  far smaller than any cache makes: what the quality measures make of that is their noise floor, and it
+  never enters the summary); TeaCache at TEACACHE_THRESHOLDS, and with TaylorSeer (order 1) forecasting the skipped
   residual at TEACACHE_TAYLORSEER_THRESHOLDS; DBCache at Fn 1 and at the deeper Fn cache-dit uses on
   FLUX.1 (4 and 8 of its 57 blocks) scaled to this model's depth, each at DBCACHE_THRESHOLDS, without and
   with TaylorSeer (order 1); the four SCM presets (dynamic, on DBCache Fn 1 with TaylorSeer); whole-step
-  caching (DBCache Fn 0 Bn 0: a static mask of WHOLE_STEP_COMPUTED computed steps, power_mask's spacing,
-  TaylorSeer order 1 forecasting the skipped steps' transformer output).
+  caching (DBCache Fn 0 Bn 0: the model's calibrated static mask of WHOLE_STEP_COMPUTED computed steps,
+  searched by `ditserve calibrate step-mask` on the calibration prompts, TaylorSeer order 1 forecasting
+  the skipped steps' transformer output; rows of a model without such masks report an error).
 - cache-dit: each of our DBCache and SCM rows field for field (Fn, Bn, threshold, warmup, caps, TaylorSeer
   order, the very same SCM step mask) through cache_dit.enable_cache on a FluxPipeline, with
   enable_separate_cfg=True under true CFG so each branch keeps its own cache, as cache-dit advises.
@@ -21,7 +24,13 @@ denoiser/cache/calibrate.py); a folder without them gets them fitted here, the s
 bench's prompts (a seeded subset of the shapes evaluation prompts, seed i for prompt i) never include the
 calibration prompts. Settings are the model folder's defaults, true CFG with negative prompt "" above 1.
 
-Timing. Rows run interleaved: each round runs every row over the whole prompt set, starting one row later
+Prompts. One seeded shuffle of the shapes evaluation prompts without the calibration ones, seed i for the
+i-th: the quality set is its first --quality-prompts (default: all of them), the timed set its first
+--prompts. Two sets because the two measures need different things: a timing needs repeats, which a few
+prompts give cheaply, while fidelity moves in whole prompts, and borderline shapes flip under changes far
+below what PSNR notices, so a few prompts cannot tell a cache's loss from that luck.
+
+Timing. Rows run interleaved: each round runs every row over the timed set, starting one row later
 than the round before; before its prompt set, every row makes one untimed image (so no row pays a first
 call after installing its hooks). A row's time per image is the mean over prompts of each prompt's median
 over rounds, which a burst of load from elsewhere moves less than a median of round means. Ours times
@@ -32,9 +41,11 @@ sets, untimed. Speedup is against the uncached row of the same harness; both bas
 should agree. Each harness has its own copy of the transformer, and cache-dit a third: its disable_cache
 keeps the forward it patched into the transformer.
 
-Quality, from the first round's images, decoded by one VAE as the VAE service decodes: PSNR and SSIM
+Quality, over the quality set: the timed prompts' first-round images, then one untimed pass of every
+row over the other prompts. Images are decoded by one VAE as the VAE service decodes: PSNR and SSIM
 (Gaussian 11x11 window, sigma 1.5, per RGB channel) against the uncached image of the same prompt and seed
-in the same harness, and prompt fidelity (eval/fidelity.py: all attributes right, in points). A row's
+in the same harness, and prompt fidelity (eval/fidelity.py: all attributes right, in points, with the
+prompts it loses and gains against that uncached image). A row's
 PSNR is the mean of its per-image PSNRs, each capped at PSNR_CAP_DB (identical images). Skipped block
 evaluations: ours from RequestCache; a pipeline row counts block bodies that ran, through forward hooks on
 each block's first norm layer (diffusers' hooks replace a block's forward, so a hook on the block itself
@@ -70,7 +81,9 @@ from tqdm import tqdm
 from ditserve.client.config import default_model_dir
 from ditserve.services.bench.common import median, result_document
 from ditserve.services.common.device import add_arguments as add_device_arguments
+from ditserve.services.common.errors import InvalidArgument
 from ditserve.services.denoiser.cache.policy import (
+    CALIBRATED,
     SCM_PRESETS,
     CacheConfig,
     DBCacheConfig,
@@ -78,7 +91,8 @@ from ditserve.services.denoiser.cache.policy import (
     TaylorSeerConfig,
     TeaCacheConfig,
 )
-from ditserve.services.eval.fidelity import score_batch
+from ditserve.services.denoiser.cache.step_masks import resolve, stored_masks
+from ditserve.services.eval.fidelity import score_image
 from ditserve.services.training.shapes import all_combinations
 
 if TYPE_CHECKING:
@@ -99,10 +113,12 @@ DBCACHE_THRESHOLDS = (0.08, 0.16, 0.24)
 SCM_BASE = DBCacheConfig(fn=1, max_continuous_cached_steps=-1, taylorseer=TaylorSeerConfig(order=1))
 FBC_THRESHOLDS = (0.05, 0.08, 0.12, 0.2)
 TAYLORSEER_INTERVALS = (2, 3, 4, 5)
-# Whole-step rows: computed steps out of the schedule, spaced by power_mask with WHOLE_STEP_POWER.
-WHOLE_STEP_COMPUTED = (8, 9, 10)
-WHOLE_STEP_POWER = 1.3
+# Whole-step rows: computed steps out of the schedule, on the model's calibrated masks.
+WHOLE_STEP_COMPUTED = (7, 8, 9, 10, 11, 12)
 MAGCACHE_THRESHOLDS = (0.06, 0.12, 0.24)
+# The control row: uncached, its initial noise nudged by this much noise (std): no cache, a tiny change.
+CONTROL_NUDGE = 0.01
+UNCACHED = ("none", "control")  # never in the summary
 PSNR_FLOOR_DB = 30.0
 FIDELITY_SLACK = 2.0  # points of fidelity a cached row may lose against uncached
 PSNR_CAP_DB = 100.0
@@ -116,7 +132,13 @@ BASELINES = {"ours": "ours/none", "pipeline": "diffusers/none"}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_arguments(parser)
     parser.add_argument("--model", default=str(default_model_dir()), help="model folder (default: the shipped model)")
-    parser.add_argument("--prompts", type=int, default=10, help="prompts in the fixed set (default: 10)")
+    parser.add_argument("--prompts", type=int, default=10, help="timed prompts, a round each (default: 10)")
+    parser.add_argument(
+        "--quality-prompts",
+        type=int,
+        help="prompts whose images are scored, the timed ones first (default: every evaluation prompt not used"
+        " for calibration)",
+    )
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's default_steps)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (default: 3)")
     parser.add_argument(
@@ -161,33 +183,14 @@ def depth_scaled_fn(num_blocks: int) -> list[int]:
     return sorted({1} | deeper)
 
 
-def power_mask(computed: int, steps: int, power: float) -> list[bool]:
-    """computed steps at round((steps - 1) * (k / (computed - 1)) ** power): first and last included, and
-    power > 1 packs them where the early, high-noise steps change the output fastest (fewer when two
-    round to the same step)."""
-    chosen = {round((steps - 1) * (k / max(1, computed - 1)) ** power) for k in range(computed)}
-    return [step in chosen for step in range(steps)]
-
-
-def mask_bins(mask: Sequence[bool]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The (compute, cache) bins of a mask that starts computing: what SCMConfig takes, and scm_mask inverts."""
-    runs: list[int] = []
-    for index, compute in enumerate(mask):
-        if index and compute == mask[index - 1]:
-            runs[-1] += 1
-        else:
-            runs.append(1)
-    return tuple(runs[::2]), tuple(runs[1::2])
-
-
-def whole_step_config(computed: int, steps: int) -> DBCacheConfig:
-    compute, cache = mask_bins(power_mask(computed, steps, WHOLE_STEP_POWER))
-    scm = SCMConfig(compute_bins=compute, cache_bins=cache, policy="static")
+def whole_step_config(computed: int) -> DBCacheConfig:
+    scm = SCMConfig(preset=CALIBRATED, computed_steps=computed, policy="static")
     return DBCacheConfig(fn=0, max_warmup_steps=0, taylorseer=TaylorSeerConfig(order=1), scm=scm)
 
 
-def all_rows(num_blocks: int, steps: int) -> list[Row]:
+def all_rows(num_blocks: int) -> list[Row]:
     rows = [Row("ours/none", "ours", "none"), Row("diffusers/none", "diffusers", "none")]
+    rows.append(Row(f"ours/none nudged {CONTROL_NUDGE:g}", "ours", "control"))
     for threshold in TEACACHE_THRESHOLDS:
         rows.append(Row(f"ours/teacache t={threshold}", "ours", "teacache", CacheConfig(TeaCacheConfig(threshold))))
     for threshold in TEACACHE_TAYLORSEER_THRESHOLDS:
@@ -207,12 +210,9 @@ def all_rows(num_blocks: int, steps: int) -> list[Row]:
         dbcache.append((f"scm {preset}", "scm", config))
     for peer in ("ours", "cache-dit"):
         rows += [Row(f"{peer}/{name}", peer, method, CacheConfig(dbcache=c)) for name, method, c in dbcache]
-    rows += [
-        Row(
-            f"ours/whole-step k={k} +taylorseer", "ours", "whole-step", CacheConfig(dbcache=whole_step_config(k, steps))
-        )
-        for k in WHOLE_STEP_COMPUTED
-    ]
+    for k in WHOLE_STEP_COMPUTED:
+        name = f"ours/whole-step calibrated k={k} +taylorseer"
+        rows.append(Row(name, "ours", "whole-step", CacheConfig(dbcache=whole_step_config(k))))
     rows += [Row(f"diffusers/fbc t={t}", "diffusers", "fbc", hook={"threshold": t}) for t in FBC_THRESHOLDS]
     rows += [
         Row(f"diffusers/taylorseer-lite i={i}", "diffusers", "taylorseer-lite", hook={"cache_interval": i})
@@ -229,7 +229,11 @@ def select_rows(rows: list[Row], patterns: str | None) -> list[Row]:
         return rows
     wanted = [pattern.strip() for pattern in patterns.split(",") if pattern.strip()]
     chosen = [
-        row for row in rows if row.name in BASELINES.values() or any(fnmatch.fnmatchcase(row.name, p) for p in wanted)
+        row
+        for row in rows
+        if row.name in BASELINES.values()
+        or row.method == "control"
+        or any(fnmatch.fnmatchcase(row.name, p) for p in wanted)
     ]
     unmatched = [p for p in wanted if not any(fnmatch.fnmatchcase(row.name, p) for row in rows)]
     if unmatched:
@@ -237,11 +241,14 @@ def select_rows(rows: list[Row], patterns: str | None) -> list[Row]:
     return chosen
 
 
-def bench_prompts(count: int, excluded: Sequence[str]) -> list[tuple[str, int]]:
-    """(prompt, seed) pairs: a seeded subset of the evaluation prompts, without the calibration ones."""
+def bench_prompts(count: int | None, excluded: Sequence[str]) -> list[tuple[str, int]]:
+    """(prompt, seed) pairs: the first `count` (None: all) of a seeded shuffle of the evaluation prompts
+    without the calibration ones, so a shorter list is the start of a longer one."""
     prompts = [spec.prompt for spec in all_combinations() if spec.prompt not in excluded]
-    chosen = np.random.default_rng(PROMPT_SEED).choice(len(prompts), size=count, replace=False)
-    return [(prompts[index], seed) for seed, index in enumerate(sorted(chosen))]
+    if count is not None and not 1 <= count <= len(prompts):
+        raise SystemExit(f"there are {len(prompts)} bench prompts, asked for {count}")
+    order = np.random.default_rng(PROMPT_SEED).permutation(len(prompts))[:count]
+    return [(prompts[index], seed) for seed, index in enumerate(order)]
 
 
 def psnr(image: np.ndarray, reference: np.ndarray) -> float:
@@ -297,7 +304,7 @@ class OurHarness:
     def run(self, row: Row, prompt: Conditioning, seed: int) -> tuple[float, Any, float]:
         inputs = self.model.inputs(prompt, seed, self.steps, row.cache)
         started = time.perf_counter()
-        trajectory = self.model.denoise(inputs)
+        trajectory = self.model.denoise(inputs, nudge=CONTROL_NUDGE if row.method == "control" else 0.0)
         _synchronize(self.model.device)
         return time.perf_counter() - started, trajectory.result(), trajectory.cache.skipped_fraction
 
@@ -527,6 +534,25 @@ def _measure(
         raise RuntimeError(f"an uncached baseline failed, nothing compares: {failed}")
 
 
+def _score_rest(
+    rows: list[Row], harnesses: dict[str, OurHarness | PipelineHarness], prompts: Sequence[tuple[Conditioning, int]]
+) -> None:
+    """One untimed pass of every row over the quality prompts past the timed ones."""
+    for row in tqdm([row for row in rows if row.error is None], desc="quality prompts", unit="row"):
+        harness = harnesses[row.harness]
+        harness.install(row)
+        try:
+            for prompt, seed in prompts:
+                _, latents, skipped = harness.run(row, prompt, seed)
+                row.latents.append(latents)
+                row.skipped.append(skipped)
+        except Exception as error:  # as in _measure: reported, never dropped
+            row.error = f"{type(error).__name__}: {error}"
+            row.latents = []
+        finally:
+            harness.uninstall(row)
+
+
 def _denoise_seconds(row: Row) -> float:
     """Per image: the mean over prompts of each prompt's median over rounds."""
     return float(np.mean([median(samples) for samples in row.seconds]))
@@ -543,6 +569,8 @@ def _row_results(
     reference_row = row is baseline
     psnrs = [psnr(image, ref) for image, ref in zip(own, reference, strict=True)]
     denoise_s = _denoise_seconds(row)
+    passed = _passes(own, prompts)
+    passed_uncached = _passes(reference, prompts)
     return {
         **result,
         "denoise_s": denoise_s,
@@ -552,9 +580,16 @@ def _row_results(
         "psnr_db": None if reference_row else float(np.mean(psnrs)),
         "psnr_min_db": None if reference_row else min(psnrs),
         "ssim": None if reference_row else float(np.mean([ssim(i, r) for i, r in zip(own, reference, strict=True)])),
-        "fidelity": 100 * float(score_batch([Image.fromarray(i) for i in own], prompts)["all"]),
+        "fidelity": 100 * float(np.mean(passed)),
+        "fidelity_lost": sum(was and not now for was, now in zip(passed_uncached, passed, strict=True)),
+        "fidelity_gained": sum(now and not was for was, now in zip(passed_uncached, passed, strict=True)),
         "deterministic": row.deterministic,
     }
+
+
+def _passes(images: list[np.ndarray], prompts: list[str]) -> list[bool]:
+    """Per image: does it show every attribute its prompt asks for (eval/fidelity.py)?"""
+    return [score_image(Image.fromarray(image), prompt)["all"] for image, prompt in zip(images, prompts, strict=True)]
 
 
 def _best(results: list[dict[str, Any]], peers: set[str], fidelity_none: float) -> dict[str, Any] | None:
@@ -563,7 +598,7 @@ def _best(results: list[dict[str, Any]], peers: set[str], fidelity_none: float) 
         r
         for r in results
         if r["peer"] in peers
-        and r["method"] != "none"
+        and r["method"] not in UNCACHED
         and "error" not in r
         and r["psnr_db"] >= PSNR_FLOOR_DB
         and r["fidelity"] >= fidelity_none - FIDELITY_SLACK
@@ -709,7 +744,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     folder = ModelFolder(args.model)
     model = LocalFlux(folder, device, dtype)
     steps = args.steps or folder.defaults.steps
-    rows = select_rows(all_rows(model.runner.executor.num_blocks, steps), args.rows)
+    rows = select_rows(all_rows(model.runner.executor.num_blocks), args.rows)
     cache_dit_installed = importlib.util.find_spec("cache_dit") is not None
     for row in rows:
         if row.peer == "cache-dit" and not cache_dit_installed:
@@ -720,9 +755,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     source = f"{folder.path.name}/ditserve.json"
     if coefficients is None and any(row.method == "teacache" for row in rows):
         coefficients, source = fit_teacache(model, calibration, steps).coefficients, "fitted in the bench"
+    masks = stored_masks(folder.sidecar)
     for row in rows:
         if row.cache.teacache is not None:
             row.cache = CacheConfig(dataclasses.replace(row.cache.teacache, coefficients=tuple(coefficients)))
+        try:
+            row.cache = resolve(row.cache, steps, masks)
+        except InvalidArgument as error:
+            row.error = f"{error.field}: {error.reason}"
 
     vae = folder.load("vae", device, dtype)
     pipelines = PipelineHarness(model, steps, vae)
@@ -733,10 +773,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if any(row.method == "magcache" and row.error is None for row in rows):
         pipelines.calibrate_magcache([model.encode(prompt) for prompt in calibration])
 
-    chosen = bench_prompts(args.prompts, calibration)
+    chosen = bench_prompts(args.quality_prompts, calibration)
+    if args.prompts > len(chosen):
+        raise SystemExit(f"--prompts {args.prompts} is more than the {len(chosen)} quality prompts")
     texts = [prompt for prompt, _ in chosen]
     encoded = [(model.encode(prompt), seed) for prompt, seed in chosen]
-    _measure(rows, harnesses, encoded, args.repeats)
+    _measure(rows, harnesses, encoded[: args.prompts], args.repeats)
+    _score_rest(rows, harnesses, encoded[args.prompts :])
 
     decode = Decoder(vae, model)
     images = {row.name: [decode(latents) for latents in row.latents] for row in rows if row.error is None}
@@ -750,7 +793,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary["teacache_coefficients_source"] = source if coefficients is not None else None
     summary["magcache_ratios"] = pipelines.mag_ratios
     if getattr(args, "out", None):
-        title = f"bench cache: {folder.name}, {steps} steps, {len(chosen)} prompts, median of {args.repeats}"
+        title = (
+            f"bench cache: {folder.name}, {steps} steps; time: {args.prompts} prompts, median of {args.repeats};"
+            f" quality: {len(chosen)} prompts"
+        )
         written = plot(results, Path(args.out).with_suffix(".png"), title)
         summary["plot"] = str(written) if written else None
     config = {
@@ -762,6 +808,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "guidance_scale": folder.defaults.guidance_scale,
         "true_cfg_scale": folder.defaults.true_cfg_scale,
         "repeats": args.repeats,
+        "timed_prompts": args.prompts,
         "prompts": [{"prompt": prompt, "seed": seed} for prompt, seed in chosen],
         "calibration_prompts": calibration,
         "blocks": model.runner.executor.num_blocks,

@@ -28,6 +28,7 @@ from ditserve.services.denoiser.attention import (
 from ditserve.services.denoiser.batching import BatchingConfig
 from ditserve.services.denoiser.cache.policy import CacheConfig, model_teacache_coefficients
 from ditserve.services.denoiser.cache.state import RequestCache
+from ditserve.services.denoiser.cache.step_masks import resolve, stored_masks
 from ditserve.services.denoiser.cache.wire import cache_config
 from ditserve.services.denoiser.engine import Engine
 from ditserve.services.denoiser.flux_runner import Conditioning, FluxInputs, FluxRunner
@@ -67,7 +68,8 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
         self.attention_backend = backend.value
         try:
             teacache_coefficients = model_teacache_coefficients(folder.family, folder.sidecar)
-        except InvalidArgument as error:
+            self.step_masks = stored_masks(folder.sidecar)
+        except (InvalidArgument, ValueError) as error:
             raise StartupError(f"{folder.path / SIDECAR}: {error}") from None
         self.sequence_parallel = sequence_parallel or SPConfig()
         self.sp = None
@@ -104,7 +106,10 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
         )
         self.default_cache = cache or CacheConfig()
         self.progress_interval_s = progress_interval_ms / 1000.0
-        self._check_cache(self.default_cache, "--cache-policy")
+        try:  # a default the model cannot serve at its default steps stops the start, clearly
+            self._accept_cache(self.default_cache, folder.defaults.steps, "--cache-policy")
+        except InvalidArgument as error:
+            raise StartupError(str(error)) from None
         self.batching = batching or BatchingConfig(mode="off")
         self.engine = Engine(self.runner, stage.metrics, stage.profiler, self.batching)
         add_block_ranges(list(self.transformer.transformer_blocks), "double_block")
@@ -154,10 +159,13 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             )
         return Conditioning(embeds, pooled)
 
-    def _check_cache(self, config: CacheConfig, field: str) -> None:
-        """A policy the model cannot serve (Fn + Bn too deep, no TeaCache coefficients) is refused now."""
+    def _accept_cache(self, config: CacheConfig, steps: int, field: str) -> CacheConfig:
+        """The policy with the model's calibrated mask filled in; one the model cannot serve (Fn + Bn too
+        deep, no TeaCache coefficients, no calibrated mask for these steps) is refused now."""
         try:
+            config = resolve(config, steps, self.step_masks)
             RequestCache(config, self.runner.executor)
+            return config
         except InvalidArgument as error:
             raise InvalidArgument(f"{field}.{error.field.removeprefix('cache.')}", error.reason) from None
 
@@ -168,22 +176,23 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
         prompt = self._conditioning(request.prompt, "prompt")
         true_cfg = request.true_cfg_scale if request.HasField("true_cfg_scale") else defaults.true_cfg_scale
         guidance = request.guidance_scale if request.HasField("guidance_scale") else defaults.guidance_scale
+        steps = request.num_inference_steps or defaults.steps
+        if request.HasField("cache"):
+            cache = self._accept_cache(cache_config(request.cache), steps, "cache")
+        else:  # accepted at startup for the default steps; a calibrated mask depends on the steps
+            cache = self._accept_cache(self.default_cache, steps, "--cache-policy")
         inputs = FluxInputs(
             prompt=prompt,
             negative=None,
             height=request.height or defaults.height,
             width=request.width or defaults.width,
-            steps=request.num_inference_steps or defaults.steps,
+            steps=steps,
             guidance_scale=guidance,
             true_cfg_scale=true_cfg,
             seed=request.seed,
             num_images=request.num_images or 1,
-            cache=self.default_cache,
+            cache=cache,
         )
-        if request.HasField("cache"):
-            config = cache_config(request.cache)
-            self._check_cache(config, "cache")
-            inputs = replace(inputs, cache=config)
         check_generation(
             self.stage.limits,
             height=inputs.height,

@@ -16,10 +16,13 @@ from helpers import TOLERANCE_BATCHED, embedding, latents_of, request, sample, w
 
 from ditserve.client.stub import StageClient
 from ditserve.services.common import tensor_codec
+from ditserve.services.common.errors import StartupError
 from ditserve.services.common.model import SIDECAR, ModelFolder
 from ditserve.services.common.server import ServerOptions, start_server
 from ditserve.services.common.stage import StageContext
-from ditserve.services.denoiser.cache.policy import COEFFICIENTS_KEY
+from ditserve.services.denoiser.cache.policy import COEFFICIENTS_KEY, mask_bins
+from ditserve.services.denoiser.cache.step_masks import STEP_MASKS_KEY, mask_text, stored_masks
+from ditserve.services.denoiser.cache.wire import cache_config
 from ditserve.services.denoiser.service import DenoiserService
 from ditserve.v1 import cache_pb2, denoiser_pb2
 
@@ -142,3 +145,55 @@ def test_teacache_defaults_to_the_models_calibrated_coefficients(
     shipped = _result(denoisers["off"][1], request(5, STEPS, cache=teacache)).timing.computed_steps["cond"]
     assert calibrated == "1" + "0" * (STEPS - 2) + "1"
     assert shipped.count("1") > 2
+
+
+def whole_step(scm: dict) -> cache_pb2.CachePolicy:
+    return policy(json.dumps({"dbcache": {"fn": 0, "bn": 0, "taylorseer": {"order": 1}, "scm": scm}}))
+
+
+def calibrated(computed: int) -> cache_pb2.CachePolicy:
+    return whole_step({"preset": "calibrated", "computed_steps": computed, "policy": "static"})
+
+
+def test_a_calibrated_mask_is_the_one_stored_with_the_model(denoisers: dict, model_dir: Path) -> None:
+    """Preset "calibrated" serves the mask `ditserve calibrate step-mask` stored, as if sent as bins."""
+    folder = ModelFolder(model_dir)
+    steps = folder.defaults.steps
+    mask = stored_masks(folder.sidecar)[steps][9]
+    compute, cache = mask_bins(mask)
+    _, stage = denoisers["off"]
+
+    by_name = _result(stage, request(6, steps, cache=calibrated(9)))
+    as_bins = _result(
+        stage,
+        request(6, steps, cache=whole_step({"compute_bins": compute, "cache_bins": cache, "policy": "static"})),
+    )
+
+    assert by_name.timing.computed_steps["cond"] == mask_text(mask)
+    assert np.array_equal(tensor_codec.decode(by_name.latents).numpy(), tensor_codec.decode(as_bins.latents).numpy())
+
+
+@pytest.mark.parametrize(
+    ("steps", "computed", "field"),
+    [(STEPS, 9, "cache.dbcache.scm.preset"), (None, 40, "cache.dbcache.scm.computed_steps")],
+)
+def test_a_calibrated_mask_the_model_lacks_is_refused(
+    denoisers: dict, model_dir: Path, steps: int | None, computed: int, field: str
+) -> None:
+    _, stage = denoisers["off"]
+    message = request(7, steps or ModelFolder(model_dir).defaults.steps, cache=calibrated(computed))
+    with pytest.raises(grpc.RpcError) as caught:
+        _result(stage, message)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith(field)
+
+
+def test_a_default_calibrated_policy_needs_the_models_masks(model_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "uncalibrated"
+    shutil.copytree(model_dir, folder)
+    sidecar = json.loads((folder / SIDECAR).read_text())
+    (folder / SIDECAR).write_text(json.dumps({k: v for k, v in sidecar.items() if k != STEP_MASKS_KEY}))
+    stage = StageContext(role="denoiser", folder=ModelFolder(folder), device=torch.device("cpu"), dtype=torch.float32)
+    default = cache_config(calibrated(9), "--cache-policy")
+    with pytest.raises(StartupError, match=r"--cache-policy\.dbcache\.scm\.preset: the model has no calibrated masks"):
+        DenoiserService(stage, cache=default)

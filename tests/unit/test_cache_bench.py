@@ -13,7 +13,8 @@ import pytest
 
 from ditserve.services.bench import cache
 from ditserve.services.denoiser.cache.calibrate import calibration_prompts
-from ditserve.services.denoiser.cache.policy import scm_mask
+from ditserve.services.denoiser.cache.policy import mask_bins
+from ditserve.services.denoiser.cache.step_masks import stored_masks
 
 CACHE_DIT = importlib.util.find_spec("cache_dit") is not None
 
@@ -25,7 +26,7 @@ def test_fn_settings_scale_with_depth() -> None:
 
 
 def test_cache_dit_rows_mirror_ours() -> None:
-    rows = cache.all_rows(57, 28)
+    rows = cache.all_rows(57)
     names = [row.name for row in rows]
     assert len(names) == len(set(names))
     ours = {row.name.removeprefix("ours/"): row.cache for row in rows if row.peer == "ours"}
@@ -34,25 +35,16 @@ def test_cache_dit_rows_mirror_ours() -> None:
     assert sum(row.method == "teacache" for row in rows) >= 4
 
 
-@pytest.mark.parametrize("steps", [12, 28, 50])
-@pytest.mark.parametrize("computed", [2, 8, 10])
-def test_whole_step_masks_compute_the_ends_and_round_trip_through_bins(steps: int, computed: int) -> None:
-    mask = cache.power_mask(computed, steps, cache.WHOLE_STEP_POWER)
-    assert len(mask) == steps and mask[0] and mask[-1]
-    assert computed - 2 <= sum(mask) <= computed  # two near the start may round to one step
-    assert scm_mask(cache.mask_bins(mask), steps) == mask
-    assert cache.whole_step_config(computed, steps).scm.mask(steps) == mask  # type: ignore[union-attr]
-
-
-def test_whole_step_masks_are_denser_early() -> None:
-    mask = cache.power_mask(9, 28, cache.WHOLE_STEP_POWER)
-    assert "".join("1" if compute else "0" for compute in mask) == "1010100010010001000100010001"
+def test_whole_step_rows_ask_for_the_models_calibrated_masks() -> None:
+    rows = [row for row in cache.all_rows(3) if row.method == "whole-step"]
+    assert [row.cache.dbcache.scm.computed_steps for row in rows] == list(cache.WHOLE_STEP_COMPUTED)  # type: ignore[union-attr]
+    assert all(row.cache.dbcache.fn == row.cache.dbcache.bn == 0 for row in rows)  # type: ignore[union-attr]
 
 
 def test_row_patterns_keep_both_baselines_and_reject_typos() -> None:
-    rows = cache.all_rows(3, 28)
+    rows = cache.all_rows(3)
     chosen = [row.name for row in cache.select_rows(rows, "ours/teacache t=0.4")]
-    assert chosen == ["ours/none", "diffusers/none", "ours/teacache t=0.4"]
+    assert chosen == ["ours/none", "diffusers/none", CONTROL_ROW, "ours/teacache t=0.4"]
     with pytest.raises(SystemExit, match="no row matches"):
         cache.select_rows(rows, "ours/teacache t=9")
 
@@ -62,7 +54,12 @@ def test_bench_prompts_are_fixed_and_never_calibration_prompts() -> None:
     chosen = cache.bench_prompts(12, excluded)
     assert chosen == cache.bench_prompts(12, excluded)
     assert [seed for _, seed in chosen] == list(range(12))
-    assert not {prompt for prompt, _ in chosen} & set(excluded)
+    everything = cache.bench_prompts(None, excluded)
+    assert everything[:12] == chosen  # the timed prompts are the start of the quality prompts
+    assert len({prompt for prompt, _ in everything}) == len(everything) == 140 - len(excluded)
+    assert not {prompt for prompt, _ in everything} & set(excluded)
+    with pytest.raises(SystemExit, match="bench prompts"):
+        cache.bench_prompts(len(everything) + 1, excluded)
 
 
 def test_psnr_and_ssim() -> None:
@@ -111,7 +108,12 @@ def test_summary_rule() -> None:
     assert "differ by 33%" in cache.summarize(results, baseline_identical=True)["timing_warning"]
 
 
-RUN_ROWS = ["ours/teacache t=0.4", "diffusers/fbc t=0.2"] + (["cache-dit/dbcache F1B0 r=0.24"] if CACHE_DIT else [])
+CONTROL_ROW = f"ours/none nudged {cache.CONTROL_NUDGE:g}"
+WHOLE_STEP_ROW = "ours/whole-step calibrated k=9 +taylorseer"
+RUN_ROWS = ["ours/teacache t=0.4", WHOLE_STEP_ROW, "diffusers/fbc t=0.2"] + (
+    ["cache-dit/dbcache F1B0 r=0.24"] if CACHE_DIT else []
+)
+QUALITY_PROMPTS = 3  # one past the 2 timed prompts: the untimed quality pass runs too
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +124,7 @@ def minimal_run(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     args = argparse.Namespace(
         model=str(model_dir),
         prompts=2,
+        quality_prompts=QUALITY_PROMPTS,
         steps=None,
         repeats=1,
         rows=",".join(RUN_ROWS),
@@ -136,10 +139,8 @@ def test_minimal_run_on_the_shipped_model(minimal_run: tuple[Path, dict[str, Any
     out, document = minimal_run
     json.dumps(document, allow_nan=False)  # a strict JSON document: no Infinity, no NaN
     results = {row["name"]: row for row in document["rows"]}
-    assert list(results)[:2] == ["ours/none", "diffusers/none"] and set(results) == {
-        *list(results)[:2],
-        *RUN_ROWS,
-    }
+    assert list(results)[:3] == ["ours/none", "diffusers/none", CONTROL_ROW]
+    assert set(results) == {*list(results)[:3], *RUN_ROWS}
     assert not document["summary"]["errors"]
     for name in ("ours/none", "diffusers/none"):
         assert results[name]["speedup"] == pytest.approx(1.0)
@@ -149,7 +150,15 @@ def test_minimal_run_on_the_shipped_model(minimal_run: tuple[Path, dict[str, Any
         assert row["denoise_s"] > 0 and 0 <= row["skipped_fraction"] < 1
         assert 0 < row["psnr_db"] <= cache.PSNR_CAP_DB and 0 < row["ssim"] <= 1
         assert 0 <= row["fidelity"] <= 100
+        assert 0 <= row["fidelity_lost"] + row["fidelity_gained"] <= QUALITY_PROMPTS
     assert results["ours/teacache t=0.4"]["skipped_fraction"] > 0
+    control = results[CONTROL_ROW]  # uncached, nudged: a small change, and nothing skipped
+    assert control["skipped_fraction"] == 0.0 and 30 < control["psnr_db"] < cache.PSNR_CAP_DB
+    # The shipped model's calibrated 9-of-28 mask, resolved to bins: 19 of 28 whole steps skipped.
+    masks = stored_masks(json.loads((model_dir / "ditserve.json").read_text()))
+    assert tuple(results[WHOLE_STEP_ROW]["params"]["scm"]["compute_bins"]) == mask_bins(masks[28][9])[0]
+    assert results[WHOLE_STEP_ROW]["skipped_fraction"] == pytest.approx(19 / 28)
+    assert len(document["config"]["prompts"]) == QUALITY_PROMPTS and document["config"]["timed_prompts"] == 2
     summary = document["summary"]
     assert summary["baselines_identical"]  # our loop is FluxPipeline's, bit for bit
     assert summary["teacache_coefficients_source"] == f"{model_dir.name}/ditserve.json"  # calibrated, shipped

@@ -1,4 +1,4 @@
-"""TeaCache calibration on the shipped tiny model, always on a copy: the shipped folder must never change."""
+"""TeaCache and step-mask calibration on the shipped tiny model, always on a copy: the shipped folder never changes."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import torch
 from ditserve.services.common.model import SIDECAR, ModelFolder
 from ditserve.services.denoiser.cache.calibrate import (
     LocalFlux,
+    MaskObjective,
+    calibrate_step_masks,
     calibrate_teacache,
     calibration_prompts,
     fit_teacache,
@@ -23,6 +25,7 @@ from ditserve.services.denoiser.cache.policy import (
     TeaCacheDecider,
     model_teacache_coefficients,
 )
+from ditserve.services.denoiser.cache.step_masks import STEP_MASKS_KEY, stored_masks
 
 
 @pytest.fixture
@@ -66,3 +69,31 @@ def test_too_few_samples_are_refused(model_dir: Path) -> None:
     model = LocalFlux(ModelFolder(model_dir), torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match="cannot fit"):
         fit_teacache(model, calibration_prompts(1), steps=3)
+
+
+def test_mask_objective_is_zero_without_caching_and_grows_with_skipping(model_dir: Path) -> None:
+    model = LocalFlux(ModelFolder(model_dir), torch.device("cpu"), torch.float32)
+    objective = MaskObjective(model, calibration_prompts(1), steps=8, order=1)
+    assert objective((True,) * 8) == 0.0  # every step computed is the uncached run, bit for bit
+    one = objective((True, True, True, False, True, True, True, True))
+    most = objective((True, False, False, True, False, False, False, True))
+    assert 0 < one < most
+
+
+def test_calibrate_step_masks_stores_a_mask_per_count_and_keeps_the_rest(model_dir: Path, model_copy: Path) -> None:
+    shipped = (model_dir / SIDECAR).read_bytes()
+    sidecar = json.loads((model_copy / SIDECAR).read_text())
+    other = {"12": {"6": "110101010001"}}
+    (model_copy / SIDECAR).write_text(json.dumps({**sidecar, STEP_MASKS_KEY: other}))
+
+    found = calibrate_step_masks(model_copy, calibration_prompts(1), steps=7, fewest=3)
+
+    assert sorted(found) == [3, 4, 5, 6]
+    folder = ModelFolder(model_copy)
+    masks = stored_masks(folder.sidecar)
+    assert masks[12] == stored_masks({STEP_MASKS_KEY: other})[12]  # another step count's masks kept
+    assert {count: mask for count, mask in masks[7].items()} == {count: s.mask for count, s in found.items()}
+    assert all(len(mask) == 7 and mask[0] and mask[-1] for mask in masks[7].values())
+    assert folder.sidecar["step_mask_calibration"]["7"]["evaluations"] > 0
+    assert folder.sidecar[COEFFICIENTS_KEY] == sidecar[COEFFICIENTS_KEY]  # other keys kept
+    assert (model_dir / SIDECAR).read_bytes() == shipped

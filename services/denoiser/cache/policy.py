@@ -53,6 +53,9 @@ SCM_PRESETS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "ultra": ((4, 1, 1, 1, 1), (2, 5, 6, 7)),
 }
 
+# The SCM preset that names the model's own masks (step_masks.py), chosen by computed_steps.
+CALIBRATED = "calibrated"
+
 CacheMode = Literal["none", "teacache", "dbcache"]
 SCMPolicy = Literal["static", "dynamic"]
 
@@ -118,6 +121,17 @@ def scm_mask(spec: str | tuple[Sequence[int], Sequence[int]], steps: int) -> lis
         mask.extend([index % 2 == 0] * (end - len(mask)))
     mask[0] = mask[-1] = True
     return mask
+
+
+def mask_bins(mask: Sequence[bool]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The (compute, cache) bins of a mask that starts computing: scm_mask's inverse at the mask's length."""
+    runs: list[int] = []
+    for index, compute in enumerate(mask):
+        if index and compute == mask[index - 1]:
+            runs[-1] += 1
+        else:
+            runs.append(1)
+    return tuple(runs[::2]), tuple(runs[1::2])
 
 
 @dataclass(frozen=True)
@@ -187,28 +201,36 @@ class TaylorSeerConfig:
 
 @dataclass(frozen=True)
 class SCMConfig:
-    """A steps computation mask: which steps compute, from a preset or explicit bins.
+    """A steps computation mask: which steps compute, from a preset, explicit bins, or the model's own.
 
     static: the mask alone decides (its 0 steps always reuse the cache). dynamic: its 1 steps always
     compute, and its 0 steps go through the usual DBCache rule (caps, then the Fn diff against the
-    threshold), so they still compute when the diff says the step changed too much.
+    threshold), so they still compute when the diff says the step changed too much. Preset "calibrated"
+    with computed_steps k names the model's searched mask of k computed steps (step_masks.py), which the
+    denoiser resolves to bins when it accepts the request.
     """
 
     preset: str | None = None
     compute_bins: tuple[int, ...] | None = None
     cache_bins: tuple[int, ...] | None = None
     policy: SCMPolicy = "dynamic"
+    computed_steps: int | None = None
 
     def __post_init__(self) -> None:
         has_bins = self.compute_bins is not None or self.cache_bins is not None
+        presets = sorted([*SCM_PRESETS, CALIBRATED])
         if self.preset is not None and has_bins:
             raise InvalidArgument("dbcache.scm", "give a preset or compute/cache bins, not both")
         if self.preset is None and not has_bins:
-            raise InvalidArgument(
-                "dbcache.scm.preset", f"give one of {sorted(SCM_PRESETS)} or compute_bins and cache_bins"
-            )
-        if self.preset is not None and self.preset not in SCM_PRESETS:
-            raise InvalidArgument("dbcache.scm.preset", f"must be one of {sorted(SCM_PRESETS)}, got {self.preset!r}")
+            raise InvalidArgument("dbcache.scm.preset", f"give one of {presets} or compute_bins and cache_bins")
+        if self.preset is not None and self.preset not in presets:
+            raise InvalidArgument("dbcache.scm.preset", f"must be one of {presets}, got {self.preset!r}")
+        if self.preset == CALIBRATED:
+            if self.computed_steps is None:
+                raise InvalidArgument("dbcache.scm.computed_steps", f"is required with preset {CALIBRATED!r}")
+            _integer("dbcache.scm.computed_steps", self.computed_steps, 2)
+        elif self.computed_steps is not None:
+            raise InvalidArgument("dbcache.scm.computed_steps", f"is only for preset {CALIBRATED!r}")
         if has_bins:
             compute, cache = _check_bins(self.compute_bins, self.cache_bins)
             object.__setattr__(self, "compute_bins", compute)
@@ -217,6 +239,8 @@ class SCMConfig:
             raise InvalidArgument("dbcache.scm.policy", f"must be 'static' or 'dynamic', got {self.policy!r}")
 
     def mask(self, steps: int) -> list[bool]:
+        if self.preset == CALIBRATED:
+            raise ValueError("a calibrated mask is the model's: resolve it first (step_masks.resolve)")
         if self.preset is not None:
             return scm_mask(self.preset, steps)
         return scm_mask((self.compute_bins or (), self.cache_bins or ()), steps)

@@ -53,6 +53,7 @@ def cache_config(policy: cache_pb2.CachePolicy, field: str = "cache") -> CacheCo
                     compute_bins=tuple(scm.compute_bins) or None,
                     cache_bins=tuple(scm.cache_bins) or None,
                     policy=scm.policy or "dynamic",
+                    computed_steps=scm.computed_steps if scm.HasField("computed_steps") else None,
                 )
             return CacheConfig(dbcache=DBCacheConfig(**options))
     except InvalidArgument as error:

@@ -1,0 +1,148 @@
+"""Per-model step masks: which steps a static mask computes, searched on calibration prompts; pure logic.
+
+Why search: with a static mask the choice of steps decides most of a cached image's error, and it depends
+on the model and on how skipped steps are forecast. On the default model, hand-spaced masks (k steps at
+round(27 (i/(k-1))^p)) swing by more than 10 dB of latent SNR between neighbouring k, because TaylorSeer
+(order 1) forecasts from the last two computed steps and so rewards computed pairs, which even spacing
+breaks up. A search on the model itself finds them; the objective (calibrate.py) is the final latents'
+error against the uncached run on calibration prompts, so the bench's prompts never choose a mask.
+
+Method: backward greedy with local polish. Start from every step computed; drop the computed step whose
+loss raises the error least; after each drop, move single computed steps to a neighbouring cached
+position while that lowers the error (greedy alone strands long cached runs at small k). The first and
+last step always compute, as scm_mask makes them. Every mask from steps - 1 down to `fewest` computed
+steps is kept, with its error.
+
+The masks live in the model's ditserve.json as strings in the SCM presets' notation ("1" computes):
+{"step_masks": {"28": {"9": "1010...1", ...}}}. A request names one with scm preset "calibrated" and
+computed_steps k; resolve() turns it into explicit bins before the request is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from ditserve.services.common.errors import InvalidArgument
+from ditserve.services.denoiser.cache.policy import CALIBRATED, CacheConfig, SCMConfig, mask_bins
+
+STEP_MASKS_KEY = "step_masks"  # in ditserve.json, next to the model's other calibrated constants
+
+Mask = tuple[bool, ...]
+
+
+@dataclass(frozen=True)
+class SearchedMask:
+    mask: Mask
+    error: float
+
+
+def mask_text(mask: Mask) -> str:
+    return "".join("1" if compute else "0" for compute in mask)
+
+
+def parse_mask(text: str) -> Mask:
+    if not text or set(text) - {"0", "1"}:
+        raise ValueError(f"a step mask is a string of 0 and 1, got {text!r}")
+    return tuple(char == "1" for char in text)
+
+
+class _Memo:
+    """The objective, each mask evaluated once (polish revisits masks greedy already tried)."""
+
+    def __init__(self, error: Callable[[Mask], float]) -> None:
+        self.error = error
+        self.seen: dict[Mask, float] = {}
+
+    def __call__(self, mask: Mask) -> float:
+        if mask not in self.seen:
+            self.seen[mask] = self.error(mask)
+        return self.seen[mask]
+
+
+def _drop(mask: Mask, step: int) -> Mask:
+    return (*mask[:step], False, *mask[step + 1 :])
+
+
+def _polish(mask: Mask, error: _Memo, max_passes: int) -> Mask:
+    """First-improvement local search over moves of one computed step to an adjacent cached one."""
+    best = error(mask)
+    for _ in range(max_passes):
+        improved = False
+        for step in range(1, len(mask) - 2):
+            if mask[step] == mask[step + 1]:
+                continue
+            moved = list(mask)
+            moved[step], moved[step + 1] = mask[step + 1], mask[step]
+            candidate = tuple(moved)
+            if error(candidate) < best:
+                mask, best, improved = candidate, error(candidate), True
+        if not improved:
+            break
+    return mask
+
+
+def search_masks(
+    steps: int,
+    fewest: int,
+    error: Callable[[Mask], float],
+    on_level: Callable[[int, SearchedMask], None] | None = None,
+    max_passes: int = 3,
+) -> dict[int, SearchedMask]:
+    """The best mask found for every count of computed steps from steps - 1 down to fewest (>= 2)."""
+    if steps < 3:
+        raise ValueError(f"a mask search needs at least 3 steps (first and last always compute), got {steps}")
+    if not 2 <= fewest < steps:
+        raise ValueError(f"fewest must be in [2, {steps - 1}], got {fewest}")
+    memo = _Memo(error)
+    mask: Mask = (True,) * steps
+    found: dict[int, SearchedMask] = {}
+    for computed in range(steps - 1, fewest - 1, -1):
+        droppable = [step for step in range(1, steps - 1) if mask[step]]
+        mask = min((_drop(mask, step) for step in droppable), key=memo)
+        mask = _polish(mask, memo, max_passes)
+        found[computed] = SearchedMask(mask, memo(mask))
+        if on_level is not None:
+            on_level(computed, found[computed])
+    return found
+
+
+def stored_masks(sidecar: Mapping[str, object]) -> dict[int, dict[int, Mask]]:
+    """ditserve.json's calibrated masks: {steps: {computed steps: mask}}; {} when it has none."""
+    raw = sidecar.get(STEP_MASKS_KEY, {})
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{STEP_MASKS_KEY} must map step counts to masks, got {type(raw).__name__}")
+    masks: dict[int, dict[int, Mask]] = {}
+    for steps, by_count in raw.items():
+        if not isinstance(by_count, Mapping):
+            raise ValueError(f"{STEP_MASKS_KEY}[{steps}] must map computed-step counts to masks")
+        masks[int(steps)] = {int(count): parse_mask(text) for count, text in by_count.items()}
+        for count, mask in masks[int(steps)].items():
+            if len(mask) != int(steps) or sum(mask) != count:
+                raise ValueError(f"{STEP_MASKS_KEY}[{steps}][{count}] = {mask_text(mask)!r} is not {count} of {steps}")
+    return masks
+
+
+def resolve(config: CacheConfig, steps: int, masks: Mapping[int, Mapping[int, Mask]]) -> CacheConfig:
+    """config with a "calibrated" SCM preset replaced by the model's mask as explicit bins; else config."""
+    scm = config.dbcache.scm if config.dbcache is not None else None
+    if scm is None or scm.preset != CALIBRATED:
+        return config
+    if steps not in masks:
+        have = f"for {sorted(masks)} steps only" if masks else "none"
+        raise InvalidArgument(
+            "dbcache.scm.preset",
+            f"the model has no calibrated masks for {steps} steps ({have}):"
+            f" run `ditserve calibrate step-mask --model DIR --steps {steps}`",
+        )
+    by_count = masks[steps]
+    if scm.computed_steps not in by_count:
+        raise InvalidArgument(
+            "dbcache.scm.computed_steps",
+            f"the model's calibrated masks for {steps} steps compute {min(by_count)} to {max(by_count)} steps,"
+            f" got {scm.computed_steps}",
+        )
+    compute, cache = mask_bins(by_count[scm.computed_steps])
+    explicit = SCMConfig(compute_bins=compute, cache_bins=cache, policy=scm.policy)
+    return dataclasses.replace(config, dbcache=dataclasses.replace(config.dbcache, scm=explicit))
