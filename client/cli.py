@@ -363,7 +363,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         " the others; stores them as the model's step_masks. Requests then ask for"
         ' {"dbcache": {"fn": 0, "bn": 0, "taylorseer": {"order": 1},'
         ' "scm": {"preset": "calibrated", "computed_steps": K, "policy": "static"}}}.'
-        " About 5 minutes for the default model on 2 cores.",
+        " About 6 minutes for the default model on 2 cores; the search is deterministic.",
     )
     step_mask.add_argument("--model", default=str(default_model_dir()), help="model folder (written: ditserve.json)")
     step_mask.add_argument("--prompts", type=int, default=4, help="calibration prompts, 2 seeds each (default: 4)")

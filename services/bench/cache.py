@@ -183,11 +183,6 @@ def depth_scaled_fn(num_blocks: int) -> list[int]:
     return sorted({1} | deeper)
 
 
-def whole_step_config(computed: int) -> DBCacheConfig:
-    scm = SCMConfig(preset=CALIBRATED, computed_steps=computed, policy="static")
-    return DBCacheConfig(fn=0, max_warmup_steps=0, taylorseer=TaylorSeerConfig(order=1), scm=scm)
-
-
 def all_rows(num_blocks: int) -> list[Row]:
     rows = [Row("ours/none", "ours", "none"), Row("diffusers/none", "diffusers", "none")]
     rows.append(Row(f"ours/none nudged {CONTROL_NUDGE:g}", "ours", "control"))
@@ -212,7 +207,8 @@ def all_rows(num_blocks: int) -> list[Row]:
         rows += [Row(f"{peer}/{name}", peer, method, CacheConfig(dbcache=c)) for name, method, c in dbcache]
     for k in WHOLE_STEP_COMPUTED:
         name = f"ours/whole-step calibrated k={k} +taylorseer"
-        rows.append(Row(name, "ours", "whole-step", CacheConfig(dbcache=whole_step_config(k))))
+        scm = SCMConfig(preset=CALIBRATED, computed_steps=k, policy="static")
+        rows.append(Row(name, "ours", "whole-step", CacheConfig(dbcache=DBCacheConfig.whole_step(scm))))
     rows += [Row(f"diffusers/fbc t={t}", "diffusers", "fbc", hook={"threshold": t}) for t in FBC_THRESHOLDS]
     rows += [
         Row(f"diffusers/taylorseer-lite i={i}", "diffusers", "taylorseer-lite", hook={"cache_interval": i})
@@ -711,9 +707,9 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> Path | None:
     draw.line((x30, top, x30, plot_bottom), fill=(200, 60, 60), width=1)
     draw.line((left, y2, plot_right, y2), fill=(200, 60, 60), width=1)
     draw.rectangle((left, top, plot_right, plot_bottom), outline="black")
-    draw.text((width / 2, 20), title, fill="black", font=font, anchor="mm")
+    draw.text((width / 2, 14), title, fill="black", font=font, anchor="mm")
     draw.text(((left + plot_right) / 2, height - 25), "PSNR vs uncached (dB)", fill="black", font=font, anchor="mm")
-    draw.text((15, top - 30), "speedup vs uncached (same harness)", fill="black", font=font, anchor="lm")
+    draw.text((15, top - 12), "speedup vs uncached (same harness)", fill="black", font=font, anchor="lm")
     series = sorted({(r["peer"], r["method"]) for r in points}, key=lambda s: (s[0] != "ours", s))
     colors = {key: SERIES_COLORS[index % len(SERIES_COLORS)] for index, key in enumerate(series)}
     for r in points:

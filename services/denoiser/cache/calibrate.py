@@ -47,7 +47,6 @@ from ditserve.services.denoiser.cache.policy import (
     CacheConfig,
     DBCacheConfig,
     SCMConfig,
-    TaylorSeerConfig,
     mask_bins,
     model_teacache_coefficients,
 )
@@ -63,8 +62,8 @@ from ditserve.services.training.shapes import all_combinations
 
 CALIBRATION_KEY = "teacache_calibration"
 MASK_CALIBRATION_KEY = "step_mask_calibration"
-MASK_SEEDS = (10_000, 10_001)
-NUDGE_SEED = 1_000_003  # per calibration prompt; the cache bench's seeds count from 0
+MASK_SEEDS = (10_000, 10_001)  # per calibration prompt; the cache bench's seeds count from 0
+NUDGE_SEED = 1_000_003  # offsets a request's seed for LocalFlux.denoise's nudge
 CALIBRATION_SEED = 1234  # picks the calibration prompts; the cache bench picks its prompts from the rest
 DEFAULT_PROMPTS = 4
 DEGREE = 4  # TeaCacheConfig takes the 5 coefficients of a 4th-order polynomial
@@ -236,13 +235,6 @@ def calibrate_teacache(
     return fit.coefficients
 
 
-def whole_step_cache(mask: Sequence[bool], order: int) -> CacheConfig:
-    """Whole-step caching on a static mask, TaylorSeer of this order forecasting the skipped steps."""
-    compute, cache = mask_bins(mask)
-    scm = SCMConfig(compute_bins=compute, cache_bins=cache, policy="static")
-    return CacheConfig(dbcache=DBCacheConfig(fn=0, max_warmup_steps=0, taylorseer=TaylorSeerConfig(order), scm=scm))
-
-
 class MaskObjective:
     """A mask's error: final latents against the uncached run's, relative, averaged over the prompts."""
 
@@ -256,7 +248,11 @@ class MaskObjective:
 
     @torch.inference_mode()
     def _denoise(self, mask: Mask | None) -> torch.Tensor:
-        cache = CacheConfig() if mask is None else whole_step_cache(mask, self.order)
+        cache = CacheConfig()
+        if mask is not None:
+            compute, cached = mask_bins(mask)
+            scm = SCMConfig(compute_bins=compute, cache_bins=cached, policy="static")
+            cache = CacheConfig(dbcache=DBCacheConfig.whole_step(scm, self.order))
         trajectories = [
             FluxTrajectory(self.model.runner, self.model.inputs(prompt, seed, self.steps, cache))
             for prompt, seed in self.requests

@@ -284,6 +284,12 @@ class DBCacheConfig:
             # The diff is taken on the Fn residual: with no first block only a static mask can decide.
             raise InvalidArgument("dbcache.fn", "0 needs a static step mask (dbcache.scm with policy 'static')")
 
+    @classmethod
+    def whole_step(cls, scm: SCMConfig, taylorseer_order: int | None = 1) -> DBCacheConfig:
+        """Fn 0 Bn 0 on a static mask: a cached step skips the whole call; TaylorSeer forecasts its output."""
+        taylorseer = None if taylorseer_order is None else TaylorSeerConfig(order=taylorseer_order)
+        return cls(fn=0, bn=0, max_warmup_steps=0, taylorseer=taylorseer, scm=scm)
+
     def check_blocks(self, num_blocks: int) -> None:
         """Fn and Bn are model-independent numbers; they must leave the model a middle to cache."""
         if self.fn + self.bn >= num_blocks:
