@@ -252,9 +252,12 @@ def cmd_calibrate_step_mask(args: argparse.Namespace) -> int:
     from ditserve.services.denoiser.cache.calibrate import calibrate_step_masks, calibration_prompts, snr_db
     from ditserve.services.denoiser.cache.step_masks import mask_text
 
-    found = calibrate_step_masks(
-        args.model, calibration_prompts(args.prompts), args.steps, args.fewest, args.order, args.device, args.dtype
-    )
+    try:
+        found = calibrate_step_masks(
+            args.model, calibration_prompts(args.prompts), args.steps, args.fewest, args.order, args.device, args.dtype
+        )
+    except ValueError as error:
+        raise SystemExit(f"calibrate step-mask: {error}") from None
     for computed, searched in sorted(found.items()):
         print(f"{computed:3d} computed  {mask_text(searched.mask)}  latent SNR {snr_db(searched.error):5.1f} dB")
     print(f"stored step_masks in {Path(args.model) / 'ditserve.json'}")

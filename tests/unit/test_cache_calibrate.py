@@ -97,3 +97,9 @@ def test_calibrate_step_masks_stores_a_mask_per_count_and_keeps_the_rest(model_d
     assert folder.sidecar["step_mask_calibration"]["7"]["evaluations"] > 0
     assert folder.sidecar[COEFFICIENTS_KEY] == sidecar[COEFFICIENTS_KEY]  # other keys kept
     assert (model_dir / SIDECAR).read_bytes() == shipped
+
+
+@pytest.mark.parametrize("fewest", [1, 8])
+def test_an_impossible_mask_count_is_refused_before_any_model_work(model_copy: Path, fewest: int) -> None:
+    with pytest.raises(ValueError, match="--fewest must be in \\[2, 7\\]"):
+        calibrate_step_masks(model_copy, steps=8, fewest=fewest)

@@ -294,6 +294,8 @@ def calibrate_step_masks(
     prompts = list(prompts) if prompts is not None else calibration_prompts()
     steps = steps or folder.defaults.steps
     fewest = fewest or fewest_computed_default(steps)
+    if not 2 <= fewest < steps:  # refused before minutes of model work, not after
+        raise ValueError(f"--fewest must be in [2, {steps - 1}] for {steps} steps, got {fewest}")
     torch_device = resolve_device(device)
     model = LocalFlux(folder, torch_device, resolve_dtype(dtype, torch_device))
     objective = MaskObjective(model, prompts, steps, order)
