@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -162,12 +163,10 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
     def _accept_cache(self, config: CacheConfig, steps: int, field: str) -> CacheConfig:
         """The policy with the model's calibrated mask filled in; one the model cannot serve (Fn + Bn too
         deep, no TeaCache coefficients, no calibrated mask for these steps) is refused now."""
-        try:
+        with _named(field):
             config = resolve(config, steps, self.step_masks)
             RequestCache(config, self.runner.executor)
-            return config
-        except InvalidArgument as error:
-            raise InvalidArgument(f"{field}.{error.field.removeprefix('cache.')}", error.reason) from None
+        return config
 
     def parse(self, request: denoiser_pb2.DenoiseRequest) -> FluxInputs:
         defaults = self.stage.folder.defaults
@@ -179,8 +178,9 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
         steps = request.num_inference_steps or defaults.steps
         if request.HasField("cache"):
             cache = self._accept_cache(cache_config(request.cache), steps, "cache")
-        else:  # accepted at startup for the default steps; a calibrated mask depends on the steps
-            cache = self._accept_cache(self.default_cache, steps, "--cache-policy")
+        else:  # accepted at start-up; only a calibrated mask depends on the request's steps
+            with _named("--cache-policy"):
+                cache = resolve(self.default_cache, steps, self.step_masks)
         inputs = FluxInputs(
             prompt=prompt,
             negative=None,
@@ -277,6 +277,15 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             profile_trace=event.profile_trace,
         )
         return denoiser_pb2.DenoiseEvent(result=result)
+
+
+@contextlib.contextmanager
+def _named(field: str) -> Iterator[None]:
+    """Cache-policy errors named as the caller sent the policy: `cache.dbcache.fn`, `--cache-policy.dbcache.fn`."""
+    try:
+        yield
+    except InvalidArgument as error:
+        raise InvalidArgument(f"{field}.{error.field.removeprefix('cache.')}", error.reason) from None
 
 
 def _float_tensor(message: object, field: str, max_abs: float) -> torch.Tensor:
