@@ -238,6 +238,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train.run(args)
 
 
+def _add_calibration_arguments(parser: argparse.ArgumentParser, prompts_help: str) -> None:
+    parser.add_argument("--model", default=str(default_model_dir()), help="model folder (written: ditserve.json)")
+    parser.add_argument("--prompts", type=int, default=4, help=prompts_help)
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+
+
 def cmd_calibrate_teacache(args: argparse.Namespace) -> int:
     from ditserve.services.denoiser.cache.calibrate import calibrate_teacache, calibration_prompts
 
@@ -352,11 +360,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     calibrate = commands.add_parser("calibrate", help="fit per-model constants and store them with the model")
     methods = calibrate.add_subparsers(dest="method", required=True, metavar="METHOD")
     teacache = methods.add_parser("teacache", help="fit TeaCache's rescale polynomial from a few prompts")
-    teacache.add_argument("--model", default=str(default_model_dir()), help="model folder (written: ditserve.json)")
-    teacache.add_argument("--prompts", type=int, default=4, help="calibration prompts (default: 4)")
-    teacache.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
-    teacache.add_argument("--device", default="auto")
-    teacache.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    _add_calibration_arguments(teacache, prompts_help="calibration prompts (default: 4)")
     teacache.set_defaults(func=cmd_calibrate_teacache)
     step_mask = methods.add_parser(
         "step-mask",
@@ -368,13 +372,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         ' "scm": {"preset": "calibrated", "computed_steps": K, "policy": "static"}}}.'
         " About 6 minutes for the default model on 2 cores; the search is deterministic.",
     )
-    step_mask.add_argument("--model", default=str(default_model_dir()), help="model folder (written: ditserve.json)")
-    step_mask.add_argument("--prompts", type=int, default=4, help="calibration prompts, 2 seeds each (default: 4)")
-    step_mask.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    _add_calibration_arguments(step_mask, prompts_help="calibration prompts, 2 seeds each (default: 4)")
     step_mask.add_argument("--fewest", type=int, default=None, help="fewest computed steps (default: steps / 5)")
     step_mask.add_argument("--order", type=int, default=1, choices=[1, 2], help="TaylorSeer order (default: 1)")
-    step_mask.add_argument("--device", default="auto")
-    step_mask.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     step_mask.set_defaults(func=cmd_calibrate_step_mask)
 
     evaluate = commands.add_parser("eval", help="score images against their prompts")

@@ -478,6 +478,31 @@ class Decoder:
         return (pixels[0] * 255).round().astype(np.uint8)
 
 
+def _installed_runs(
+    row: Row, harness: OurHarness | PipelineHarness, prompts: Sequence[tuple[Conditioning, int]], warm_up: bool
+) -> list[tuple[float, Any, float]]:
+    """The row's (seconds, latents, skipped) per prompt, its hooks installed for them and removed after."""
+    harness.install(row)
+    try:
+        if warm_up:
+            harness.run(row, *prompts[0])  # untimed: whatever a first call after installing costs
+        return [harness.run(row, prompt, seed) for prompt, seed in prompts]
+    finally:
+        harness.uninstall(row)
+
+
+def _fail(row: Row, error: Exception) -> None:
+    """A row that cannot run is reported, never dropped."""
+    row.error = f"{type(error).__name__}: {error}"
+    row.latents = []
+
+
+def _check_baselines(rows: list[Row]) -> None:
+    failed = [row.error for row in rows if row.name in BASELINES.values() and row.error is not None]
+    if failed:
+        raise RuntimeError(f"an uncached baseline failed, nothing compares: {failed}")
+
+
 def _run_row(
     row: Row,
     harness: OurHarness | PipelineHarness,
@@ -486,12 +511,7 @@ def _run_row(
 ) -> None:
     import torch
 
-    harness.install(row)
-    try:
-        harness.run(row, *prompts[0])  # untimed: whatever a first call after installing costs
-        results = [harness.run(row, prompt, seed) for prompt, seed in prompts]
-    finally:
-        harness.uninstall(row)
+    results = _installed_runs(row, harness, prompts, warm_up=True)
     if first:
         row.seconds = [[seconds] for seconds, _, _ in results]
         row.latents = [latents for _, latents, _ in results]
@@ -511,7 +531,6 @@ def _measure(
     repeats: int,
 ) -> None:
     """Every row over every prompt, each round starting one row later; a row that fails stops there."""
-    by_name = {row.name: row for row in rows}
     bar = tqdm(total=repeats * len(rows), desc="rows x rounds", unit="row")
     for round_index in range(repeats):
         start = round_index % len(rows)
@@ -521,13 +540,10 @@ def _measure(
                 continue
             try:
                 _run_row(row, harnesses[row.harness], prompts, first=round_index == 0)
-            except Exception as error:  # a row that cannot run is reported, never dropped
-                row.error = f"{type(error).__name__}: {error}"
-                row.latents = []
+            except Exception as error:
+                _fail(row, error)
     bar.close()
-    failed = [by_name[name].error for name in BASELINES.values() if by_name[name].error is not None]
-    if failed:
-        raise RuntimeError(f"an uncached baseline failed, nothing compares: {failed}")
+    _check_baselines(rows)
 
 
 def _score_rest(
@@ -535,18 +551,14 @@ def _score_rest(
 ) -> None:
     """One untimed pass of every row over the quality prompts past the timed ones."""
     for row in tqdm([row for row in rows if row.error is None], desc="quality prompts", unit="row"):
-        harness = harnesses[row.harness]
-        harness.install(row)
         try:
-            for prompt, seed in prompts:
-                _, latents, skipped = harness.run(row, prompt, seed)
-                row.latents.append(latents)
-                row.skipped.append(skipped)
-        except Exception as error:  # as in _measure: reported, never dropped
-            row.error = f"{type(error).__name__}: {error}"
-            row.latents = []
-        finally:
-            harness.uninstall(row)
+            results = _installed_runs(row, harnesses[row.harness], prompts, warm_up=False)
+        except Exception as error:
+            _fail(row, error)
+            continue
+        row.latents += [latents for _, latents, _ in results]
+        row.skipped += [skipped for _, _, skipped in results]
+    _check_baselines(rows)
 
 
 def _denoise_seconds(row: Row) -> float:

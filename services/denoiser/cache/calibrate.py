@@ -109,6 +109,12 @@ class LocalFlux:
         self.true_cfg = self.defaults.true_cfg_scale > 1
         self.negative = self.encode("") if self.true_cfg else None
 
+    @classmethod
+    def open(cls, folder: ModelFolder, device: str, dtype: str) -> LocalFlux:
+        """From the --device and --dtype flags' values ("auto" included)."""
+        torch_device = resolve_device(device)
+        return cls(folder, torch_device, resolve_dtype(dtype, torch_device))
+
     @torch.inference_mode()
     def encode(self, prompt: str) -> Conditioning:
         embeds, pooled, _ = self.text.encode_prompt(
@@ -221,9 +227,7 @@ def calibrate_teacache(
     folder = ModelFolder(model_dir)
     prompts = list(prompts) if prompts is not None else calibration_prompts()
     steps = steps or folder.defaults.steps
-    torch_device = resolve_device(device)
-    model = LocalFlux(folder, torch_device, resolve_dtype(dtype, torch_device))
-    fit = fit_teacache(model, prompts, steps)
+    fit = fit_teacache(LocalFlux.open(folder, device, dtype), prompts, steps)
     provenance = {
         "prompts": len(prompts),
         "steps": steps,
@@ -273,7 +277,7 @@ class MaskObjective:
 
 def fewest_computed_default(steps: int) -> int:
     """A fifth of the steps: past 5x fewer transformer calls no mask keeps an image (on the default model
-    the best 6-of-28 mask is at 13 dB latent SNR)."""
+    the best 6-of-28 mask is at 17.5 dB latent SNR)."""
     return max(2, math.ceil(steps / 5))
 
 
@@ -296,9 +300,7 @@ def calibrate_step_masks(
     fewest = fewest or fewest_computed_default(steps)
     if not 2 <= fewest < steps:  # refused before minutes of model work, not after
         raise ValueError(f"--fewest must be in [2, {steps - 1}] for {steps} steps, got {fewest}")
-    torch_device = resolve_device(device)
-    model = LocalFlux(folder, torch_device, resolve_dtype(dtype, torch_device))
-    objective = MaskObjective(model, prompts, steps, order)
+    objective = MaskObjective(LocalFlux.open(folder, device, dtype), prompts, steps, order)
     with tqdm(total=steps - fewest, desc=f"step masks, {steps} steps", unit="mask") as bar:
 
         def report(computed: int, found: SearchedMask) -> None:
