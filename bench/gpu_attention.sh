@@ -32,8 +32,8 @@ import argparse
 import logging
 import sys
 
-from ditserve.services.bench import attention
-from ditserve.services.bench.common import write_result
+from ditserve.services.tools.bench import attention
+from ditserve.services.tools.bench.common import write_result
 
 logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
 parser = argparse.ArgumentParser()

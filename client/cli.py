@@ -46,14 +46,11 @@ def cache_policy(text: str | None) -> object:
     """--cache-policy's shorthand or JSON as a CachePolicy message (None: the denoiser's default)."""
     if text is None:
         return None
-    from google.protobuf import json_format
+    from ditserve.client.cache_policy import parse_cache_policy
 
-    from ditserve.v1 import cache_pb2
-
-    shorthand = {"none": '{"none": {}}', "teacache": '{"teacache": {}}', "dbcache": '{"dbcache": {}}'}
     try:
-        return json_format.Parse(shorthand.get(text, text), cache_pb2.CachePolicy())
-    except json_format.ParseError as error:
+        return parse_cache_policy(text)
+    except ValueError as error:
         raise SystemExit(f"--cache-policy: {error}") from None
 
 
@@ -225,7 +222,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from ditserve.services.modelgen.tiny_flux import write_tiny_flux
+    from ditserve.services.tools.modelgen.tiny_flux import write_tiny_flux
 
     path = write_tiny_flux(Path(args.dir), seed=args.seed)
     print(f"wrote a tiny FLUX-architecture model to {path}")
@@ -233,7 +230,7 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ditserve.services.training import train
+    from ditserve.services.tools.training import train
 
     return train.run(args)
 
@@ -247,7 +244,7 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser, prompts_help: st
 
 
 def cmd_calibrate_teacache(args: argparse.Namespace) -> int:
-    from ditserve.services.denoiser.cache.calibrate import calibrate_teacache, calibration_prompts
+    from ditserve.services.tools.calibrate import calibrate_teacache, calibration_prompts
 
     coefficients = calibrate_teacache(
         args.model, calibration_prompts(args.prompts), args.steps, args.device, args.dtype
@@ -257,7 +254,7 @@ def cmd_calibrate_teacache(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate_step_mask(args: argparse.Namespace) -> int:
-    from ditserve.services.denoiser.cache.calibrate import calibrate_step_masks, calibration_prompts, snr_db
+    from ditserve.services.tools.calibrate import calibrate_step_masks, calibration_prompts, snr_db
     from ditserve.services.denoiser.cache.step_masks import mask_text
 
     try:
@@ -273,7 +270,7 @@ def cmd_calibrate_step_mask(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_fidelity(args: argparse.Namespace) -> int:
-    from ditserve.services.eval import command
+    from ditserve.services.tools.eval import command
 
     return command.run(args)
 
@@ -281,9 +278,9 @@ def cmd_eval_fidelity(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
-    from ditserve.services.bench.common import write_result
+    from ditserve.services.tools.bench.common import write_result
 
-    module = importlib.import_module(f"ditserve.services.bench.{args.bench}")
+    module = importlib.import_module(f"ditserve.services.tools.bench.{args.bench}")
     path = write_result(args.out, module.run(args))
     print(f"wrote {path}")
     return 0
@@ -354,7 +351,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         help="train the shipped shapes model from a seed (resumable; about 90 minutes on 2 cores)",
     )
     if argv[:1] == ["train-default-model"]:
-        _add_module_arguments(train, "ditserve.services.training.train")
+        _add_module_arguments(train, "ditserve.services.tools.training.train")
     train.set_defaults(func=cmd_train)
 
     calibrate = commands.add_parser("calibrate", help="fit per-model constants and store them with the model")
@@ -380,7 +377,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="score images against their prompts")
     scorers = evaluate.add_subparsers(dest="scorer", required=True, metavar="SCORER")
     fidelity = scorers.add_parser("fidelity", help="colour, shape and background of shapes-model images")
-    _add_module_arguments(fidelity, "ditserve.services.eval.command")
+    _add_module_arguments(fidelity, "ditserve.services.tools.eval.command")
     fidelity.set_defaults(func=cmd_eval_fidelity)
 
     bench = commands.add_parser("bench", help="benchmarks that write a JSON result file")
@@ -389,7 +386,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         sub = benches.add_parser(name, help=f"the {name} benchmark")
         sub.add_argument("--out", required=True, help="result JSON path")
         if argv[:2] == ["bench", name]:
-            _add_module_arguments(sub, f"ditserve.services.bench.{name}")
+            _add_module_arguments(sub, f"ditserve.services.tools.bench.{name}")
         sub.set_defaults(func=cmd_bench)
     return parser
 

@@ -144,6 +144,7 @@ def build_service(role: str, args: argparse.Namespace) -> Service:
         from ditserve.services.denoiser.batching import BatchingConfig
         from ditserve.services.denoiser.cache.wire import parse_flag
         from ditserve.services.denoiser.parallel.mesh import SPConfig
+        from ditserve.services.denoiser.runtime import DenoiserOptions
         from ditserve.services.denoiser.service import DenoiserService
 
         backend = args.attention_backend or default_backend_name()
@@ -166,14 +167,14 @@ def build_service(role: str, args: argparse.Namespace) -> Service:
             sequence_parallel = SPConfig(args.sp_ulysses, args.sp_ring)
         except ValueError as error:
             raise StartupError(f"--sp-ulysses/--sp-ring: {error}") from None
-        return DenoiserService(
-            stage,
-            batching,
+        options = DenoiserOptions(
+            batching=batching,
             attention_backend=backend,
             cache=cache,
             progress_interval_ms=args.progress_interval_ms,
             sequence_parallel=sequence_parallel,
         )
+        return DenoiserService(stage, options)
     from ditserve.services.vae.service import VaeService
 
     return VaeService(stage)

@@ -50,6 +50,12 @@ class Cancelled(ServiceError):
     code = grpc.StatusCode.CANCELLED
 
 
+class DeadlineExceeded(ServiceError):
+    """The caller's deadline passed before the work finished."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class StartupError(RuntimeError):
     """A configuration that cannot be served: raised before binding, with what to change."""
 

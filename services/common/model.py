@@ -52,10 +52,6 @@ class ModelFolder:
     def name(self) -> str:
         return self.path.name
 
-    @property
-    def family(self) -> str:
-        return str(self.sidecar.get("family", "flux"))
-
     def _read_sidecar(self) -> dict[str, Any]:
         path = self.path / SIDECAR
         return json.loads(path.read_text()) if path.is_file() else {}

@@ -9,36 +9,48 @@ files always land under --profile-dir: callers choose a name, never a path.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-
-import torch
-from torch.profiler import ProfilerActivity, profile, record_function
+from typing import TYPE_CHECKING, Any
 
 from ditserve.services.common.errors import FailedPrecondition, InvalidArgument
 
+if TYPE_CHECKING:  # torch loads on first use, so the gateway and the engine's logic import without it
+    import torch
+
 SAFE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_NVTX = torch.cuda.is_available()
+
+
+@functools.cache
+def _nvtx() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @contextlib.contextmanager
 def trace_range(name: str) -> Iterator[None]:
+    """A named range in the torch profiler's trace and, with CUDA, in Nsight (NVTX)."""
+    import torch
+    from torch.profiler import record_function
+
     with record_function(name):
-        if _NVTX:
+        if _nvtx():
             torch.cuda.nvtx.range_push(name)
         try:
             yield
         finally:
-            if _NVTX:
+            if _nvtx():
                 torch.cuda.nvtx.range_pop()
 
 
 def add_block_ranges(blocks: list[torch.nn.Module], prefix: str) -> None:
     """NVTX ranges around each transformer block for Nsight; nothing is installed without CUDA."""
-    if not _NVTX:
+    if not _nvtx():
         return
     for index, block in enumerate(blocks):
         block.register_forward_pre_hook(_push_hook(f"{prefix}[{index}]"))
@@ -46,6 +58,8 @@ def add_block_ranges(blocks: list[torch.nn.Module], prefix: str) -> None:
 
 
 def _push_hook(name: str) -> Callable[..., None]:
+    import torch
+
     def hook(module: torch.nn.Module, args: tuple) -> None:
         torch.cuda.nvtx.range_push(name)  # its return value must not reach torch: it would replace args
 
@@ -53,11 +67,15 @@ def _push_hook(name: str) -> Callable[..., None]:
 
 
 def _pop_hook(module: torch.nn.Module, args: tuple, output: object) -> None:
+    import torch
+
     torch.cuda.nvtx.range_pop()
 
 
-def activities() -> list[ProfilerActivity]:
-    return [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])]
+def activities() -> list[Any]:
+    from torch.profiler import ProfilerActivity
+
+    return [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if _nvtx() else [])]
 
 
 def _all_threads_config() -> object | None:
@@ -88,7 +106,7 @@ class Profiler:
     def __init__(self, profile_dir: Path) -> None:
         self.profile_dir = Path(profile_dir)
         self._lock = threading.Lock()
-        self._active: tuple[profile, Path] | None = None
+        self._active: tuple[Any, Path] | None = None
 
     def start(self, name: str = "", record_shapes: bool = True, with_stack: bool = False) -> Path:
         """Starts tracing into `profile_dir/NAME.trace.json.gz`; returns that path."""
@@ -96,6 +114,8 @@ class Profiler:
         with self._lock:
             if self._active is not None:
                 raise FailedPrecondition("a profile is already running; stop it first")
+            from torch.profiler import profile
+
             profiler = profile(
                 activities=activities(),
                 record_shapes=record_shapes,
@@ -120,7 +140,7 @@ class Profiler:
         return self._active is not None
 
 
-def export(profiler: profile, path: Path) -> Path:
+def export(profiler: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     profiler.export_chrome_trace(str(path))
     return path

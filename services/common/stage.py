@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +52,3 @@ class StageContext:
             attention_backend=attention_backend,
             details={key: str(value) for key, value in details.items()},
         )
-
-
-def elapsed_ms(started: float) -> float:
-    return (time.perf_counter() - started) * 1000.0

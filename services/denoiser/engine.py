@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
-from prometheus_client import Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
-from ditserve.services.common.errors import ResourceExhausted, ServiceError, Unavailable
+from ditserve.services.common.errors import DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
 from ditserve.services.common.metrics import LATENCY_BUCKETS, ServiceMetrics
 from ditserve.services.common.profiling import Profiler, trace_range
 from ditserve.services.denoiser.batching import (
@@ -45,11 +46,13 @@ class Trajectory(Protocol):
 
 
 class Runner(Protocol):
-    """Model-family code: what may share a batch, and how a batch takes one step."""
+    """Model-family code (denoiser/runner.py): what may share a batch, and how a batch takes one step."""
 
-    def batch_key(self, job: DenoiseJob, config: BatchingConfig) -> object: ...
+    def shape_key(self, inputs: Any) -> Hashable:
+        """What must match to share a transformer call; the batching mode adds what it needs."""
+        ...
 
-    def cost(self, job: DenoiseJob) -> int: ...
+    def cost(self, inputs: Any) -> int: ...
 
     def start(self, job: DenoiseJob) -> Trajectory: ...
 
@@ -100,16 +103,22 @@ class Engine:
             buckets=BATCH_BUCKETS,
             registry=registry,
         )
+        self.deadline_exceeded = Counter(
+            "ditserve_deadline_exceeded",
+            "Jobs ended by their caller's deadline, waiting or running",
+            registry=registry,
+        )
         self._worker = threading.Thread(target=self._loop, name="denoiser-engine", daemon=True)
         self._worker.start()
 
     def submit(self, job: DenoiseJob) -> None:
         request = ScheduledRequest(
             request_id=job.request_id,
-            key=self.runner.batch_key(job, self.config),
-            cost=self.runner.cost(job),
+            key=self.config.batch_key(self.runner.shape_key(job.inputs), job.steps),
+            cost=self.runner.cost(job.inputs),
             total_steps=job.steps,
             arrival=time.monotonic(),
+            deadline=job.deadline,
         )
         with self._condition:
             if not self._accepting:
@@ -129,6 +138,8 @@ class Engine:
         job.cancel()
         with self._condition:
             if self.scheduler.cancel(job.request_id):
+                if job.deadline is not None and time.monotonic() >= job.deadline:
+                    self.deadline_exceeded.inc()  # gRPC ended the call at its deadline before the scheduler did
                 self._condition.notify()
 
     def close(self) -> None:
@@ -162,7 +173,10 @@ class Engine:
         for request_id in plan.expired:
             run = self._runs.pop(request_id, None)
             if run is not None:
-                run.job.emit(Failed(Unavailable("the request's deadline passed before it finished")))
+                self.deadline_exceeded.inc()
+                log.info("request %s: deadline passed after %d/%d steps", request_id, len(run.step_ms), run.job.steps)
+                self._release_profiler(run)
+                run.job.emit(Failed(DeadlineExceeded("the request's deadline passed before it finished")))
 
     def _loop(self) -> None:
         while (plan := self._next_plan()) is not None:

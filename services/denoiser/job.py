@@ -50,6 +50,7 @@ class DenoiseJob:
     inputs: Any
     steps: int
     profile_steps: int = 0
+    deadline: float | None = None  # time.monotonic() after which the caller no longer waits (its gRPC deadline)
     submitted: float = field(default_factory=time.perf_counter)
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     _cancelled: threading.Event = field(default_factory=threading.Event)

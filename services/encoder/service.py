@@ -10,14 +10,13 @@ import threading
 import time
 
 import grpc
-import torch
-from diffusers import FluxPipeline
 
-from ditserve.services.common import tensor_codec
 from ditserve.services.common.errors import InvalidArgument
 from ditserve.services.common.limits import check_prompt, check_range
 from ditserve.services.common.profiling import trace_range
-from ditserve.services.common.stage import StageContext, elapsed_ms
+from ditserve.services.common.stage import StageContext
+from ditserve.services.common.timing import elapsed_ms
+from ditserve.services.families import load_family
 from ditserve.v1 import common_pb2, encoder_pb2, encoder_pb2_grpc
 
 MAX_PROMPTS = 64
@@ -30,18 +29,8 @@ class EncoderService(encoder_pb2_grpc.TextEncoderServicer):
         self.stage = stage
         self.metrics = stage.metrics
         self.profiler = stage.profiler
-        folder = stage.folder
-        # A text-only FluxPipeline gives us FluxPipeline's own prompt encoding.
-        self.pipe = FluxPipeline(
-            scheduler=None,
-            vae=None,
-            transformer=None,
-            tokenizer=folder.load("tokenizer"),
-            tokenizer_2=folder.load("tokenizer_2"),
-            text_encoder=folder.load("text_encoder", stage.device, stage.dtype),
-            text_encoder_2=folder.load("text_encoder_2", stage.device, stage.dtype),
-        )
-        self.max_sequence_length = min(stage.limits.max_sequence_length, self.pipe.tokenizer_2.model_max_length)
+        self.model = load_family(stage.folder).text_encoder(stage.folder, stage.device, stage.dtype)
+        self.max_sequence_length = min(stage.limits.max_sequence_length, self.model.max_sequence_length)
         self._lock = threading.Lock()  # one encode at a time bounds activation memory
         stage.publish_model_info()
 
@@ -74,16 +63,9 @@ class EncoderService(encoder_pb2_grpc.TextEncoderServicer):
         started = time.perf_counter()
         length = self._validate(request)
         response = encoder_pb2.EncodeResponse()
-        with self._lock, torch.inference_mode(), trace_range("encode"):
+        with self._lock, trace_range("encode"):
             queue_ms = elapsed_ms(started)
-            for prompt in request.prompts:
-                embeds, pooled, _ = self.pipe.encode_prompt(
-                    prompt=prompt, prompt_2=None, device=self.stage.device, max_sequence_length=length
-                )
-                response.embeddings.add(
-                    prompt_embeds=tensor_codec.encode(embeds),
-                    pooled_prompt_embeds=tensor_codec.encode(pooled),
-                )
+            response.embeddings.extend(self.model.encode(prompt, length) for prompt in request.prompts)
         self.metrics.count_bytes("out", response.ByteSize())
         total = elapsed_ms(started)
         response.timing.CopyFrom(

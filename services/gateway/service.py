@@ -24,7 +24,7 @@ from ditserve.services.common.limits import RequestLimits, check_prompt, check_r
 from ditserve.services.common.metrics import ServiceMetrics
 from ditserve.services.common.profiling import Profiler
 from ditserve.services.common.server import channel_options
-from ditserve.services.common.stage import elapsed_ms
+from ditserve.services.common.timing import elapsed_ms
 from ditserve.services.gateway.pool import StagePool
 from ditserve.v1 import (
     common_pb2,

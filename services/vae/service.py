@@ -9,15 +9,16 @@ import time
 import grpc
 import numpy as np
 import torch
-from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from ditserve.client.tensors import from_numpy
-from ditserve.services.common import flux, tensor_codec
+from ditserve.services.common import tensor_codec
 from ditserve.services.common.errors import InvalidArgument
 from ditserve.services.common.limits import check_range, check_size
 from ditserve.services.common.profiling import trace_range
-from ditserve.services.common.stage import StageContext, elapsed_ms
+from ditserve.services.common.stage import StageContext
+from ditserve.services.common.timing import elapsed_ms
+from ditserve.services.families import load_family
 from ditserve.v1 import common_pb2, vae_pb2, vae_pb2_grpc
 
 PIL_FORMATS = {common_pb2.PNG: "PNG", common_pb2.JPEG: "JPEG", common_pb2.WEBP: "WEBP"}
@@ -41,9 +42,8 @@ class VaeService(vae_pb2_grpc.VaeDecoderServicer):
         self.stage = stage
         self.metrics = stage.metrics
         self.profiler = stage.profiler
-        self.vae = stage.folder.load("vae", stage.device, stage.dtype)
-        self.scale = flux.vae_scale_factor(self.vae.config)
-        self.processor = VaeImageProcessor(vae_scale_factor=self.scale * 2)
+        self.model = load_family(stage.folder).vae_decoder(stage)
+        self.scale = self.model.scale_factor
         self._lock = threading.Lock()  # decoding is memory-hungry: one at a time
         stage.publish_model_info()
 
@@ -70,19 +70,7 @@ class VaeService(vae_pb2_grpc.VaeDecoderServicer):
         latents = tensor_codec.decode(request.latents, "latents")
         if latents.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise InvalidArgument("latents.datatype", f"{request.latents.datatype} is not a float datatype")
-        h = flux.latent_size(request.height, self.scale)
-        w = flux.latent_size(request.width, self.scale)
-        expected = [(h // 2) * (w // 2), self.vae.config.latent_channels * 4]
-        if (
-            latents.ndim != 3
-            or list(latents.shape[1:]) != expected
-            or not 1 <= latents.shape[0] <= limits.max_num_images
-        ):
-            raise InvalidArgument(
-                "latents.shape",
-                f"{list(latents.shape)} is not [1..{limits.max_num_images}, {expected[0]}, {expected[1]}]"
-                f" for {request.height}x{request.width}",
-            )
+        self.model.check_latents(latents, request.height, request.width)
         tensor_codec.check_values(latents, "latents", limits.max_abs_value)
         return latents
 
@@ -90,15 +78,10 @@ class VaeService(vae_pb2_grpc.VaeDecoderServicer):
         started = time.perf_counter()
         self.metrics.count_bytes("in", len(request.latents.raw_data))
         latents = self._validate(request)
-        with self._lock, torch.inference_mode(), trace_range("decode"):
+        with self._lock, trace_range("decode"):
             queue_ms = elapsed_ms(started)
-            unpacked = flux.unpack_latents(latents, request.height, request.width, self.scale)
-            config = self.vae.config
-            unpacked = unpacked / config.scaling_factor + config.shift_factor
-            decoded = self.vae.decode(unpacked.to(self.stage.device, self.stage.dtype), return_dict=False)[0]
-            pixels = self.processor.postprocess(decoded, output_type="np")
+            uint8 = self.model.decode(latents, request.height, request.width)
         decode_ms = elapsed_ms(started) - queue_ms
-        uint8 = (pixels * 255).round().astype(np.uint8)
         quality = request.quality or 90
         response = vae_pb2.DecodeResponse(images=[encode_image(image, request.format, quality) for image in uint8])
         total = elapsed_ms(started)

@@ -10,8 +10,8 @@ import pytest
 from ditserve.client.config import DEFAULT_MODEL_NAME
 from ditserve.client.stub import PipelineClient
 from ditserve.services.common.model import ModelFolder
-from ditserve.services.eval.fidelity import score_batch
-from ditserve.services.training.evaluate import evaluation_prompts, generate_images, vae_quality
+from ditserve.services.tools.eval.fidelity import score_batch
+from ditserve.services.tools.training.evaluate import evaluation_prompts, generate_images, vae_quality
 
 pytestmark = pytest.mark.integration
 

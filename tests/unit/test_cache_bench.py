@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ditserve.services.bench import cache
-from ditserve.services.denoiser.cache.calibrate import calibration_prompts
+from ditserve.services.tools.bench import cache
+from ditserve.services.tools.calibrate import calibration_prompts
 from ditserve.services.denoiser.cache.policy import mask_bins
 from ditserve.services.denoiser.cache.step_masks import stored_masks
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ditserve.services.common.model import SIDECAR, ModelFolder
-from ditserve.services.denoiser.cache.calibrate import (
+from ditserve.services.tools.calibrate import (
     LocalFlux,
     MaskObjective,
     calibrate_step_masks,

@@ -13,9 +13,9 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
-from ditserve.services.common import flux
+from ditserve.services.families.flux import latents as flux
 from ditserve.services.common.errors import InvalidArgument
-from ditserve.services.denoiser.cache.flux_blocks import FluxBlockExecutor
+from ditserve.services.families.flux.blocks import FluxBlockExecutor
 from ditserve.services.denoiser.cache.policy import (
     CacheConfig,
     DBCacheConfig,
@@ -24,7 +24,7 @@ from ditserve.services.denoiser.cache.policy import (
     TeaCacheConfig,
 )
 from ditserve.services.denoiser.cache.state import RequestCache, Slot, forward_batch
-from ditserve.services.modelgen.tiny_flux import tiny_transformer
+from ditserve.services.tools.modelgen.tiny_flux import tiny_transformer
 
 CPU = torch.device("cpu")
 TEXT_TOKENS = 8

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ditserve.client.cli import main
-from ditserve.services.training.shapes import Attributes, all_combinations, render
+from ditserve.services.tools.training.shapes import Attributes, all_combinations, render
 
 
 def _write(tmp_path: Path, count: int) -> tuple[list[Path], list[str]]:

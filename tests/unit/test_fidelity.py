@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from ditserve.services.eval.fidelity import predict, score_batch, score_image
-from ditserve.services.training.shapes import (
+from ditserve.services.tools.eval.fidelity import predict, score_batch, score_image
+from ditserve.services.tools.training.shapes import (
     BACKGROUNDS,
     COLORS,
     FOREGROUNDS,

@@ -9,7 +9,7 @@ import torch
 
 from ditserve.services.common import profiling
 from ditserve.services.common.errors import InvalidArgument
-from ditserve.services.modelgen.tiny_flux import tiny_transformer
+from ditserve.services.tools.modelgen.tiny_flux import tiny_transformer
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", ".hidden", "", "x" * 65, "a b", "é"])

@@ -24,9 +24,9 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
-from ditserve.services.bench import sp as bench_sp
+from ditserve.services.tools.bench import sp as bench_sp
 from ditserve.services.denoiser.attention import BackendName, apply_attention_backend, attention
-from ditserve.services.denoiser.cache.flux_blocks import FluxBlockExecutor
+from ditserve.services.families.flux.blocks import FluxBlockExecutor
 from ditserve.services.denoiser.cache.policy import CacheConfig, DBCacheConfig
 from ditserve.services.denoiser.cache.state import RequestCache
 from ditserve.services.denoiser.parallel import (
@@ -43,9 +43,9 @@ from ditserve.services.denoiser.parallel import (
     merge_partials,
 )
 from ditserve.services.denoiser.parallel.attention import flash_attention_lse
-from ditserve.services.denoiser.parallel.cost import AttentionShape, bytes_per_forward
-from ditserve.services.denoiser.parallel.launch import run_world
-from ditserve.services.modelgen.tiny_flux import tiny_transformer
+from ditserve.services.tools.sp_cost import AttentionShape, bytes_per_forward
+from ditserve.services.tools.sp_world import run_world
+from ditserve.services.tools.modelgen.tiny_flux import tiny_transformer
 
 ATOL = 2e-6
 TEXT_TOKENS, IMAGE_SIDE = 8, 8  # 8 + 64 tokens: both divisible by every world size here
@@ -288,6 +288,6 @@ def test_bench_sp_reports_error_and_bytes() -> None:
 
 
 def test_bench_module_does_not_import_torch() -> None:
-    code = "import sys, ditserve.services.bench.sp; print('torch' in sys.modules)"
+    code = "import sys, ditserve.services.tools.bench.sp; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ditserve.services.training.shapes import (
+from ditserve.services.tools.training.shapes import (
     BACKGROUNDS,
     COLORS,
     FOREGROUNDS,

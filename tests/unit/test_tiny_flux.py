@@ -15,7 +15,7 @@ import torch
 from diffusers import FluxPipeline
 from transformers import CLIPTokenizer, T5TokenizerFast
 
-from ditserve.services.modelgen.tiny_flux import DITSERVE_DEFAULTS, WORDS, write_tiny_flux
+from ditserve.services.tools.modelgen.tiny_flux import DITSERVE_DEFAULTS, WORDS, write_tiny_flux
 
 PROMPT = "a red circle on a blue background"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"

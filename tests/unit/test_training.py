@@ -14,7 +14,7 @@ import torch
 from diffusers import FluxPipeline
 from tqdm import tqdm
 
-from ditserve.services.training import train
+from ditserve.services.tools.training import train
 
 TOY: dict[str, Any] = {
     "vae_steps": 2,

@@ -1,10 +1,10 @@
-"""Attention backends for the denoiser: registry, `auto` rules, dispatch, and the FLUX processor.
+"""Attention backends for the denoiser: registry, `auto` rules and the one dispatch point.
 
 The denoiser calls resolve_backend(default_backend_name() or --attention-backend, ...), logs the reason,
-then apply_attention_backend(transformer, backend). See registry.py for the rules, flux.py for the wiring.
+then the model family routes its attention layers through `attention(q, k, v, backend)` (e.g.
+families/flux/attention.py). See registry.py for the rules.
 """
 
-from ditserve.services.denoiser.attention.flux import DitserveFluxAttnProcessor, apply_attention_backend
 from ditserve.services.denoiser.attention.registry import (
     ENV_VAR,
     AttentionBackendUnavailable,
@@ -20,8 +20,6 @@ __all__ = [
     "ENV_VAR",
     "AttentionBackendUnavailable",
     "BackendName",
-    "DitserveFluxAttnProcessor",
-    "apply_attention_backend",
     "attention",
     "available_backends",
     "default_backend_name",

@@ -85,6 +85,11 @@ class BatchingConfig:
         if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay < math.inf:
             raise ValueError(f"batch_delay_ms: {delay!r} is not a finite number >= 0")
 
+    def batch_key(self, shape_key: Hashable, steps: int) -> Hashable:
+        """A request's batch key: its shape (what one transformer call needs to match) and, for request-level
+        (dynamic) batches, its step count, so the members finish together. Continuous batches mix steps."""
+        return (shape_key, steps if self.mode == "dynamic" else None)
+
 
 def _check_int(name: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

@@ -32,16 +32,6 @@ from typing import Generic, Literal, TypeVar
 
 from ditserve.services.common.errors import InvalidArgument
 
-# TeaCache4FLUX's coefficients for FLUX.1, highest power first: f(x) = c0 x^4 + c1 x^3 + ... + c4.
-FLUX1_TEACACHE_COEFFICIENTS: tuple[float, ...] = (
-    4.98651651e02,
-    -2.83781631e02,
-    5.58554382e01,
-    -3.82021401e00,
-    2.64230861e-01,
-)
-# Published coefficients per model family (ditserve.json "family"); other models pass calibrated ones.
-TEACACHE_COEFFICIENTS: dict[str, tuple[float, ...]] = {"flux": FLUX1_TEACACHE_COEFFICIENTS}
 # Where `ditserve calibrate teacache` stores a model's own coefficients in its ditserve.json.
 COEFFICIENTS_KEY = "teacache_coefficients"
 
@@ -177,12 +167,14 @@ class TeaCacheConfig:
         return model_default
 
 
-def model_teacache_coefficients(family: str, sidecar: dict[str, object]) -> tuple[float, ...] | None:
+def model_teacache_coefficients(
+    published: tuple[float, ...] | None, sidecar: dict[str, object]
+) -> tuple[float, ...] | None:
     """A model's default TeaCache coefficients: its calibrated ones (ditserve.json), else its family's
     published ones, else None. Calibrated values are validated as a request's would be."""
     calibrated = sidecar.get(COEFFICIENTS_KEY)
     if calibrated is None:
-        return TEACACHE_COEFFICIENTS.get(family)
+        return published
     return TeaCacheConfig(coefficients=calibrated).coefficients  # type: ignore[arg-type]
 
 
@@ -324,9 +316,7 @@ class CacheConfig:
 class TeaCacheDecider:
     """TeaCache's rule for one branch of one request; decide() is called once per step, in order."""
 
-    def __init__(
-        self, config: TeaCacheConfig, model_coefficients: tuple[float, ...] | None = FLUX1_TEACACHE_COEFFICIENTS
-    ) -> None:
+    def __init__(self, config: TeaCacheConfig, model_coefficients: tuple[float, ...] | None) -> None:
         self.config = config
         self.coefficients = config.coefficients_for(model_coefficients)
         self.accumulated = 0.0

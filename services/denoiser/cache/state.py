@@ -1,4 +1,4 @@
-"""Per-request, per-branch step-cache state, and the transformer call that applies it to FLUX's blocks.
+"""Per-request, per-branch step-cache state, and the transformer call that applies it to a family's blocks.
 
 A RequestCache holds one BranchCache per CFG branch ("cond", "uncond"): the conditional and the
 unconditional pass see different inputs, so each keeps its own residuals, counters and calibrators;
@@ -6,8 +6,8 @@ sharing them would reuse one branch's residual for the other. Nothing is global,
 see each other's state, and forward_batch lets rows of several branches share one transformer call
 while each decides on its own at its own step.
 
-How a policy acts on the block sequence (see flux_blocks.py): each branch has a prefix of blocks it
-always runs, a middle it may skip, and a suffix it always runs. TeaCache: no prefix, no suffix, the
+How a policy acts on the block sequence (a family's BlockExecutor, families/base.py): each branch has a
+prefix of blocks it always runs, a middle it may skip, and a suffix it always runs. TeaCache: no prefix, no suffix, the
 decision is taken on the first block's modulated input and a skipped step adds the stored residual
 (output of the last block minus input of the first) to the embedded image tokens. DBCache: Fn prefix,
 Bn suffix, the decision is taken on the Fn residual, and a skipped step adds the middle's stored (or
@@ -27,10 +27,15 @@ from typing import Any
 
 import torch
 
-from ditserve.services.denoiser.cache.flux_blocks import FluxBlockExecutor, FluxStepInputs
 from ditserve.services.denoiser.cache.policy import CacheConfig, DBCacheDecider, TaylorSeer, TeaCacheDecider
+from ditserve.services.families.base import BlockExecutor, StepInputs
 
 BRANCHES = ("cond", "uncond")
+
+
+def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
+    """mean |current - previous| / mean |previous|, the change measure of TeaCache and DBCache."""
+    return ((current - previous).abs().mean() / previous.abs().mean()).item()
 
 
 class BranchCache:
@@ -85,12 +90,12 @@ class BranchCache:
         return "".join("1" if computed else "0" for computed in self.decisions)
 
     def signal(
-        self, executor: FluxBlockExecutor, embedded: torch.Tensor, temb: torch.Tensor, current: torch.Tensor
+        self, executor: BlockExecutor, embedded: torch.Tensor, temb: torch.Tensor, current: torch.Tensor
     ) -> torch.Tensor | None:
         """What the decision watches: TeaCache the first block's modulated input, DBCache the Fn residual
         (none at Fn 0, whose static mask decides alone)."""
         if isinstance(self._decider, TeaCacheDecider):
-            return executor.modulated_input(embedded, temb)
+            return executor.cache_signal(embedded, temb)
         return current - embedded if self.prefix_end > 0 else None
 
     def decide(
@@ -132,17 +137,16 @@ class BranchCache:
 
 
 class RequestCache:
-    """A request's cache policy tied to the executor, with one BranchCache per CFG branch."""
+    """A request's cache policy, with one BranchCache per CFG branch."""
 
-    def __init__(self, config: CacheConfig, executor: FluxBlockExecutor) -> None:
+    def __init__(self, config: CacheConfig, num_blocks: int, teacache_coefficients: tuple[float, ...] | None) -> None:
         self.config = config
-        self.executor = executor
-        # Built now so a config the model cannot serve (Fn + Bn too large, no TeaCache coefficients for
-        # the model) fails when the request is accepted, not at its first step.
+        self.num_blocks = num_blocks
+        self.teacache_coefficients = teacache_coefficients
         self.branches: dict[str, BranchCache] = {"cond": self._new_branch()}
 
     def _new_branch(self) -> BranchCache:
-        return BranchCache(self.config, self.executor.num_blocks, self.executor.teacache_coefficients)
+        return BranchCache(self.config, self.num_blocks, self.teacache_coefficients)
 
     def branch(self, name: str) -> BranchCache:
         if name not in BRANCHES:
@@ -150,15 +154,6 @@ class RequestCache:
         if name not in self.branches:
             self.branches[name] = self._new_branch()
         return self.branches[name]
-
-    def forward(self, branch: str, step: int, total_steps: int, **transformer_kwargs: Any) -> torch.Tensor:
-        """The noise prediction for one branch at one step, cached per policy.
-
-        transformer_kwargs: what the denoiser passes the transformer (hidden_states, timestep, ...), without
-        return_dict. Without caching the result is `transformer(**transformer_kwargs)` bit for bit.
-        """
-        slot = Slot(self.branch(branch), step, total_steps, rows=transformer_kwargs["hidden_states"].shape[0])
-        return forward_batch(self.executor, [slot], **transformer_kwargs)
 
     @property
     def skipped_fraction(self) -> float:
@@ -194,9 +189,7 @@ class _SlotRun:
     def active(self, index: int) -> bool:
         return self.computed or index < self.cache.prefix_end or index >= self.cache.suffix_start
 
-    def decide(
-        self, executor: FluxBlockExecutor, inputs: FluxStepInputs, hidden: torch.Tensor, encoder: torch.Tensor
-    ) -> None:
+    def decide(self, executor: BlockExecutor, inputs: StepInputs, hidden: torch.Tensor, encoder: torch.Tensor) -> None:
         rows = self.rows
         self._hidden_mark, self._encoder_mark = hidden[rows], encoder[rows]
         signal = self.cache.signal(executor, inputs.hidden_states[rows], inputs.temb[rows], hidden[rows])
@@ -229,21 +222,21 @@ def _replace_rows(tensor: torch.Tensor, rows: slice, value: torch.Tensor) -> tor
 
 
 def _run_block(
-    executor: FluxBlockExecutor,
+    executor: BlockExecutor,
     index: int,
     hidden: torch.Tensor,
     encoder: torch.Tensor,
-    inputs: FluxStepInputs,
+    inputs: StepInputs,
     rows: list[slice],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs one block on the given rows only; the full batch goes through untouched, as in the model."""
     if sum(r.stop - r.start for r in rows) == hidden.shape[0]:
-        return executor.run_block(index, hidden, encoder, inputs.temb, inputs.image_rotary_emb)
+        return executor.run_block(index, hidden, encoder, inputs.temb, inputs.rotary_emb)
     if not rows:
         return hidden, encoder
     index_rows = torch.cat([torch.arange(r.start, r.stop, device=hidden.device) for r in rows])
     sub_hidden, sub_encoder = executor.run_block(
-        index, hidden[index_rows], encoder[index_rows], inputs.temb[index_rows], inputs.image_rotary_emb
+        index, hidden[index_rows], encoder[index_rows], inputs.temb[index_rows], inputs.rotary_emb
     )
     return hidden.index_copy(0, index_rows, sub_hidden), encoder.index_copy(0, index_rows, sub_encoder)
 
@@ -263,7 +256,7 @@ def _check_slots(slots: Sequence[Slot], batch: int) -> None:
             )
 
 
-def forward_batch(executor: FluxBlockExecutor, slots: Sequence[Slot], **transformer_kwargs: Any) -> torch.Tensor:
+def forward_batch(executor: BlockExecutor, slots: Sequence[Slot], **transformer_kwargs: Any) -> torch.Tensor:
     """One transformer call whose consecutive row groups (slots) each cache by their own decisions.
 
     Blocks run on the rows that need them: all rows before a slot's decision point and in its suffix,

@@ -63,6 +63,10 @@ def cache_config(policy: cache_pb2.CachePolicy, field: str = "cache") -> CacheCo
 
 def parse_flag(text: str) -> CacheConfig:
     """--cache-policy: 'none', 'teacache', 'dbcache' (their defaults) or a CachePolicy in JSON."""
-    from ditserve.client.cli import cache_policy
+    from ditserve.client.cache_policy import parse_cache_policy
 
-    return cache_config(cache_policy(text), "--cache-policy")
+    try:
+        message = parse_cache_policy(text)
+    except ValueError as error:
+        raise InvalidArgument("--cache-policy", str(error)) from None
+    return cache_config(message, "--cache-policy")

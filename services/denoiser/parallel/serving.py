@@ -1,12 +1,13 @@
 """Sequence-parallel serving: rank 0 serves gRPC and replays every transformer call on the follower ranks.
 
 The serving process is rank 0. It starts world - 1 follower processes (from a forkserver that imported
-torch and diffusers once); all join one process group and build the same SequenceParallelFlux over the
-same model folder and the attention backend rank 0 resolved. Before each transformer call FluxRunner
-makes, rank 0 broadcasts a header (the slots: job, CFG branch, step, rows; a job's cache config the first
-time it appears; jobs that ended) and then the input tensors. A follower runs the identical call, so the
-collectives inside line up; it keeps one RequestCache per job, as each rank caches its own shard's
-residuals (the cache decisions agree because their distance is all-reduced, see parallel/flux.py).
+torch and the family's modules once); all join one process group and build the same sequence-parallel
+executor of the model's family over the same model folder and the attention backend rank 0 resolved.
+Before each transformer call the runner makes, rank 0 broadcasts a header (the slots: job, CFG branch,
+step, rows; a job's cache config the first time it appears; jobs that ended) and then the input tensors.
+A follower runs the identical call, so the collectives inside line up; it keeps one RequestCache per job,
+as each rank caches its own shard's residuals (the cache decisions agree because their distance is
+all-reduced in the family's sequence-parallel executor).
 
 Headers travel on a gloo group whose timeout is practically unbounded: followers wait there while the
 service is idle. The transformer's collectives use the world group with a bounded timeout. An error
@@ -19,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import socket
 import threading
 import time
 import weakref
@@ -37,9 +39,9 @@ from ditserve.services.denoiser.attention.registry import BackendName
 from ditserve.services.denoiser.cache.policy import CacheConfig
 from ditserve.services.denoiser.cache.state import RequestCache, Slot, forward_batch
 from ditserve.services.denoiser.parallel.attention import lse_kernel
-from ditserve.services.denoiser.parallel.flux import SequenceParallelFlux
-from ditserve.services.denoiser.parallel.launch import PRELOAD, free_port
 from ditserve.services.denoiser.parallel.mesh import SPConfig, SPMesh, init_sequence_parallel
+from ditserve.services.families import load_family
+from ditserve.services.families.base import BlockExecutor, ModelFamily
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,19 @@ CALL_TIMEOUT_S = 120.0  # a collective inside a call: longer than any rank lags 
 READY_TIMEOUT_S = 600.0  # followers loading the model
 
 TensorSpec = tuple[tuple[int, ...], torch.dtype] | None
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_forkserver(family: ModelFamily) -> Any:
+    """A forkserver context that imports torch and the family's modules once for every rank it starts."""
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "torch.distributed", *family.sp_preload])
+    return context
 
 
 @dataclass(frozen=True)
@@ -96,14 +111,16 @@ class CallHeader:
 class SPDriver:
     """Rank 0's side: starts the followers, mirrors each call to them, and notices when the group is lost.
 
-    FluxRunner calls `announce` before each transformer call and `fail` when a step raised.
+    The runner calls `announce` before each transformer call and `fail` when a step raised.
     """
 
-    def __init__(self, spec: FollowerSpec, transformer: torch.nn.Module, processes: list[Any]) -> None:
+    def __init__(
+        self, spec: FollowerSpec, family: ModelFamily, transformer: torch.nn.Module, processes: list[Any]
+    ) -> None:
         self.spec = spec
         self.processes = processes
         self.mesh, self.headers = spec.join(0)
-        self.model = SequenceParallelFlux(transformer, self.mesh, spec.backend, spec.teacache_coefficients)
+        self.executor: BlockExecutor = family.sequence_parallel_executor(transformer, self.mesh, spec.backend)
         self.broken: str | None = None
         self._jobs: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self._ids = itertools.count()
@@ -114,6 +131,7 @@ class SPDriver:
         cls,
         config: SPConfig,
         folder: ModelFolder,
+        family: ModelFamily,
         transformer: torch.nn.Module,
         device: torch.device,
         dtype: torch.dtype,
@@ -123,7 +141,7 @@ class SPDriver:
     ) -> SPDriver:
         """Checks the layout against the model, starts the followers and waits until they are ready."""
         try:
-            config.check_heads(transformer.config.num_attention_heads)
+            config.check_heads(family.attention_heads(transformer))
             if config.ring > 1:
                 lse_kernel(backend)
         except ValueError as error:
@@ -141,8 +159,7 @@ class SPDriver:
             parent_pid=os.getpid(),
             timeout_s=timeout_s,
         )
-        context = mp.get_context("forkserver")
-        context.set_forkserver_preload(PRELOAD)
+        context = start_forkserver(family)
         ready = context.SimpleQueue()
         processes = [
             context.Process(target=follow, args=(rank, spec, ready), name=f"sp-rank-{rank}", daemon=True)
@@ -152,7 +169,7 @@ class SPDriver:
             process.start()
         log.info("sequence parallel %s: follower pids %s", config, [process.pid for process in processes])
         try:
-            driver = cls(spec, transformer, processes)
+            driver = cls(spec, family, transformer, processes)
         except Exception as error:
             _terminate(processes)
             raise StartupError(f"sequence parallel {config}: the ranks could not join: {error}") from None
@@ -178,20 +195,19 @@ class SPDriver:
     def layout(self) -> str:
         return str(self.spec.config)
 
-    def check_tokens(self, text_tokens: int, image_tokens: int, height: int, width: int) -> None:
-        """Both streams are sharded evenly (parallel/sharding.py), so uneven requests are refused up front."""
+    def check_tokens(self, token_counts: dict[str, int], size: str) -> None:
+        """Every token input is sharded evenly (sharding.py), so uneven requests are refused up front.
+
+        token_counts: the field a count comes from -> its tokens, e.g. {"prompt.prompt_embeds": 512}.
+        """
         world = self.spec.config.world_size
-        if text_tokens % world:
-            raise InvalidArgument(
-                "prompt.prompt_embeds",
-                f"{text_tokens} text tokens do not divide by the {world} sequence-parallel ranks ({self.layout})",
-            )
-        if image_tokens % world:
-            raise InvalidArgument(
-                "height/width",
-                f"{height}x{width} gives {image_tokens} image tokens, which do not divide by the {world}"
-                f" sequence-parallel ranks ({self.layout}); pick a height and width that do",
-            )
+        for field, tokens in token_counts.items():
+            if tokens % world:
+                raise InvalidArgument(
+                    field,
+                    f"{size} gives {tokens} tokens, which do not divide by the {world} sequence-parallel ranks"
+                    f" ({self.layout}); pick one that does",
+                )
 
     def check_available(self) -> None:
         if self.broken is None and (dead := self._dead()):
@@ -248,21 +264,28 @@ def follow(rank: int, spec: FollowerSpec, ready: Any) -> None:
     torch.set_num_threads(spec.threads)
     threading.Thread(target=_exit_with_parent, args=(spec.parent_pid,), daemon=True).start()
     mesh, headers = spec.join(rank)
-    transformer = ModelFolder(spec.model, allow_pickle=spec.allow_pickle).load("transformer", mesh.device, spec.dtype)
-    model = SequenceParallelFlux(transformer.eval(), mesh, spec.backend, spec.teacache_coefficients)
+    folder = ModelFolder(spec.model, allow_pickle=spec.allow_pickle)
+    family = load_family(folder)
+    transformer = family.load_transformer(folder, mesh.device, spec.dtype)
+    executor = family.sequence_parallel_executor(transformer, mesh, spec.backend)
     caches: dict[int, RequestCache] = {}
     ready.put(rank)
     with torch.inference_mode():
         while (header := _receive_header(headers)) is not None:
             for job in header.released:
                 caches.pop(job, None)
-            caches.update({job: RequestCache(config, model.executor) for job, config in header.configs.items()})
+            caches.update(
+                {
+                    job: RequestCache(config, executor.num_blocks, spec.teacache_coefficients)
+                    for job, config in header.configs.items()
+                }
+            )
             inputs = {name: _receive_tensor(shape, mesh.device) for name, shape in header.tensors.items()}
             slots = [Slot(caches[job].branch(branch), *rest) for job, branch, *rest in header.slots]
             if header.caching:
-                forward_batch(model.executor, slots, **inputs)
-            else:  # as FluxRunner._predict: the branches still count the step, so later cached calls line up
-                model(**inputs, return_dict=False)
+                forward_batch(executor, slots, **inputs)
+            else:  # as TransformerRunner._predict: the branches still count the step, so later cached calls line up
+                executor.forward(**inputs)
                 for slot in slots:
                     slot.cache.record(True)
     dist.destroy_process_group()

@@ -20,8 +20,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ditserve.services.common.model import ModelFolder
-from ditserve.services.eval.fidelity import score_batch, score_image, summarize
-from ditserve.services.training.shapes import ShapeSpec, all_combinations, iter_samples
+from ditserve.services.tools.eval.fidelity import score_batch, score_image, summarize
+from ditserve.services.tools.training.shapes import ShapeSpec, all_combinations, iter_samples
 
 # Training streams are seeded with (seed, phase) tuples, so no int seed reproduces them.
 HELD_OUT_SEED = 1_000_003

@@ -79,7 +79,6 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from ditserve.client.config import default_model_dir
-from ditserve.services.bench.common import median, result_document
 from ditserve.services.common.device import add_arguments as add_device_arguments
 from ditserve.services.common.errors import InvalidArgument
 from ditserve.services.denoiser.cache.policy import (
@@ -92,15 +91,16 @@ from ditserve.services.denoiser.cache.policy import (
     TeaCacheConfig,
 )
 from ditserve.services.denoiser.cache.step_masks import resolve, stored_masks
-from ditserve.services.eval.fidelity import score_image
-from ditserve.services.training.shapes import all_combinations
+from ditserve.services.tools.bench.common import median, result_document
+from ditserve.services.tools.eval.fidelity import score_image
+from ditserve.services.tools.training.shapes import all_combinations
 
 if TYPE_CHECKING:
     import torch
     from diffusers import FluxPipeline
 
-    from ditserve.services.denoiser.cache.calibrate import LocalFlux
-    from ditserve.services.denoiser.flux_runner import Conditioning
+    from ditserve.services.families.flux.runner import Conditioning
+    from ditserve.services.tools.calibrate import LocalFlux
 
 FLUX1_BLOCKS = 57  # 19 double + 38 single: the depth cache-dit's Fn settings are quoted for
 CACHE_DIT_FLUX1_FN = (4, 8)
@@ -468,7 +468,7 @@ class Decoder:
     def __call__(self, latents: torch.Tensor) -> np.ndarray:
         import torch
 
-        from ditserve.services.common import flux
+        from ditserve.services.families.flux import latents as flux
 
         with torch.inference_mode():
             unpacked = flux.unpack_latents(latents, self.defaults.height, self.defaults.width, self.scale)
@@ -739,7 +739,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from ditserve.services.common.device import resolve_device, resolve_dtype
     from ditserve.services.common.model import ModelFolder
-    from ditserve.services.denoiser.cache.calibrate import (
+    from ditserve.services.tools.calibrate import (
         COEFFICIENTS_KEY,
         LocalFlux,
         calibration_prompts,

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 
 from ditserve.client.config import default_model_dir
-from ditserve.services.bench.common import result_document
 from ditserve.services.common.model import ModelFolder
-from ditserve.services.eval.grid import sample_grid
-from ditserve.services.training.evaluate import evaluation_prompts, generate_images, score_report, vae_quality
+from ditserve.services.tools.bench.common import result_document
+from ditserve.services.tools.eval.grid import sample_grid
+from ditserve.services.tools.training.evaluate import evaluation_prompts, generate_images, score_report, vae_quality
 
 TARGETS = {"fidelity_all": 0.90, "vae_psnr_db": 28.0}
 GRID_IMAGES = 30

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from ditserve.services.bench.common import median, result_document
 from ditserve.services.common.device import add_arguments as add_device_arguments
 from ditserve.services.common.device import dtype_name, resolve_device, resolve_dtype
 from ditserve.services.denoiser.attention import (
@@ -29,6 +28,7 @@ from ditserve.services.denoiser.attention import (
     format_availability,
     resolve_backend,
 )
+from ditserve.services.tools.bench.common import median, result_document
 
 log = logging.getLogger(__name__)
 

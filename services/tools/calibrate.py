@@ -35,21 +35,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import FluxPipeline
 from tqdm import tqdm
 
-from ditserve.services.common import flux
 from ditserve.services.common.device import resolve_device, resolve_dtype
 from ditserve.services.common.model import SIDECAR, ModelFolder
-from ditserve.services.denoiser.cache.flux_blocks import relative_l1
 from ditserve.services.denoiser.cache.policy import (
     COEFFICIENTS_KEY,
     CacheConfig,
     DBCacheConfig,
     SCMConfig,
     mask_bins,
-    model_teacache_coefficients,
 )
+from ditserve.services.denoiser.cache.state import relative_l1
 from ditserve.services.denoiser.cache.step_masks import (
     STEP_MASKS_KEY,
     Mask,
@@ -57,8 +54,10 @@ from ditserve.services.denoiser.cache.step_masks import (
     mask_text,
     search_masks,
 )
-from ditserve.services.denoiser.flux_runner import Conditioning, FluxInputs, FluxRunner, FluxTrajectory
-from ditserve.services.training.shapes import all_combinations
+from ditserve.services.denoiser.facts import ModelFacts
+from ditserve.services.families.flux import FAMILY
+from ditserve.services.families.flux.runner import Conditioning, FluxInputs, FluxRunner, FluxTrajectory
+from ditserve.services.tools.training.shapes import all_combinations
 
 CALIBRATION_KEY = "teacache_calibration"
 MASK_CALIBRATION_KEY = "step_mask_calibration"
@@ -87,25 +86,12 @@ class LocalFlux:
         self.folder = folder
         self.defaults = folder.defaults
         self.device = device
-        # A text-only FluxPipeline gives FluxPipeline's own prompt encoding, as in the encoder service.
-        self.text = FluxPipeline(
-            scheduler=None,
-            vae=None,
-            transformer=None,
-            tokenizer=folder.load("tokenizer"),
-            tokenizer_2=folder.load("tokenizer_2"),
-            text_encoder=folder.load("text_encoder", device, dtype),
-            text_encoder_2=folder.load("text_encoder_2", device, dtype),
-        )
-        self.max_sequence_length = min(self.defaults.max_sequence_length, self.text.tokenizer_2.model_max_length)
-        self.runner = FluxRunner(
-            folder.load("transformer", device, dtype),
-            folder.load("scheduler"),
-            flux.vae_scale_factor(folder.config("vae")),
-            device,
-            dtype,
-            teacache_coefficients=model_teacache_coefficients(folder.family, folder.sidecar),
-        )
+        # The encoder's and the denoiser's own code paths, as the services build them.
+        self.text = FAMILY.text_encoder(folder, device, dtype)
+        self.max_sequence_length = min(self.defaults.max_sequence_length, self.text.max_sequence_length)
+        executor = FAMILY.executor(FAMILY.load_transformer(folder, device, dtype))
+        facts = ModelFacts.load(folder, FAMILY.published_teacache_coefficients, executor.num_blocks)
+        self.runner: FluxRunner = FAMILY.runner(executor.transformer, executor, folder, device, dtype, facts)
         self.true_cfg = self.defaults.true_cfg_scale > 1
         self.negative = self.encode("") if self.true_cfg else None
 
@@ -115,12 +101,8 @@ class LocalFlux:
         torch_device = resolve_device(device)
         return cls(folder, torch_device, resolve_dtype(dtype, torch_device))
 
-    @torch.inference_mode()
     def encode(self, prompt: str) -> Conditioning:
-        embeds, pooled, _ = self.text.encode_prompt(
-            prompt=prompt, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
-        )
-        return Conditioning(embeds, pooled)
+        return self.text.conditioning(prompt, self.max_sequence_length)
 
     def inputs(self, prompt: Conditioning, seed: int, steps: int, cache: CacheConfig | None = None) -> FluxInputs:
         defaults = self.defaults
@@ -179,7 +161,7 @@ def fit_teacache(model: LocalFlux, prompts: Sequence[str], steps: int) -> TeaCac
         branch = calls % branches
         calls += 1
         embedded = executor.embed(**{key: value for key, value in kwargs.items() if key != "return_dict"})
-        indicator = executor.modulated_input(embedded.hidden_states, embedded.temb)
+        indicator = executor.cache_signal(embedded.hidden_states, embedded.temb)
         noise = output[0]
         if branch in previous:
             last_indicator, last_noise = previous[branch]
@@ -187,7 +169,7 @@ def fit_teacache(model: LocalFlux, prompts: Sequence[str], steps: int) -> TeaCac
             ys.append(relative_l1(noise, last_noise))
         previous[branch] = (indicator, noise)
 
-    handle = model.runner.transformer.register_forward_hook(record, with_kwargs=True)
+    handle = model.runner.executor.transformer.register_forward_hook(record, with_kwargs=True)
     try:
         for seed, prompt in enumerate(prompts):
             previous.clear()

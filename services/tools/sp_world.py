@@ -8,7 +8,6 @@ about a second instead of each rank paying the imports again. Each rank runs wit
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -18,15 +17,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ditserve.services.denoiser.parallel.mesh import SPConfig, SPMesh, init_sequence_parallel
+from ditserve.services.denoiser.parallel.serving import free_port
 
 Result = TypeVar("Result")
 PRELOAD = ["torch", "torch.distributed", "diffusers.models.transformers.transformer_flux"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def run_world(

@@ -26,12 +26,7 @@ from typing import Any
 import torch
 from diffusers import FluxTransformer2DModel
 
-from ditserve.services.denoiser.cache.policy import FLUX1_TEACACHE_COEFFICIENTS
-
-
-def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
-    """mean |current - previous| / mean |previous|, the change measure of TeaCache and DBCache."""
-    return ((current - previous).abs().mean() / previous.abs().mean()).item()
+from ditserve.services.denoiser.cache.state import relative_l1
 
 
 @dataclass(frozen=True)
@@ -41,19 +36,15 @@ class FluxStepInputs:
     hidden_states: torch.Tensor  # image tokens [batch, image_tokens, inner_dim]
     encoder_hidden_states: torch.Tensor  # text tokens [batch, text_tokens, inner_dim]
     temb: torch.Tensor  # [batch, inner_dim]
-    image_rotary_emb: tuple[torch.Tensor, torch.Tensor]
+    rotary_emb: tuple[torch.Tensor, torch.Tensor]
 
 
 class FluxBlockExecutor:
-    """Stateless stages of one FLUX transformer; per-request cache state lives in state.py."""
+    """Stateless stages of one FLUX transformer (a BlockExecutor); per-request cache state lives in the
+    denoiser's cache/state.py."""
 
-    def __init__(
-        self,
-        transformer: FluxTransformer2DModel,
-        teacache_coefficients: tuple[float, ...] | None = FLUX1_TEACACHE_COEFFICIENTS,
-    ) -> None:
+    def __init__(self, transformer: FluxTransformer2DModel) -> None:
         self.transformer = transformer
-        self.teacache_coefficients = teacache_coefficients  # for requests that give none
         self.blocks: tuple[torch.nn.Module, ...] = (
             *transformer.transformer_blocks,
             *transformer.single_transformer_blocks,
@@ -94,7 +85,7 @@ class FluxBlockExecutor:
         """The distance cache policies decide on; a sequence-parallel executor reduces it over ranks."""
         return relative_l1(current, previous)
 
-    def modulated_input(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def cache_signal(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """TeaCache's indicator: the first double block's norm1 output, without running the block."""
         return self.transformer.transformer_blocks[0].norm1(hidden_states, emb=temb)[0]
 
@@ -104,14 +95,14 @@ class FluxBlockExecutor:
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         temb: torch.Tensor,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor],
+        rotary_emb: tuple[torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Block `index` of the double-then-single sequence; returns (hidden, encoder) states."""
         encoder_hidden_states, hidden_states = self.blocks[index](
             hidden_states=hidden_states,
             encoder_hidden_states=encoder_hidden_states,
             temb=temb,
-            image_rotary_emb=image_rotary_emb,
+            image_rotary_emb=rotary_emb,
             joint_attention_kwargs=None,
         )
         return hidden_states, encoder_hidden_states
@@ -121,9 +112,14 @@ class FluxBlockExecutor:
         return self.transformer.proj_out(self.transformer.norm_out(hidden_states, temb))
 
     def forward(self, **transformer_kwargs: Any) -> torch.Tensor:
-        """Every block, no caching: `transformer(**transformer_kwargs, return_dict=False)[0]` exactly."""
+        """The model's own forward, `transformer(**transformer_kwargs, return_dict=False)[0]`: uncached calls
+        go through it, so hooks on it (a calibration's, torch.compile's) see every one."""
+        return self.transformer(**transformer_kwargs, return_dict=False)[0]
+
+    def staged_forward(self, **transformer_kwargs: Any) -> torch.Tensor:
+        """embed, every block, finish: the model's own output bit for bit, in the stages a cache acts on."""
         inputs = self.embed(**transformer_kwargs)
         hidden, encoder = inputs.hidden_states, inputs.encoder_hidden_states
         for index in range(self.num_blocks):
-            hidden, encoder = self.run_block(index, hidden, encoder, inputs.temb, inputs.image_rotary_emb)
+            hidden, encoder = self.run_block(index, hidden, encoder, inputs.temb, inputs.rotary_emb)
         return self.finish(hidden, inputs.temb)

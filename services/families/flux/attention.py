@@ -1,7 +1,7 @@
 """Our attention processor for diffusers' FluxTransformer2DModel, calling our one dispatch point.
 
 Why our own processor rather than diffusers' dispatcher (`transformer.set_attention_backend(...)`):
-- Sequence-parallel attention will plug in at `attention(q, k, v, backend)`. With diffusers' dispatcher
+- Sequence-parallel attention plugs in at `attend` (parallel.py replaces it). With diffusers' dispatcher
   the model's attention calls would never reach that function; diffusers' own context-parallel hooks
   would have to be used instead, tied to its private registry and its release cadence.
 - Adding a kernel to diffusers' dispatcher means registering into its private `_AttentionBackendRegistry`,

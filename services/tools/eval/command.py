@@ -14,8 +14,8 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from ditserve.services.eval.fidelity import score_batch, score_image, summarize
-from ditserve.services.training.shapes import iter_samples
+from ditserve.services.tools.eval.fidelity import score_batch, score_image, summarize
+from ditserve.services.tools.training.shapes import iter_samples
 
 # The bar for the scorer: it must judge the model, not the renderer or the VAE's blur.
 RENDER_ACCURACY_FLOOR = 0.99
@@ -78,7 +78,7 @@ def validate(n: int, model: Path | None) -> dict[str, Any]:
     specs, images = zip(*islice(iter_samples(VALIDATION_SEED), n), strict=True)
     report: dict[str, Any] = {"renders": score_batch(images, [spec.prompt for spec in specs])}
     if model is not None:
-        from ditserve.services.training.evaluate import vae_quality
+        from ditserve.services.tools.training.evaluate import vae_quality
 
         quality = vae_quality(model, n=n, seed=VALIDATION_SEED)
         report["vae_reconstructions"] = quality["scorer_on_reconstructions"]

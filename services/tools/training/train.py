@@ -39,13 +39,13 @@ from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from tqdm import tqdm
 
-from ditserve.services.modelgen.tiny_flux import (
+from ditserve.services.tools.modelgen.tiny_flux import (
     ensure_empty_dir,
     flux_scheduler,
     save_flux_folder,
     text_components,
 )
-from ditserve.services.training.shapes import ShapeSpec, render, sample_spec
+from ditserve.services.tools.training.shapes import ShapeSpec, render, sample_spec
 
 NATIVE_SIZE = 64
 # The longest dataset prompt is 12 T5 tokens with </s>. Pads are not masked in FLUX, so this length is

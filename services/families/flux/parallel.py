@@ -3,10 +3,10 @@
 Why not diffusers' own context parallelism (`transformer.enable_parallelism(ContextParallelConfig(...))`):
 - It only parallelizes processors of diffusers' dispatcher: `enable_parallelism` hands its config to
   processors that have `_parallel_config` and skips the rest. Ours routes through our registry (see
-  attention/flux.py), so its split hooks would cut the inputs while our attention stayed local: silently
+  attention.py), so its split hooks would cut the inputs while our attention stayed local: silently
   wrong images. Using it means giving up our registry, its availability report and its `auto` rules.
 - Its hooks sit on the model's own forward (split inputs at the root, gather at proj_out). Step caching
-  calls the stages itself (cache/flux_blocks.py) and bypasses them, so caching and SP could not combine.
+  calls the stages itself (blocks.py) and bypasses them, so caching and SP could not combine.
 - It cannot run on CPU: diffusers 0.42.1's `_resolve_parallel_config` computes
   `rank % torch.accelerator.device_count()`, a ZeroDivisionError without an accelerator (tried here), so
   the gloo tests this feature needs are impossible with it. Its ring also needs an LSE kernel: its default
@@ -14,8 +14,27 @@ Why not diffusers' own context parallelism (`transformer.enable_parallelism(Cont
 - Its ring rotates K/V by one all_gather (rotate_method "allgather" is the only one implemented): every
   rank holds all blocks at once and nothing overlaps compute; ours sends one block per hop, overlapped.
 - It is marked experimental ("may break without warning") and lives in private modules.
-What we take from it: the sharding plan (text and image tokens and their ids split, image output gathered,
-see sharding.py) and the (ring, ulysses) mesh layout, so the two stay interchangeable if that changes.
+What we take from it: the sharding plan (text and image tokens and their ids split, image output gathered)
+and the (ring, ulysses) mesh layout, so the two stay interchangeable if that changes.
+
+How FLUX's joint sequence (text tokens, then image tokens) is split:
+
+Both streams are sharded: rank i holds the i-th contiguous slice of the text tokens and of the image
+tokens, and the matching rows of txt_ids and img_ids. That is diffusers' own FLUX context-parallel plan
+(`FluxTransformer2DModel._cp_plan`), chosen over replicating the text on every rank because:
+- Correctness holds either way. Attention is over the union of all ranks' keys, and joint attention has
+  no mask and is not causal, so a rank's [its text, its image] order is as good as [all text, all image].
+  Every other layer of the blocks (projections, MLPs, AdaLN with the global `temb`) is per token.
+- The rotary embeddings stay consistent for free: the model computes them from cat(txt_ids, img_ids), so
+  sharding the ids like the tokens gives each token its own rotation (q and k are rotated before any
+  exchange, and the exchange moves rotated keys with them).
+- Replicated text would repeat the text stream's work (its projections and MLPs in the 19 double blocks,
+  and all of a single block's work on those tokens) on every rank: at 1024^2 with 8 ranks each rank would
+  hold 512 text + 512 image tokens, doubling its work; Ulysses would also need a head all-gather for the
+  text output. Sharding costs only the text tokens' share of the exchanged bytes (512 of 4608 at 1024^2).
+The price: text and image token counts must divide by the world size (FLUX.1: 512 text tokens, 4096 image
+tokens at 1024^2, divisible by 1..8 and 2..512 respectively). Uneven counts are rejected, not padded:
+padding would need masked keys, which no dispatch kernel here takes.
 """
 
 from __future__ import annotations
@@ -23,18 +42,19 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_flux import (
     FluxTransformer2DModel,
 )
 
-from ditserve.services.denoiser.attention.flux import DitserveFluxAttnProcessor
 from ditserve.services.denoiser.attention.registry import BackendName
-from ditserve.services.denoiser.cache.flux_blocks import FluxBlockExecutor, FluxStepInputs
-from ditserve.services.denoiser.cache.policy import FLUX1_TEACACHE_COEFFICIENTS
 from ditserve.services.denoiser.parallel.attention import SequenceParallelAttention
 from ditserve.services.denoiser.parallel.mesh import SPMesh
-from ditserve.services.denoiser.parallel.sharding import JointSequenceSharder
+from ditserve.services.denoiser.parallel.sharding import SequenceSharder
+from ditserve.services.families.flux.attention import DitserveFluxAttnProcessor
+from ditserve.services.families.flux.blocks import FluxBlockExecutor, FluxStepInputs
+
+# The transformer's keyword arguments that carry tokens, and their token axis (as in diffusers' _cp_plan).
+TOKEN_AXES = {"hidden_states": 1, "encoder_hidden_states": 1, "img_ids": 0, "txt_ids": 0}
 
 
 class SequenceParallelFluxAttnProcessor(DitserveFluxAttnProcessor):
@@ -58,13 +78,16 @@ class SequenceParallelFluxExecutor(FluxBlockExecutor):
         transformer: FluxTransformer2DModel,
         mesh: SPMesh,
         backend: BackendName,
-        teacache_coefficients: tuple[float, ...] | None = FLUX1_TEACACHE_COEFFICIENTS,
     ) -> None:
         mesh.config.check_heads(transformer.config.num_attention_heads)
-        super().__init__(transformer, teacache_coefficients)
+        super().__init__(transformer)
         self.mesh = mesh
-        self.sharder = JointSequenceSharder(mesh.world)
+        self.sharder = SequenceSharder(mesh.world, TOKEN_AXES)
         transformer.set_attn_processor(SequenceParallelFluxAttnProcessor(backend, mesh))
+
+    def forward(self, **transformer_kwargs: Any) -> torch.Tensor:
+        """The staged forward: the model's own would run unsharded, with SP attention on full sequences."""
+        return self.staged_forward(**transformer_kwargs)
 
     def embed(self, **transformer_kwargs: Any) -> FluxStepInputs:
         return super().embed(**self.sharder.shard_inputs(transformer_kwargs))
@@ -83,28 +106,3 @@ class SequenceParallelFluxExecutor(FluxBlockExecutor):
         )
         sums = self.mesh.world.all_reduce(sums)
         return (sums[0] / sums[1]).item()
-
-
-class SequenceParallelFlux(torch.nn.Module):
-    """A FluxTransformer2DModel call, sequence-parallel inside: full inputs in, full output out, per rank."""
-
-    def __init__(
-        self,
-        transformer: FluxTransformer2DModel,
-        mesh: SPMesh,
-        backend: BackendName,
-        teacache_coefficients: tuple[float, ...] | None = FLUX1_TEACACHE_COEFFICIENTS,
-    ) -> None:
-        super().__init__()
-        self.transformer = transformer
-        self.executor = SequenceParallelFluxExecutor(transformer, mesh, backend, teacache_coefficients)
-
-    @property
-    def config(self) -> Any:
-        return self.transformer.config
-
-    def forward(
-        self, return_dict: bool = True, **transformer_kwargs: Any
-    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
-        sample = self.executor.forward(**transformer_kwargs)
-        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from ditserve.services.bench.common import result_document
+from ditserve.services.tools.bench.common import result_document
 
 if TYPE_CHECKING:
     from ditserve.services.denoiser.parallel.mesh import SPMesh
@@ -78,9 +78,9 @@ def parse_config(text: str) -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from ditserve.services.denoiser.parallel.cost import AttentionShape, bytes_per_forward
-    from ditserve.services.denoiser.parallel.launch import run_world
     from ditserve.services.denoiser.parallel.mesh import SPConfig
+    from ditserve.services.tools.sp_cost import AttentionShape, bytes_per_forward
+    from ditserve.services.tools.sp_world import run_world
 
     spec = {
         "heads": args.heads,
@@ -145,7 +145,7 @@ def _measure_rank(mesh: SPMesh, spec: dict[str, Any]) -> dict[str, Any]:
     from diffusers import FluxTransformer2DModel
 
     from ditserve.services.denoiser.attention import BackendName, apply_attention_backend
-    from ditserve.services.denoiser.parallel.flux import SequenceParallelFlux
+    from ditserve.services.families.flux.parallel import SequenceParallelFlux
 
     torch.manual_seed(spec["seed"])  # every rank builds the same weights and inputs
     head_dim = spec["head_dim"]

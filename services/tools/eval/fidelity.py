@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ditserve.services.training.shapes import COLORS, parse_prompt
+from ditserve.services.tools.training.shapes import COLORS, parse_prompt
 
 _PALETTE_NAMES = list(COLORS)
 _PALETTE = np.array([COLORS[name] for name in _PALETTE_NAMES], dtype=np.float64)

@@ -1,7 +1,7 @@
 """Procedural "a red circle on a blue background" images: an infinite, seeded, checkable dataset.
 
 Every image is one flat-coloured shape on a flat background, so a generated image can be judged
-attribute by attribute (colour, shape, background) by ditserve.services.eval.fidelity without a
+attribute by attribute (colour, shape, background) by ditserve.services.tools.eval.fidelity without a
 learned model. Colours and shapes are chosen to stay distinguishable after the blur of a small VAE.
 """
 

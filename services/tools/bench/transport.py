@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ditserve.client.config import default_model_dir
-from ditserve.services.bench.common import median, result_document
+from ditserve.services.tools.bench.common import median, result_document
 
 PROMPT = "a red circle on a blue background"
 

@@ -1,0 +1,196 @@
+"""Steps a batch of trajectories through a family's transformer: CFG, step caching, failures kept apart.
+
+Family-neutral: a family subclasses Trajectory (its latents, conditioning and timestep layout) and
+TransformerRunner (how a job starts, what its transformer call takes), and everything here (one call per
+CFG branch for all samples, per-request cache slots, the sequence-parallel mirror, retrying a failed
+batch one trajectory at a time) holds for every family. Each trajectory owns its noise generator and its
+scheduler copy, so its result never depends on other traffic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any, Protocol
+
+import torch
+
+from ditserve.services.denoiser.cache.policy import CacheConfig
+from ditserve.services.denoiser.cache.state import RequestCache, Slot, forward_batch
+from ditserve.services.denoiser.facts import ModelFacts
+from ditserve.services.denoiser.job import DenoiseJob
+from ditserve.services.families.base import BlockExecutor
+
+
+class Trajectory:
+    """One job's denoising state: latents, its own scheduler and timesteps, its cache, its CFG."""
+
+    def __init__(
+        self,
+        latents: torch.Tensor,
+        scheduler: Any,
+        timesteps: torch.Tensor,
+        cache: RequestCache,
+        true_cfg_scale: float,
+        has_negative: bool,
+    ) -> None:
+        self.latents = latents
+        self.scheduler = scheduler
+        self.timesteps = timesteps
+        self.cache = cache
+        self.caching = cache.config.mode != "none"
+        self.true_cfg_scale = true_cfg_scale
+        self.has_negative = has_negative
+        self.index = 0
+
+    @property
+    def rows(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def timestep(self) -> torch.Tensor:
+        """This sample's current timestep, one per row, as the pipelines broadcast it."""
+        return self.timesteps[self.index].expand(self.rows).to(self.latents.dtype)
+
+    def advance(self, noise: torch.Tensor, negative_noise: torch.Tensor | None) -> None:
+        """Applies classic CFG (if any) and this trajectory's own scheduler step."""
+        if negative_noise is not None:
+            noise = negative_noise + self.true_cfg_scale * (noise - negative_noise)
+        self.latents = self.scheduler.step(noise, self.timesteps[self.index], self.latents, return_dict=False)[0]
+        self.index += 1
+        if not torch.isfinite(self.latents).all():
+            raise FloatingPointError("the latents became NaN or Inf")
+
+    def result(self) -> torch.Tensor:
+        return self.latents
+
+    def computed_steps(self) -> dict[str, str]:
+        """Per CFG branch, '1' for each step the transformer computed and '0' for each it reused."""
+        if not self.caching:
+            return {}
+        return {name: branch.pattern for name, branch in self.cache.branches.items() if branch.decisions}
+
+
+class CallMirror(Protocol):
+    """Replays each transformer call on other processes: sequence parallelism (parallel/serving.py)."""
+
+    def announce(
+        self, trajectories: list[Trajectory], branch: str, caching: bool, inputs: dict[str, torch.Tensor | None]
+    ) -> None: ...
+
+    def fail(self, error: Exception) -> Exception:
+        """The error every trajectory of a failed call ends with: the other ranks' state is lost."""
+        ...
+
+
+class TransformerRunner:
+    """Holds the transformer and the scheduler template; a family says how jobs start and call it.
+
+    Under sequence parallelism `executor` runs on this rank's shard and `mirror` announces each call to
+    the other ranks before rank 0 makes it.
+    """
+
+    def __init__(
+        self,
+        executor: BlockExecutor,
+        scheduler: Any,
+        facts: ModelFacts,
+        device: torch.device,
+        dtype: torch.dtype,
+        on_cache_step: Callable[[str, bool], None] | None = None,
+        mirror: CallMirror | None = None,
+    ) -> None:
+        self.executor = executor
+        self.scheduler = scheduler
+        self.facts = facts
+        self.device = device
+        self.dtype = dtype
+        self.on_cache_step = on_cache_step
+        self.mirror = mirror
+
+    # --- what a family provides ---
+    def parse(self, request: Any, cache: CacheConfig, limits: Any) -> Any:
+        """The family's inputs from a DenoiseRequest (cache already accepted); InvalidArgument names fields."""
+        raise NotImplementedError
+
+    def steps(self, request: Any) -> int:
+        """The request's step count (its own, else the model's default), needed before parsing the cache."""
+        return request.num_inference_steps or self.facts.defaults.steps
+
+    def token_counts(self, inputs: Any) -> dict[str, int]:
+        """Per request field, the tokens a sequence-parallel executor shards (each must divide by the world)."""
+        raise NotImplementedError
+
+    def shape_key(self, inputs: Any) -> Hashable:
+        """What must match for two jobs to share a transformer call (shapes and CFG, not the step count)."""
+        raise NotImplementedError
+
+    def cost(self, inputs: Any) -> int:
+        """Tokens the transformer processes per step for this job (the scheduler's token budget)."""
+        raise NotImplementedError
+
+    def start(self, job: DenoiseJob) -> Trajectory:
+        raise NotImplementedError
+
+    def model_inputs(self, trajectories: list[Any], negative: bool) -> dict[str, torch.Tensor | None]:
+        """The transformer's keyword arguments for one call over the trajectories' rows."""
+        raise NotImplementedError
+
+    # --- the same for every family ---
+    def new_cache(self, config: CacheConfig) -> RequestCache:
+        return RequestCache(config, self.executor.num_blocks, self.facts.teacache_coefficients)
+
+    def _predict(self, trajectories: list[Trajectory], negative: bool) -> list[torch.Tensor]:
+        """One transformer call over the trajectories' samples, split back per trajectory."""
+        branch = "uncond" if negative else "cond"
+        inputs = self.model_inputs(trajectories, negative)
+        caches = [t.cache.branch(branch) for t in trajectories]
+        caching = any(t.caching for t in trajectories)
+        if self.mirror is not None:
+            self.mirror.announce(trajectories, branch, caching, inputs)
+        if caching:
+            slots = [
+                Slot(cache, t.index, len(t.timesteps), t.rows) for cache, t in zip(caches, trajectories, strict=True)
+            ]
+            noise = forward_batch(self.executor, slots, **inputs)
+        else:  # every block, the model's own forward: bit-exact with the pipeline
+            noise = self.executor.forward(**inputs)
+            for cache in caches:
+                cache.record(True)
+        if self.on_cache_step is not None:
+            for cache, t in zip(caches, trajectories, strict=True):
+                if t.caching:
+                    self.on_cache_step(t.cache.config.mode, cache.decisions[-1])
+        return list(noise.split([t.rows for t in trajectories]))
+
+    @torch.inference_mode()
+    def step(self, trajectories: list[Trajectory]) -> list[Exception | None]:
+        """One step for a batch; returns, per trajectory, the error that failed it.
+
+        Alone, this is the pipeline's exact call sequence (bit-exact); together, one transformer call per
+        CFG branch for all samples. If a batched call raises, each trajectory is retried alone so only the
+        culprit fails: no trajectory has moved before every prediction exists. Not with a mirror: the
+        other ranks may be left inside a collective, so the call fails them all.
+        """
+        try:
+            noise = self._predict(trajectories, negative=False)
+            cfg = trajectories[0].has_negative
+            negative = self._predict(trajectories, negative=True) if cfg else [None] * len(trajectories)
+        except Exception as error:
+            if self.mirror is not None:
+                return [self.mirror.fail(error)] * len(trajectories)
+            if len(trajectories) == 1:
+                return [error]
+            return [self.step([trajectory])[0] for trajectory in trajectories]
+        errors: list[Exception | None] = []
+        for trajectory, cond, uncond in zip(trajectories, noise, negative, strict=True):
+            try:
+                trajectory.advance(cond, uncond)
+                errors.append(None)
+            except Exception as error:
+                errors.append(error)
+        return errors
+
+
+def cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Rows of several trajectories as one batch (no copy for one)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
