@@ -11,11 +11,12 @@ import importlib
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ditserve.services.common.errors import ModelLoadError
+
+if TYPE_CHECKING:  # the folder's facts are read without torch; only load() needs the libraries
+    import torch
 
 SIDECAR = "ditserve.json"
 

@@ -25,7 +25,7 @@ def test_trace_names_stay_inside_the_profile_dir(tmp_path: Path) -> None:
 def test_block_ranges_leave_outputs_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
     """NVTX itself needs CUDA; the hooks' contract with torch (return None, pop after) is ours to test."""
     calls: list[str] = []
-    monkeypatch.setattr(profiling, "_NVTX", True)
+    monkeypatch.setattr(profiling, "_nvtx", lambda: True)
     monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda name: calls.append(name) or len(calls))
     monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: calls.append("pop") or 0)
     model = tiny_transformer(seed=0).eval()
