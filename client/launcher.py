@@ -19,7 +19,7 @@ from typing import IO
 
 import grpc
 
-from ditserve.client.config import DEFAULT_PORTS, STAGES
+from ditserve.client.config import DEFAULT_HTTP_PORT, DEFAULT_PORTS, STAGES
 from ditserve.client.stub import wait_serving
 
 
@@ -33,14 +33,18 @@ def free_port() -> int:
 class Ports:
     grpc: dict[str, int]
     metrics: dict[str, int]
+    http: int | None = None
+    """The gateway's OpenAI-compatible HTTP port; None = off."""
 
     @classmethod
     def defaults(cls) -> Ports:
-        return cls({r: p[0] for r, p in DEFAULT_PORTS.items()}, {r: p[1] for r, p in DEFAULT_PORTS.items()})
+        grpc_ports = {r: p[0] for r, p in DEFAULT_PORTS.items()}
+        return cls(grpc_ports, {r: p[1] for r, p in DEFAULT_PORTS.items()}, DEFAULT_HTTP_PORT)
 
     @classmethod
     def free(cls) -> Ports:
-        return cls({role: free_port() for role in DEFAULT_PORTS}, {role: free_port() for role in DEFAULT_PORTS})
+        grpc_ports = {role: free_port() for role in DEFAULT_PORTS}
+        return cls(grpc_ports, {role: free_port() for role in DEFAULT_PORTS}, free_port())
 
     def address(self, role: str, host: str = "127.0.0.1") -> str:
         return f"{host}:{self.grpc[role]}"
@@ -64,6 +68,7 @@ class Stack:
         if role == "gateway":
             for stage in STAGES:
                 args += [f"--{stage}", self.ports.address(stage)]
+            args += ["--no-http"] if self.ports.http is None else ["--http-port", str(self.ports.http)]
         elif self.model is not None:
             args += ["--model", str(self.model)]
         return args + self.extra_args.get(role, [])
@@ -119,6 +124,11 @@ class Stack:
     @property
     def gateway(self) -> str:
         return self.ports.address("gateway")
+
+    @property
+    def http_base(self) -> str | None:
+        """The OpenAI-compatible base URL (`.../v1`), None when HTTP is off."""
+        return None if self.ports.http is None else f"http://{self.host}:{self.ports.http}/v1"
 
 
 @contextmanager

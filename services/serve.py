@@ -23,16 +23,20 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
     RequestLimits.add_arguments(parser)
     parser.add_argument("--profile-dir", type=Path, default=Path("profiles"), help="where profiler traces are written")
     if role == "gateway":
-        group = parser.add_argument_group("stages (comma-separated addresses: round-robin, retry on UNAVAILABLE)")
+        group = parser.add_argument_group(
+            "stages (a gRPC target each: dns:///NAME:PORT for every address a name resolves to, HOST:PORT, or"
+            " comma-separated IP:PORTs; round_robin over SERVING replicas, UNAVAILABLE retried before a response)"
+        )
         for stage in ("encoder", "denoiser", "vae"):
-            group.add_argument(
-                f"--{stage}", default=f"127.0.0.1:{DEFAULT_PORTS[stage][0]}", help=f"{stage} address(es)"
-            )
+            group.add_argument(f"--{stage}", default=f"127.0.0.1:{DEFAULT_PORTS[stage][0]}", help=f"{stage} replica(s)")
         group.add_argument("--stage-timeout", type=float, default=600.0, help="per-stage deadline in seconds")
         group.add_argument("--stage-tls-ca", help="PEM CA that signed the stages' certificates: call them over TLS")
         group.add_argument("--stage-tls-cert", help="PEM client certificate for stages that require mutual TLS")
         group.add_argument("--stage-tls-key", help="PEM private key of --stage-tls-cert")
         group.add_argument("--stage-token-file", help="file whose first line is the bearer token for the stages")
+        from ditserve.services.gateway.http import HttpOptions
+
+        HttpOptions.add_arguments(parser)
         return
     parser.add_argument(
         "--model",
@@ -103,8 +107,14 @@ def build_service(role: str, args: argparse.Namespace) -> Service:
     if role == "gateway":
         from ditserve.client.security import ClientSecurity, token_from_file
         from ditserve.services.common.profiling import Profiler
+        from ditserve.services.gateway.pool import stage_target
         from ditserve.services.gateway.service import GatewayConfig, GatewayService
 
+        for stage in ("encoder", "denoiser", "vae"):
+            try:
+                stage_target(getattr(args, stage))
+            except ValueError as error:
+                raise StartupError(f"--{stage}: {error}") from None
         config = GatewayConfig(
             encoders=_addresses(args.encoder),
             denoisers=_addresses(args.denoiser),
@@ -174,7 +184,13 @@ def build_service(role: str, args: argparse.Namespace) -> Service:
             progress_interval_ms=args.progress_interval_ms,
             sequence_parallel=sequence_parallel,
         )
-        return DenoiserService(stage, options)
+        denoiser = DenoiserService(stage, options)
+        # Alerts and autoscalers compare ditserve_queue_depth with this, not with a number copied from a flag.
+        from prometheus_client import Gauge
+
+        capacity = "Waiting requests admitted before RESOURCE_EXHAUSTED (--max-queue)"
+        Gauge("ditserve_queue_capacity", capacity, registry=denoiser.metrics.registry).set(args.max_queue)
+        return denoiser
     from ditserve.services.vae.service import VaeService
 
     return VaeService(stage)
@@ -186,5 +202,17 @@ def run(role: str, args: argparse.Namespace) -> int:
         service = build_service(role, args)
     except StartupError as error:
         raise SystemExit(f"ditserve serve {role}: {error}") from None
-    serve_forever(service, ServerOptions.from_args(args), ServerSecurity.from_args(args))
+    http = None
+    if role == "gateway":
+        from ditserve.services.gateway.http import start_for_gateway
+
+        try:
+            http = start_for_gateway(args, service)
+        except StartupError as error:
+            raise SystemExit(f"ditserve serve {role}: {error}") from None
+    try:
+        serve_forever(service, ServerOptions.from_args(args), ServerSecurity.from_args(args))
+    finally:
+        if http is not None:  # gRPC drained first: in-flight HTTP requests are gRPC calls it waited for
+            http.stop()
     return 0
