@@ -6,15 +6,17 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PROMPT ?= a red circle on a blue background
 
-.PHONY: install demo test lint protos clean prometheus compose-smoke
+.PHONY: install demo test lint protos clean prometheus compose-smoke bench-cache
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
-$(STAMP): $(PY) pyproject.toml setup.py
-	$(PIP) install -q torch==2.13.0
+# torch first and pinned, in the build this machine can use: the CPU build without an NVIDIA GPU (from
+# pip's configured indexes when they hold one, else PyTorch's CPU index), the CUDA build with one.
+# scripts/install-torch.sh says how it decides; TORCH_INDEX=URL picks another build (e.g. cu128).
+$(STAMP): $(PY) pyproject.toml setup.py scripts/install-torch.sh
+	TORCH_VERSION=2.13.0 bash scripts/install-torch.sh $(PIP)
 	$(PIP) install -q -e ".[serve,dev]"
 	touch $(STAMP)
 
@@ -39,6 +41,11 @@ test: install lint prometheus
 # Docker + compose: build, up (cpu profile), one image through the gateway, Prometheus targets, down.
 compose-smoke:
 	bash deploy/compose-smoke.sh
+
+# The cache bench runs cache-dit beside ours: the [bench] extra comes with the command.
+bench-cache: install
+	$(PIP) install -q -e ".[serve,bench]"
+	$(VENV)/bin/ditserve bench cache --out bench/results/cache.json
 
 demo: install
 	mkdir -p out
