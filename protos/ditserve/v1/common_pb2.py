@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from ditserve.v1 import tensor_pb2 as ditserve_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64itserve/v1/common.proto\x12\x0b\x64itserve.v1\x1a\x18\x64itserve/v1/tensor.proto\"\x97\x02\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x32\n\x08stage_ms\x18\x02 \x03(\x0b\x32 .ditserve.v1.Timing.StageMsEntry\x12\x0f\n\x07step_ms\x18\x03 \x03(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\x12>\n\x0e\x63omputed_steps\x18\x05 \x03(\x0b\x32&.ditserve.v1.Timing.ComputedStepsEntry\x1a.\n\x0cStageMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x34\n\x12\x43omputedStepsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x83\x01\n\x05Image\x12(\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x18.ditserve.v1.ImageFormat\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12#\n\x06pixels\x18\x03 \x01(\x0b\x32\x13.ditserve.v1.Tensor\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\"\r\n\x0bInfoRequest\"\xe2\x01\n\x0cInfoResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x19\n\x11\x61ttention_backend\x18\x06 \x01(\t\x12\x37\n\x07\x64\x65tails\x18\x07 \x03(\x0b\x32&.ditserve.v1.InfoResponse.DetailsEntry\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\x13StartProfileRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rrecord_shapes\x18\x02 \x01(\x08\x12\x12\n\nwith_stack\x18\x03 \x01(\x08\"\x14\n\x12StopProfileRequest\"4\n\rProfileStatus\x12\x0f\n\x07running\x18\x01 \x01(\x08\x12\x12\n\ntrace_path\x18\x02 \x01(\t*3\n\x0bImageFormat\x12\x07\n\x03PNG\x10\x00\x12\x08\n\x04JPEG\x10\x01\x12\x08\n\x04WEBP\x10\x02\x12\x07\n\x03RAW\x10\x03\x32\xde\x01\n\x05\x41\x64min\x12;\n\x04Info\x12\x18.ditserve.v1.InfoRequest\x1a\x19.ditserve.v1.InfoResponse\x12L\n\x0cStartProfile\x12 .ditserve.v1.StartProfileRequest\x1a\x1a.ditserve.v1.ProfileStatus\x12J\n\x0bStopProfile\x12\x1f.ditserve.v1.StopProfileRequest\x1a\x1a.ditserve.v1.ProfileStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64itserve/v1/common.proto\x12\x0b\x64itserve.v1\x1a\x18\x64itserve/v1/tensor.proto\"\x97\x02\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x32\n\x08stage_ms\x18\x02 \x03(\x0b\x32 .ditserve.v1.Timing.StageMsEntry\x12\x0f\n\x07step_ms\x18\x03 \x03(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\x12>\n\x0e\x63omputed_steps\x18\x05 \x03(\x0b\x32&.ditserve.v1.Timing.ComputedStepsEntry\x1a.\n\x0cStageMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x34\n\x12\x43omputedStepsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x83\x01\n\x05Image\x12(\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x18.ditserve.v1.ImageFormat\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12#\n\x06pixels\x18\x03 \x01(\x0b\x32\x13.ditserve.v1.Tensor\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\"\xa4\x01\n\x05Video\x12(\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x18.ditserve.v1.VideoFormat\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12#\n\x06\x66rames\x18\x03 \x01(\x0b\x32\x13.ditserve.v1.Tensor\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\x12\n\nnum_frames\x18\x06 \x01(\x05\x12\x0b\n\x03\x66ps\x18\x07 \x01(\x02\"\r\n\x0bInfoRequest\"\xe2\x01\n\x0cInfoResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x19\n\x11\x61ttention_backend\x18\x06 \x01(\t\x12\x37\n\x07\x64\x65tails\x18\x07 \x03(\x0b\x32&.ditserve.v1.InfoResponse.DetailsEntry\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\x13StartProfileRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rrecord_shapes\x18\x02 \x01(\x08\x12\x12\n\nwith_stack\x18\x03 \x01(\x08\"\x14\n\x12StopProfileRequest\"4\n\rProfileStatus\x12\x0f\n\x07running\x18\x01 \x01(\x08\x12\x12\n\ntrace_path\x18\x02 \x01(\t*3\n\x0bImageFormat\x12\x07\n\x03PNG\x10\x00\x12\x08\n\x04JPEG\x10\x01\x12\x08\n\x04WEBP\x10\x02\x12\x07\n\x03RAW\x10\x03*9\n\x0bVideoFormat\x12\x07\n\x03MP4\x10\x00\x12\x11\n\rANIMATED_WEBP\x10\x01\x12\x0e\n\nRAW_FRAMES\x10\x02\x32\xde\x01\n\x05\x41\x64min\x12;\n\x04Info\x12\x18.ditserve.v1.InfoRequest\x1a\x19.ditserve.v1.InfoResponse\x12L\n\x0cStartProfile\x12 .ditserve.v1.StartProfileRequest\x1a\x1a.ditserve.v1.ProfileStatus\x12J\n\x0bStopProfile\x12\x1f.ditserve.v1.StopProfileRequest\x1a\x1a.ditserve.v1.ProfileStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,8 +38,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TIMING_COMPUTEDSTEPSENTRY']._serialized_options = b'8\001'
   _globals['_INFORESPONSE_DETAILSENTRY']._loaded_options = None
   _globals['_INFORESPONSE_DETAILSENTRY']._serialized_options = b'8\001'
-  _globals['_IMAGEFORMAT']._serialized_start=883
-  _globals['_IMAGEFORMAT']._serialized_end=934
+  _globals['_IMAGEFORMAT']._serialized_start=1050
+  _globals['_IMAGEFORMAT']._serialized_end=1101
+  _globals['_VIDEOFORMAT']._serialized_start=1103
+  _globals['_VIDEOFORMAT']._serialized_end=1160
   _globals['_TIMING']._serialized_start=68
   _globals['_TIMING']._serialized_end=347
   _globals['_TIMING_STAGEMSENTRY']._serialized_start=247
@@ -48,18 +50,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TIMING_COMPUTEDSTEPSENTRY']._serialized_end=347
   _globals['_IMAGE']._serialized_start=350
   _globals['_IMAGE']._serialized_end=481
-  _globals['_INFOREQUEST']._serialized_start=483
-  _globals['_INFOREQUEST']._serialized_end=496
-  _globals['_INFORESPONSE']._serialized_start=499
-  _globals['_INFORESPONSE']._serialized_end=725
-  _globals['_INFORESPONSE_DETAILSENTRY']._serialized_start=679
-  _globals['_INFORESPONSE_DETAILSENTRY']._serialized_end=725
-  _globals['_STARTPROFILEREQUEST']._serialized_start=727
-  _globals['_STARTPROFILEREQUEST']._serialized_end=805
-  _globals['_STOPPROFILEREQUEST']._serialized_start=807
-  _globals['_STOPPROFILEREQUEST']._serialized_end=827
-  _globals['_PROFILESTATUS']._serialized_start=829
-  _globals['_PROFILESTATUS']._serialized_end=881
-  _globals['_ADMIN']._serialized_start=937
-  _globals['_ADMIN']._serialized_end=1159
+  _globals['_VIDEO']._serialized_start=484
+  _globals['_VIDEO']._serialized_end=648
+  _globals['_INFOREQUEST']._serialized_start=650
+  _globals['_INFOREQUEST']._serialized_end=663
+  _globals['_INFORESPONSE']._serialized_start=666
+  _globals['_INFORESPONSE']._serialized_end=892
+  _globals['_INFORESPONSE_DETAILSENTRY']._serialized_start=846
+  _globals['_INFORESPONSE_DETAILSENTRY']._serialized_end=892
+  _globals['_STARTPROFILEREQUEST']._serialized_start=894
+  _globals['_STARTPROFILEREQUEST']._serialized_end=972
+  _globals['_STOPPROFILEREQUEST']._serialized_start=974
+  _globals['_STOPPROFILEREQUEST']._serialized_end=994
+  _globals['_PROFILESTATUS']._serialized_start=996
+  _globals['_PROFILESTATUS']._serialized_end=1048
+  _globals['_ADMIN']._serialized_start=1163
+  _globals['_ADMIN']._serialized_end=1385
 # @@protoc_insertion_point(module_scope)

@@ -14,10 +14,19 @@ class ImageFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JPEG: _ClassVar[ImageFormat]
     WEBP: _ClassVar[ImageFormat]
     RAW: _ClassVar[ImageFormat]
+
+class VideoFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MP4: _ClassVar[VideoFormat]
+    ANIMATED_WEBP: _ClassVar[VideoFormat]
+    RAW_FRAMES: _ClassVar[VideoFormat]
 PNG: ImageFormat
 JPEG: ImageFormat
 WEBP: ImageFormat
 RAW: ImageFormat
+MP4: VideoFormat
+ANIMATED_WEBP: VideoFormat
+RAW_FRAMES: VideoFormat
 
 class Timing(_message.Message):
     __slots__ = ("queue_ms", "stage_ms", "step_ms", "total_ms", "computed_steps")
@@ -60,6 +69,24 @@ class Image(_message.Message):
     width: int
     height: int
     def __init__(self, format: _Optional[_Union[ImageFormat, str]] = ..., data: _Optional[bytes] = ..., pixels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+
+class Video(_message.Message):
+    __slots__ = ("format", "data", "frames", "width", "height", "num_frames", "fps")
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
+    format: VideoFormat
+    data: bytes
+    frames: _tensor_pb2.Tensor
+    width: int
+    height: int
+    num_frames: int
+    fps: float
+    def __init__(self, format: _Optional[_Union[VideoFormat, str]] = ..., data: _Optional[bytes] = ..., frames: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_frames: _Optional[int] = ..., fps: _Optional[float] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()

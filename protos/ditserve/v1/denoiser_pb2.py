@@ -28,7 +28,7 @@ from ditserve.v1 import encoder_pb2 as ditserve_dot_v1_dot_encoder__pb2
 from ditserve.v1 import tensor_pb2 as ditserve_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64itserve/v1/denoiser.proto\x12\x0b\x64itserve.v1\x1a\x17\x64itserve/v1/cache.proto\x1a\x18\x64itserve/v1/common.proto\x1a\x19\x64itserve/v1/encoder.proto\x1a\x18\x64itserve/v1/tensor.proto\"\x87\x03\n\x0e\x44\x65noiseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x06prompt\x18\x02 \x01(\x0b\x32\x1c.ditserve.v1.PromptEmbedding\x12\x35\n\x0fnegative_prompt\x18\x03 \x01(\x0b\x32\x1c.ditserve.v1.PromptEmbedding\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x1b\n\x13num_inference_steps\x18\x06 \x01(\x05\x12\x1b\n\x0eguidance_scale\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12\x1b\n\x0etrue_cfg_scale\x18\x08 \x01(\x02H\x01\x88\x01\x01\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\x12\n\nnum_images\x18\n \x01(\x05\x12\x15\n\rprofile_steps\x18\x0b \x01(\x05\x12\'\n\x05\x63\x61\x63he\x18\x0c \x01(\x0b\x32\x18.ditserve.v1.CachePolicyB\x11\n\x0f_guidance_scaleB\x11\n\x0f_true_cfg_scale\"B\n\x0cStepProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x0f\n\x07step_ms\x18\x03 \x01(\x01\"\x90\x01\n\rDenoiseResult\x12$\n\x07latents\x18\x01 \x01(\x0b\x32\x13.ditserve.v1.Tensor\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\x12#\n\x06timing\x18\x04 \x01(\x0b\x32\x13.ditserve.v1.Timing\x12\x15\n\rprofile_trace\x18\x05 \x01(\t\"t\n\x0c\x44\x65noiseEvent\x12-\n\x08progress\x18\x01 \x01(\x0b\x32\x19.ditserve.v1.StepProgressH\x00\x12,\n\x06result\x18\x02 \x01(\x0b\x32\x1a.ditserve.v1.DenoiseResultH\x00\x42\x07\n\x05\x65vent2O\n\x08\x44\x65noiser\x12\x43\n\x07\x44\x65noise\x12\x1b.ditserve.v1.DenoiseRequest\x1a\x19.ditserve.v1.DenoiseEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64itserve/v1/denoiser.proto\x12\x0b\x64itserve.v1\x1a\x17\x64itserve/v1/cache.proto\x1a\x18\x64itserve/v1/common.proto\x1a\x19\x64itserve/v1/encoder.proto\x1a\x18\x64itserve/v1/tensor.proto\"\x9b\x03\n\x0e\x44\x65noiseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x06prompt\x18\x02 \x01(\x0b\x32\x1c.ditserve.v1.PromptEmbedding\x12\x35\n\x0fnegative_prompt\x18\x03 \x01(\x0b\x32\x1c.ditserve.v1.PromptEmbedding\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x1b\n\x13num_inference_steps\x18\x06 \x01(\x05\x12\x1b\n\x0eguidance_scale\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12\x1b\n\x0etrue_cfg_scale\x18\x08 \x01(\x02H\x01\x88\x01\x01\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\x12\n\nnum_images\x18\n \x01(\x05\x12\x15\n\rprofile_steps\x18\x0b \x01(\x05\x12\'\n\x05\x63\x61\x63he\x18\x0c \x01(\x0b\x32\x18.ditserve.v1.CachePolicy\x12\x12\n\nnum_frames\x18\r \x01(\x05\x42\x11\n\x0f_guidance_scaleB\x11\n\x0f_true_cfg_scale\"B\n\x0cStepProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x0f\n\x07step_ms\x18\x03 \x01(\x01\"\xa4\x01\n\rDenoiseResult\x12$\n\x07latents\x18\x01 \x01(\x0b\x32\x13.ditserve.v1.Tensor\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\x12#\n\x06timing\x18\x04 \x01(\x0b\x32\x13.ditserve.v1.Timing\x12\x15\n\rprofile_trace\x18\x05 \x01(\t\x12\x12\n\nnum_frames\x18\x06 \x01(\x05\"t\n\x0c\x44\x65noiseEvent\x12-\n\x08progress\x18\x01 \x01(\x0b\x32\x19.ditserve.v1.StepProgressH\x00\x12,\n\x06result\x18\x02 \x01(\x0b\x32\x1a.ditserve.v1.DenoiseResultH\x00\x42\x07\n\x05\x65vent2O\n\x08\x44\x65noiser\x12\x43\n\x07\x44\x65noise\x12\x1b.ditserve.v1.DenoiseRequest\x1a\x19.ditserve.v1.DenoiseEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,13 +36,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ditserve.v1.denoiser_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DENOISEREQUEST']._serialized_start=148
-  _globals['_DENOISEREQUEST']._serialized_end=539
-  _globals['_STEPPROGRESS']._serialized_start=541
-  _globals['_STEPPROGRESS']._serialized_end=607
-  _globals['_DENOISERESULT']._serialized_start=610
-  _globals['_DENOISERESULT']._serialized_end=754
-  _globals['_DENOISEEVENT']._serialized_start=756
-  _globals['_DENOISEEVENT']._serialized_end=872
-  _globals['_DENOISER']._serialized_start=874
-  _globals['_DENOISER']._serialized_end=953
+  _globals['_DENOISEREQUEST']._serialized_end=559
+  _globals['_STEPPROGRESS']._serialized_start=561
+  _globals['_STEPPROGRESS']._serialized_end=627
+  _globals['_DENOISERESULT']._serialized_start=630
+  _globals['_DENOISERESULT']._serialized_end=794
+  _globals['_DENOISEEVENT']._serialized_start=796
+  _globals['_DENOISEEVENT']._serialized_end=912
+  _globals['_DENOISER']._serialized_start=914
+  _globals['_DENOISER']._serialized_end=993
 # @@protoc_insertion_point(module_scope)

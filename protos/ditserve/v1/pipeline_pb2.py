@@ -26,7 +26,7 @@ from ditserve.v1 import cache_pb2 as ditserve_dot_v1_dot_cache__pb2
 from ditserve.v1 import common_pb2 as ditserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64itserve/v1/pipeline.proto\x12\x0b\x64itserve.v1\x1a\x17\x64itserve/v1/cache.proto\x1a\x18\x64itserve/v1/common.proto\"\xb9\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x1b\n\x13num_inference_steps\x18\x05 \x01(\x05\x12\x1b\n\x0eguidance_scale\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12\x1b\n\x0etrue_cfg_scale\x18\x07 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x02\x88\x01\x01\x12\x12\n\nnum_images\x18\t \x01(\x05\x12/\n\routput_format\x18\n \x01(\x0e\x32\x18.ditserve.v1.ImageFormat\x12\x0f\n\x07quality\x18\x0b \x01(\x05\x12\x1b\n\x13max_sequence_length\x18\x0c \x01(\x05\x12\x12\n\nrequest_id\x18\r \x01(\t\x12\x15\n\rprofile_steps\x18\x0e \x01(\x05\x12\'\n\x05\x63\x61\x63he\x18\x0f \x01(\x0b\x32\x18.ditserve.v1.CachePolicyB\x11\n\x0f_guidance_scaleB\x11\n\x0f_true_cfg_scaleB\x07\n\x05_seed\"P\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x03 \x01(\x05\x12\x12\n\nelapsed_ms\x18\x04 \x01(\x01\"\x92\x01\n\x0eGenerateResult\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.ditserve.v1.Image\x12#\n\x06timing\x18\x02 \x01(\x0b\x32\x13.ditserve.v1.Timing\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x15\n\rprofile_trace\x18\x05 \x01(\t\"r\n\rGenerateEvent\x12)\n\x08progress\x18\x01 \x01(\x0b\x32\x15.ditserve.v1.ProgressH\x00\x12-\n\x06result\x18\x02 \x01(\x0b\x32\x1b.ditserve.v1.GenerateResultH\x00\x42\x07\n\x05\x65vent2R\n\x08Pipeline\x12\x46\n\x08Generate\x12\x1c.ditserve.v1.GenerateRequest\x1a\x1a.ditserve.v1.GenerateEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64itserve/v1/pipeline.proto\x12\x0b\x64itserve.v1\x1a\x17\x64itserve/v1/cache.proto\x1a\x18\x64itserve/v1/common.proto\"\x8a\x04\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x1b\n\x13num_inference_steps\x18\x05 \x01(\x05\x12\x1b\n\x0eguidance_scale\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12\x1b\n\x0etrue_cfg_scale\x18\x07 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x02\x88\x01\x01\x12\x12\n\nnum_images\x18\t \x01(\x05\x12/\n\routput_format\x18\n \x01(\x0e\x32\x18.ditserve.v1.ImageFormat\x12\x0f\n\x07quality\x18\x0b \x01(\x05\x12\x1b\n\x13max_sequence_length\x18\x0c \x01(\x05\x12\x12\n\nrequest_id\x18\r \x01(\t\x12\x15\n\rprofile_steps\x18\x0e \x01(\x05\x12\'\n\x05\x63\x61\x63he\x18\x0f \x01(\x0b\x32\x18.ditserve.v1.CachePolicy\x12\x12\n\nnum_frames\x18\x10 \x01(\x05\x12\x0b\n\x03\x66ps\x18\x11 \x01(\x02\x12.\n\x0cvideo_format\x18\x12 \x01(\x0e\x32\x18.ditserve.v1.VideoFormatB\x11\n\x0f_guidance_scaleB\x11\n\x0f_true_cfg_scaleB\x07\n\x05_seed\"P\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x03 \x01(\x05\x12\x12\n\nelapsed_ms\x18\x04 \x01(\x01\"\xb6\x01\n\x0eGenerateResult\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.ditserve.v1.Image\x12#\n\x06timing\x18\x02 \x01(\x0b\x32\x13.ditserve.v1.Timing\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x15\n\rprofile_trace\x18\x05 \x01(\t\x12\"\n\x06videos\x18\x06 \x03(\x0b\x32\x12.ditserve.v1.Video\"r\n\rGenerateEvent\x12)\n\x08progress\x18\x01 \x01(\x0b\x32\x15.ditserve.v1.ProgressH\x00\x12-\n\x06result\x18\x02 \x01(\x0b\x32\x1b.ditserve.v1.GenerateResultH\x00\x42\x07\n\x05\x65vent2R\n\x08Pipeline\x12\x46\n\x08Generate\x12\x1c.ditserve.v1.GenerateRequest\x1a\x1a.ditserve.v1.GenerateEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ditserve.v1.pipeline_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=95
-  _globals['_GENERATEREQUEST']._serialized_end=536
-  _globals['_PROGRESS']._serialized_start=538
-  _globals['_PROGRESS']._serialized_end=618
-  _globals['_GENERATERESULT']._serialized_start=621
-  _globals['_GENERATERESULT']._serialized_end=767
-  _globals['_GENERATEEVENT']._serialized_start=769
-  _globals['_GENERATEEVENT']._serialized_end=883
-  _globals['_PIPELINE']._serialized_start=885
-  _globals['_PIPELINE']._serialized_end=967
+  _globals['_GENERATEREQUEST']._serialized_end=617
+  _globals['_PROGRESS']._serialized_start=619
+  _globals['_PROGRESS']._serialized_end=699
+  _globals['_GENERATERESULT']._serialized_start=702
+  _globals['_GENERATERESULT']._serialized_end=884
+  _globals['_GENERATEEVENT']._serialized_start=886
+  _globals['_GENERATEEVENT']._serialized_end=1000
+  _globals['_PIPELINE']._serialized_start=1002
+  _globals['_PIPELINE']._serialized_end=1084
 # @@protoc_insertion_point(module_scope)
