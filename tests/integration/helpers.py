@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from ditserve.client.launcher import Ports, Stack, free_port
 from ditserve.client.stub import StageClient
 from ditserve.services.common import tensor_codec
 from ditserve.v1 import denoiser_pb2, encoder_pb2
@@ -69,3 +75,44 @@ def request(seed: int, steps: int = 6, **fields: object) -> denoiser_pb2.Denoise
 def latents_of(stage: StageClient, message: denoiser_pb2.DenoiseRequest) -> np.ndarray:
     events = list(stage.denoiser.Denoise(message, timeout=120))
     return tensor_codec.decode(events[-1].result.latents).numpy().copy()
+
+
+def http_call(
+    url: str, body: dict | bytes | None = None, headers: dict[str, str] | None = None, timeout: float = 120.0
+) -> tuple[int, dict]:
+    """One HTTP request (POST when there is a body); the status and the JSON answer, errors included."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def wait_http(url: str, timeout: float = 120.0) -> int:
+    """Polls until `url` answers at all (any status); returns that status."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return http_call(url, timeout=5)[0]
+        except (urllib.error.URLError, ConnectionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def beside(base: Stack, roles: tuple[str, ...], log_dir: Path, **extra_args: list[str]) -> Iterator[Stack]:
+    """Starts `roles` on fresh ports next to a running stack, whose other roles they use; stops them after.
+    A stage address given in `extra_args` (e.g. gateway=["--vae", "127.0.0.1:1"]) wins."""
+    ports = Ports(dict(base.ports.grpc), dict(base.ports.metrics), free_port())
+    for role in roles:
+        ports.grpc[role], ports.metrics[role] = free_port(), free_port()
+    side = Stack(model=base.model, ports=ports, log_dir=log_dir, extra_args=extra_args)
+    try:
+        for role in roles:
+            side.start_role(role)
+        yield side
+    finally:
+        side.stop()
