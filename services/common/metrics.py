@@ -62,6 +62,12 @@ class ServiceMetrics:
         self.in_flight = Gauge(
             "ditserve_requests_in_flight", "RPCs being served", ["service"], registry=self.registry
         ).labels(service)
+        self.retried = Counter(
+            "ditserve_retried_requests",
+            "Work RPCs that arrived as a gRPC retry (an earlier attempt failed UNAVAILABLE, e.g. on a dead replica)",
+            ["service", "method"],
+            registry=self.registry,
+        )
         self.tensor_bytes = Counter(
             "ditserve_tensor_bytes", "Tensor payload bytes", ["service", "direction"], registry=self.registry
         )

@@ -129,6 +129,8 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
             if work:
                 self.drain.enter()
                 entered = True
+                if any(key == "grpc-previous-rpc-attempts" for key, _ in context.invocation_metadata() or ()):
+                    self.metrics.retried.labels(self.metrics.service, method.rsplit("/", 1)[-1]).inc()
             yield
         except GeneratorExit:  # grpc closes a stream when its caller goes away
             code = _ended_code(context)

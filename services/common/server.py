@@ -11,6 +11,7 @@ import argparse
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Protocol
@@ -48,6 +49,7 @@ class ServerOptions:
     max_workers: int = 32
     max_message_mb: int = 256
     grace_seconds: float = 30.0
+    health_port: int | None = None
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser, port: int, metrics_port: int) -> None:
@@ -64,6 +66,13 @@ class ServerOptions:
         group.add_argument("--max-message-mb", type=int, default=256, help="gRPC message size limit (default: 256)")
         group.add_argument(
             "--grace-seconds", type=float, default=30.0, help="SIGTERM drain time for in-flight requests"
+        )
+        group.add_argument(
+            "--health-port",
+            type=int,
+            default=None,
+            help="also answer grpc.health.v1 (only) in plaintext on this port, for probes that cannot speak"
+            " TLS (Kubernetes' gRPC probes, container healthchecks) when --tls-cert is set",
         )
 
     @classmethod
@@ -85,6 +94,11 @@ class Service(Protocol):
     def info(self) -> common_pb2.InfoResponse: ...
 
     def close(self) -> None: ...
+
+
+HealthReport = Callable[[bool, str], None]
+"""`report(serving, why)`: a service that knows when it cannot serve (the gateway without a stage)
+sets its own health through this; `start_server` hands it over if the service has `watch_health`."""
 
 
 class AdminServicer(common_pb2_grpc.AdminServicer):
@@ -114,6 +128,7 @@ class RunningServer:
     drain: Drain
     port: int
     metrics_port: int | None
+    health_server: grpc.Server | None = None
 
     def stop(self, grace: float) -> None:
         """Drains: health answers NOT_SERVING and new work UNAVAILABLE while in-flight work
@@ -123,6 +138,8 @@ class RunningServer:
         if not self.drain.wait_idle(grace):
             log.warning("%s: grace period over; cancelling what is still running", self.service.role)
         self.server.stop(grace=1).wait()
+        if self.health_server is not None:
+            self.health_server.stop(grace=0).wait()
         self.service.close()
 
 
@@ -143,13 +160,35 @@ def start_server(service: Service, options: ServerOptions, security: ServerSecur
     credentials = security.credentials()
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     server.start()
-    for name in ["", *names]:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+    def report(ok: bool, why: str = "") -> None:
+        for name in ["", *names]:
+            health_servicer.set(name, serving if ok else not_serving)
+        log.log(
+            logging.INFO if ok else logging.WARNING,
+            "%s health: %s%s",
+            service.role,
+            "SERVING" if ok else "NOT_SERVING",
+            f" ({why})" if why else "",
+        )
+
+    watch_health = getattr(service, "watch_health", None)
+    if watch_health is None:
+        report(True)
+    else:
+        watch_health(report)
+    health_server = None
+    if options.health_port is not None:
+        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="health"))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_server.add_insecure_port(f"{options.host}:{options.health_port}")
+        health_server.start()
     metrics_port = None
     if options.metrics_port is not None:
         metrics_port = service.metrics.serve_http(options.host, options.metrics_port)
     log.info("%s serving gRPC on %s:%d, metrics on %s", service.role, options.host, port, metrics_port)
-    return RunningServer(service, server, health_servicer, interceptor.drain, port, metrics_port)
+    return RunningServer(service, server, health_servicer, interceptor.drain, port, metrics_port, health_server)
 
 
 def serve_forever(service: Service, options: ServerOptions, security: ServerSecurity = PLAINTEXT) -> None:

@@ -2,30 +2,31 @@
 
 Stateless and weightless: it validates early (before spending an encode),
 forwards the caller's deadline to every stage, and cancels the stage call in
-flight when its caller goes away.
+flight when its caller goes away. Its health is the truth about its stages:
+NOT_SERVING while any stage has no serving replica (Admin.Info says which).
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import secrets
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
+from prometheus_client import Counter, Gauge, Histogram
 
 import ditserve
 from ditserve.client.security import NO_SECURITY, ClientSecurity
 from ditserve.services.common.errors import ServiceError
 from ditserve.services.common.limits import RequestLimits, check_prompt, check_range, check_size
-from ditserve.services.common.metrics import ServiceMetrics
+from ditserve.services.common.metrics import LATENCY_BUCKETS, ServiceMetrics
 from ditserve.services.common.profiling import Profiler
-from ditserve.services.common.server import channel_options
 from ditserve.services.common.timing import elapsed_ms
-from ditserve.services.gateway.pool import StagePool
+from ditserve.services.gateway.pool import POLL_SETTLE_S, StageChannel, StageError
 from ditserve.v1 import (
     common_pb2,
     denoiser_pb2,
@@ -38,18 +39,17 @@ from ditserve.v1 import (
     vae_pb2_grpc,
 )
 
-RECONNECT_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
+HEALTH_POLL_S = 0.2
 
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    encoders: list[str]
-    denoisers: list[str]
-    vaes: list[str]
+    """Each stage is one gRPC target (see pool.stage_target): `dns:///name:port`, `host:port`, IP
+    addresses (comma-separated, or a list)."""
+
+    encoders: str | list[str]
+    denoisers: str | list[str]
+    vaes: str | list[str]
     limits: RequestLimits
     stage_timeout_s: float = 600.0
     max_message_mb: int = 256
@@ -87,7 +87,7 @@ class DenoiserDefaults:
     needs its negative prompt encoded (the shipped model guides with true CFG by default).
     """
 
-    def __init__(self, pool: StagePool) -> None:
+    def __init__(self, pool: StageChannel) -> None:
         self._pool = pool
         self._true_cfg_scale: float | None = None
         self._lock = threading.Lock()
@@ -100,6 +100,46 @@ class DenoiserDefaults:
             return self._true_cfg_scale
 
 
+class StageMetrics:
+    """What the gateway sees of each stage: call latency and outcome, and whether a replica serves.
+    (Retries are gRPC's and invisible here; each stage counts the retried calls it receives.)"""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        registry = metrics.registry
+        self.duration = Histogram(
+            "ditserve_gateway_stage_duration_seconds",
+            "Stage call wall time seen by the gateway, retries included",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.calls = Counter(
+            "ditserve_gateway_stage_calls", "Stage calls by final status", ["stage", "code"], registry=registry
+        )
+        self.serving = Gauge(
+            "ditserve_gateway_stage_serving",
+            "1 while at least one replica of the stage is connected and SERVING",
+            ["stage"],
+            registry=registry,
+        )
+
+    @contextlib.contextmanager
+    def observe(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            yield
+        except grpc.RpcError as error:
+            code = error.code()
+            raise StageError(stage, error) from None
+        except GeneratorExit:  # the caller went away mid-stream; CallTracker cancelled the call
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self.duration.labels(stage).observe(time.perf_counter() - started)
+            self.calls.labels(stage, code.name).inc()
+
+
 class GatewayService(pipeline_pb2_grpc.PipelineServicer):
     role = "gateway"
 
@@ -107,14 +147,51 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
         self.config = config
         self.profiler = profiler
         self.metrics = metrics or ServiceMetrics(self.role)
-        # Short reconnect backoff: a restarted stage is used again within a second or two, not minutes.
-        options = [*channel_options(config.max_message_mb), *RECONNECT_OPTIONS]
-        pool = functools.partial(StagePool, options=options, security=config.security)
-        self.encoder = pool("encoder", config.encoders, encoder_pb2_grpc.TextEncoderStub)
-        self.denoiser = pool("denoiser", config.denoisers, denoiser_pb2_grpc.DenoiserStub)
-        self.vae = pool("vae", config.vaes, vae_pb2_grpc.VaeDecoderStub)
+        self.stage_metrics = StageMetrics(self.metrics)
+
+        def stage(name: str, address: str | list[str], stub_class: Callable[[grpc.Channel], object]) -> StageChannel:
+            address = address if isinstance(address, str) else ",".join(address)
+            return StageChannel(name, address, stub_class, config.max_message_mb, config.security)
+
+        self.encoder = stage("encoder", config.encoders, encoder_pb2_grpc.TextEncoderStub)
+        self.denoiser = stage("denoiser", config.denoisers, denoiser_pb2_grpc.DenoiserStub)
+        self.vae = stage("vae", config.vaes, vae_pb2_grpc.VaeDecoderStub)
+        self.stages = (self.encoder, self.denoiser, self.vae)
         self.denoiser_defaults = DenoiserDefaults(self.denoiser)
         self.metrics.set_model_info(model="", dtype="", device="", attention_backend="", version=ditserve.__version__)
+        self._closed = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def not_serving(self) -> list[str]:
+        """The stages with no serving replica right now."""
+        missing = []
+        for stage in self.stages:
+            serving = stage.serving()
+            self.stage_metrics.serving.labels(stage.stage).set(int(serving))
+            if not serving:
+                missing.append(stage.stage)
+        return missing
+
+    def watch_health(self, report: Callable[[bool, str], None]) -> None:
+        """Reports NOT_SERVING, naming the stages, while any stage has no serving replica; SERVING once all do.
+        A probe or a load balancer in front of the gateway then sends no work that could only fail."""
+        missing = self.not_serving()
+        report(not missing, self._why(missing))
+
+        def watch() -> None:
+            last = missing
+            while not self._closed.wait(HEALTH_POLL_S):
+                now = self.not_serving()
+                if now != last:
+                    report(not now, self._why(now))
+                    last = now
+
+        self._watcher = threading.Thread(target=watch, name="gateway-health", daemon=True)
+        self._watcher.start()
+
+    def _why(self, missing: list[str]) -> str:
+        stages = {stage.stage: stage for stage in self.stages}
+        return "; ".join(f"{name}: no serving replica at {stages[name].target}" for name in missing)
 
     def grpc_service_names(self) -> list[str]:
         return ["ditserve.v1.Pipeline"]
@@ -123,16 +200,20 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
         pipeline_pb2_grpc.add_PipelineServicer_to_server(self, server)
 
     def info(self) -> common_pb2.InfoResponse:
-        stages = {"encoders": self.encoder, "denoisers": self.denoiser, "vaes": self.vae}
-        return common_pb2.InfoResponse(
-            service=self.role,
-            version=ditserve.__version__,
-            details={name: ",".join(pool.addresses) for name, pool in stages.items()},
-        )
+        """Each stage's target and channel state, and `not_serving`: the stages without a serving replica."""
+        details = {"not_serving": ",".join(self.not_serving())}
+        for stage in self.stages:
+            details[f"{stage.stage}_target"] = stage.target
+            details[f"{stage.stage}_state"] = stage.state.name
+        return common_pb2.InfoResponse(service=self.role, version=ditserve.__version__, details=details)
 
     def close(self) -> None:
-        for pool in (self.encoder, self.denoiser, self.vae):
-            pool.close()
+        self._closed.set()
+        for stage in self.stages:
+            stage.stop_watching()
+        time.sleep(POLL_SETTLE_S)
+        for stage in self.stages:
+            stage.close()
 
     def _validate(self, request: pipeline_pb2.GenerateRequest) -> None:
         """Checks what the gateway can know; stages check the values they resolve from defaults."""
@@ -156,12 +237,11 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
         return self.config.stage_timeout_s if remaining is None else min(remaining, self.config.stage_timeout_s)
 
     def _call(
-        self, pool: StagePool, method: str, message: object, context: grpc.ServicerContext, calls: CallTracker
+        self, stage: StageChannel, method: str, message: object, context: grpc.ServicerContext, calls: CallTracker
     ) -> object:
         """A unary stage call under the caller's deadline, cancelled with the caller."""
-        return pool.call(
-            lambda stub: calls.track(getattr(stub, method).future(message, timeout=self._timeout(context))).result()
-        )
+        with self.stage_metrics.observe(stage.stage):
+            return calls.track(getattr(stage.stub, method).future(message, timeout=self._timeout(context))).result()
 
     @staticmethod
     def _denoise_request(
@@ -220,13 +300,13 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
         t0 = time.perf_counter()
         denoise_request = self._denoise_request(request, encoded, request_id, seed, true_cfg_scale)
         result: denoiser_pb2.DenoiseResult | None = None
-        for event in self.denoiser.stream(
-            lambda stub: calls.track(stub.Denoise(denoise_request, timeout=self._timeout(context)))
-        ):
-            if event.HasField("progress"):
-                yield _progress("denoise", started, event.progress.step, event.progress.total_steps)
-            else:
-                result = event.result
+        with self.stage_metrics.observe("denoiser"):
+            stream = calls.track(self.denoiser.stub.Denoise(denoise_request, timeout=self._timeout(context)))
+            for event in stream:
+                if event.HasField("progress"):
+                    yield _progress("denoise", started, event.progress.step, event.progress.total_steps)
+                else:
+                    result = event.result
         if result is None:
             raise ServiceError("denoiser: the stream ended without a result")
         stage_ms["denoise"] = elapsed_ms(t0)
