@@ -15,7 +15,8 @@ from pathlib import Path
 
 import grpc
 
-from ditserve.client.config import DEFAULT_PORTS, default_model_dir
+from ditserve.client.config import DEFAULT_HTTP_PORT, DEFAULT_PORTS, default_model_dir, missing_model_hint
+from ditserve.client.options import Parser, expand_config, rpc_error_line, token_default
 
 ROLES = ("gateway", "encoder", "denoiser", "vae")
 BENCHES = ("transport", "attention", "serving", "sp", "soak", "cache", "fidelity")
@@ -26,7 +27,14 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative-prompt", default="", help="used with --true-cfg-scale > 1")
     parser.add_argument("--width", type=int, default=0, help="pixels, multiple of 16 (default: the model's)")
     parser.add_argument("--height", type=int, default=0, help="pixels, multiple of 16 (default: the model's)")
-    parser.add_argument("--steps", type=int, default=0, help="denoising steps (default: the model's)")
+    parser.add_argument(
+        "--steps",
+        "--num-inference-steps",
+        dest="steps",
+        type=int,
+        default=0,
+        help="denoising steps (default: the model's)",
+    )
     parser.add_argument("--guidance-scale", type=float, default=None, help="distilled guidance (FLUX.1-dev)")
     parser.add_argument("--true-cfg-scale", type=float, default=None, help="true CFG scale; > 1 also runs the negative")
     parser.add_argument("--seed", type=int, default=None, help="default: random, printed after the run")
@@ -85,7 +93,7 @@ def _generate(client: object, args: argparse.Namespace) -> int:
         )
     except grpc.RpcError as error:
         bar.close()
-        print(f"ditserve generate: {error.code().name}: {error.details()}", file=sys.stderr)
+        print(rpc_error_line("generate", getattr(args, "target", "the gateway"), error), file=sys.stderr)
         return 1
     bar.close()
     target = Path(args.output)
@@ -108,13 +116,19 @@ def _security_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tls-ca", help="PEM CA to trust: connect over TLS")
     group.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
     group.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    group.add_argument("--token", default=os.environ.get("DITSERVE_TOKEN"), help="bearer token ($DITSERVE_TOKEN)")
+    group.add_argument(
+        "--token",
+        default=token_default(),
+        help="bearer token (default: $DITSERVE_TOKEN, else the file $DITSERVE_TOKEN_FILE names)",
+    )
+    group.add_argument("--token-file", help="file whose first line is the bearer token (keeps it out of `ps`)")
 
 
 def _security(args: argparse.Namespace) -> object:
-    from ditserve.client.security import ClientSecurity
+    from ditserve.client.security import ClientSecurity, token_from_file
 
-    return ClientSecurity(args.tls_ca, args.tls_cert, args.tls_key, args.token)
+    token = token_from_file(args.token_file) if args.token_file else args.token
+    return ClientSecurity(args.tls_ca, args.tls_cert, args.tls_key, token)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -154,16 +168,41 @@ def _stack(args: argparse.Namespace) -> object:
     from ditserve.client.launcher import Ports, Stack
 
     ports = Ports.free() if getattr(args, "free_ports", False) else Ports.defaults()
-    extra = {role: ["--device", args.device] for role in ("encoder", "denoiser", "vae")}
+    if getattr(args, "http_port", None) is not None:
+        ports.http = args.http_port
+    if getattr(args, "no_http", False):
+        ports.http = None
+    extra = {role: ["--device", args.device, "--dtype", args.dtype] for role in ("encoder", "denoiser", "vae")}
+    for flag in ("batching", "max_batch_size", "attention_backend", "cache_policy", "sp_ulysses", "sp_ring"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            extra["denoiser"] += ["--" + flag.replace("_", "-"), str(value)]
     return Stack(model=Path(args.model), ports=ports, host=args.host, extra_args=extra)
 
 
+def _check_can_serve(command: str, model: str) -> None:
+    """Before starting four processes: the server extra is installed and the model folder is there."""
+    import importlib.util
+
+    missing = [name for name in ("torch", "diffusers", "fastapi") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(
+            f"ditserve {command}: needs the server extra (pip install 'ditserve[serve]'): missing {', '.join(missing)}"
+        )
+    hint = missing_model_hint(Path(model))
+    if hint:
+        raise SystemExit(f"ditserve {command}: {hint}")
+
+
 def cmd_up(args: argparse.Namespace) -> int:
+    _check_can_serve("up", args.model)
     stack = _stack(args)
     print("starting encoder, denoiser, vae, then gateway ...", flush=True)
     stack.start(timeout=args.start_timeout)
     for role in ROLES:
         print(f"  {role:9s} grpc {stack.ports.address(role, args.host)}  metrics :{stack.ports.metrics[role]}")
+    if stack.http_base:
+        print(f"  {'http':9s} {stack.http_base} (OpenAI-compatible: POST /v1/images/generations)")
     print(f"ready: ditserve generate 'a red circle on a blue background' --target {stack.gateway}", flush=True)
     _wait_for_interrupt()
     print("stopping ...", flush=True)
@@ -175,6 +214,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ditserve.client.stub import PipelineClient
 
     args.free_ports = True
+    _check_can_serve("demo", args.model)
     stack = _stack(args)
     stack.log_dir = Path(args.output).parent / "logs"
     print(f"starting the four services on free loopback ports (logs in {stack.log_dir}) ...", flush=True)
@@ -222,10 +262,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from ditserve.services.tools.modelgen.tiny_flux import write_tiny_flux
+    if args.family == "wan":
+        from ditserve.services.tools.modelgen.tiny_wan import write_tiny_wan as write
+    else:
+        from ditserve.services.tools.modelgen.tiny_flux import write_tiny_flux as write
 
-    path = write_tiny_flux(Path(args.dir), seed=args.seed)
-    print(f"wrote a tiny FLUX-architecture model to {path}")
+    path = write(Path(args.dir), seed=args.seed)
+    print(f"wrote a tiny {args.family} model (random weights: its outputs are noise) to {path}")
     return 0
 
 
@@ -286,20 +329,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stack_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=str(default_model_dir()), help="model folder (default: the shipped model)")
+def _stack_arguments(parser: argparse.ArgumentParser, up: bool = False) -> None:
+    parser.add_argument("--model", "--model-path", dest="model", default=str(default_model_dir()), help="model folder")
     parser.add_argument("--host", default="127.0.0.1", help="bind address of all four services")
-    parser.add_argument("--device", default="auto", help="device of the model stages (default: auto)")
+    parser.add_argument("--device", default="auto", help="device of the model stages")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="model stages' dtype")
     parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for SERVING")
+    if not up:
+        return
+    parser.add_argument("--free-ports", action="store_true", help="free loopback ports instead of the defaults")
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help=f"gateway's OpenAI-compatible HTTP port (default: {DEFAULT_HTTP_PORT})",
+    )
+    parser.add_argument("--no-http", action="store_true", help="gRPC only")
+    group = parser.add_argument_group("denoiser (passed to `ditserve serve denoiser`; default: its own)")
+    group.add_argument("--batching", choices=["off", "dynamic", "continuous"], default=None, help="batching mode")
+    group.add_argument("--max-batch-size", type=int, default=None, help="requests per batch")
+    group.add_argument("--attention-backend", default=None, help="auto, torch_sdpa, sdpa_cudnn, fa, ...")
+    group.add_argument("--cache-policy", default=None, help="default step caching: none, teacache, dbcache or JSON")
+    group.add_argument("--sp-ulysses", "--ulysses-degree", dest="sp_ulysses", type=int, default=None, help="Ulysses SP")
+    group.add_argument("--sp-ring", "--ring-degree", dest="sp_ring", type=int, default=None, help="ring SP degree")
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """`argv` decides which benchmark's flags to load, so other commands never import torch."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ditserve",
         description="Serve diffusion transformers as gRPC microservices (encoder, denoiser, vae, gateway).",
     )
+    from ditserve import __version__
+
+    parser.add_argument("--version", action="version", version=f"ditserve {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run one service", description="Run one service until SIGTERM.")
@@ -311,7 +375,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         sub.set_defaults(func=cmd_serve)
 
     up = commands.add_parser("up", help="run all four services locally; Ctrl-C stops them")
-    _stack_arguments(up)
+    _stack_arguments(up, up=True)
     up.set_defaults(func=cmd_up)
 
     demo = commands.add_parser("demo", help="start the stack on free ports, generate one image, stop")
@@ -341,9 +405,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _security_arguments(profile)
     profile.set_defaults(func=cmd_profile)
 
-    tiny = commands.add_parser("make-tiny-model", help="write a deterministic tiny FLUX-architecture model")
-    tiny.add_argument("dir")
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny = commands.add_parser(
+        "make-tiny-model",
+        help="write a deterministic tiny model of a family's architecture (random weights), in diffusers layout",
+    )
+    tiny.add_argument("dir", help="an absent or empty folder")
+    tiny.add_argument("--family", choices=("flux", "wan"), default="flux", help="(default: flux)")
+    tiny.add_argument("--seed", type=int, default=0, help="(default: 0)")
     tiny.set_defaults(func=cmd_make_tiny_model)
 
     train = commands.add_parser(
@@ -399,6 +467,11 @@ def _add_serve_arguments(parser: argparse.ArgumentParser, role: str) -> None:
         parser.set_defaults(missing_extra=str(error))
         return
     add_arguments(parser, role)
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML or JSON mapping of these flags' names to values (flags given after it win)",
+    )
 
 
 def _add_module_arguments(parser: argparse.ArgumentParser, module_name: str) -> None:
@@ -415,12 +488,16 @@ def _add_module_arguments(parser: argparse.ArgumentParser, module_name: str) -> 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    argv = expand_config(argv)
     args = build_parser(argv).parse_args(argv)
     if getattr(args, "missing_extra", None):
         raise SystemExit(
             f"ditserve {args.command}: needs the server extra (pip install 'ditserve[serve]'): {args.missing_extra}"
         )
-    return args.func(args)
+    try:
+        return args.func(args)
+    except grpc.RpcError as error:  # one line with a hint, never a traceback
+        raise SystemExit(rpc_error_line(args.command, getattr(args, "target", "?"), error)) from None
 
 
 if __name__ == "__main__":
