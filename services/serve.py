@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
         return
     parser.add_argument(
         "--model",
+        "--model-path",
+        dest="model",
         default=str(default_model_dir()),
         help="local diffusers-format folder (default: the shipped model)",
     )
@@ -91,9 +93,21 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
             "sequence parallelism (one image's tokens split over ulysses x ring processes, one GPU each;"
             " see docs/sequence-parallel.md)"
         )
-        group.add_argument("--sp-ulysses", type=int, default=1, help="Ulysses degree: must divide the heads")
         group.add_argument(
-            "--sp-ring", type=int, default=1, help="ring degree (> 1 needs torch_sdpa, sdpa_flash or sdpa_math)"
+            "--sp-ulysses",
+            "--ulysses-degree",
+            dest="sp_ulysses",
+            type=int,
+            default=1,
+            help="Ulysses degree: must divide the heads",
+        )
+        group.add_argument(
+            "--sp-ring",
+            "--ring-degree",
+            dest="sp_ring",
+            type=int,
+            default=1,
+            help="ring degree (> 1 needs torch_sdpa, sdpa_flash or sdpa_math)",
         )
 
 
