@@ -3,6 +3,7 @@
 Imports without torch so that a thin client install stays thin.
 """
 
-from ditserve.client.stub import AsyncPipelineClient, GenerateOutput, PipelineClient
+from ditserve.client.security import ClientSecurity
+from ditserve.client.stub import AsyncPipelineClient, GenerateOutput, PipelineClient, StageClient
 
-__all__ = ["AsyncPipelineClient", "GenerateOutput", "PipelineClient"]
+__all__ = ["AsyncPipelineClient", "ClientSecurity", "GenerateOutput", "PipelineClient", "StageClient"]
