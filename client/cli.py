@@ -297,8 +297,8 @@ def cmd_calibrate_teacache(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate_step_mask(args: argparse.Namespace) -> int:
-    from ditserve.services.tools.calibrate import calibrate_step_masks, calibration_prompts, snr_db
     from ditserve.services.denoiser.cache.step_masks import mask_text
+    from ditserve.services.tools.calibrate import calibrate_step_masks, calibration_prompts, snr_db
 
     try:
         found = calibrate_step_masks(
@@ -416,7 +416,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train-default-model",
-        help="train the shipped shapes model from a seed (resumable; about 90 minutes on 2 cores)",
+        help="train the shipped shapes model from a seed (resumable from its checkpoints)",
     )
     if argv[:1] == ["train-default-model"]:
         _add_module_arguments(train, "ditserve.services.tools.training.train")

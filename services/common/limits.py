@@ -28,6 +28,10 @@ class RequestLimits:
     """Most text tokens kept by the sequence encoder."""
     max_abs_value: float = 1e6
     """Largest magnitude accepted in incoming float tensors (NaN and Inf are always refused)."""
+    max_frames: int = 129
+    """Most frames per video (video families)."""
+    max_video_pixels: int = 832 * 480 * 81
+    """Most height x width x frames per video: bounds activation and decode memory before work starts."""
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -57,6 +61,21 @@ def check_prompt(field: str, prompt: str, limits: RequestLimits, allow_empty: bo
         raise InvalidArgument(field, "is empty")
     if len(prompt) > limits.max_prompt_chars:
         raise InvalidArgument(field, f"has {len(prompt)} characters, over the limit of {limits.max_prompt_chars}")
+
+
+def check_frames(limits: RequestLimits, *, height: int, width: int, num_frames: int, temporal_factor: int) -> None:
+    """A video family's frame count: 1 + a multiple of the VAE's temporal compression, within the limits."""
+    check_range("num_frames", num_frames, 1, limits.max_frames)
+    if (num_frames - 1) % temporal_factor:
+        raise InvalidArgument(
+            "num_frames", f"{num_frames} is not {temporal_factor}k+1 (the VAE's temporal compression)"
+        )
+    if height * width * num_frames > limits.max_video_pixels:
+        raise InvalidArgument(
+            "num_frames",
+            f"{height}x{width} x {num_frames} frames is {height * width * num_frames} pixels, over the limit of"
+            f" {limits.max_video_pixels} (--max-video-pixels)",
+        )
 
 
 def check_generation(

@@ -23,7 +23,8 @@ SIDECAR = "ditserve.json"
 
 @dataclass(frozen=True)
 class ModelDefaults:
-    """Request defaults; FLUX.1's unless the folder's ditserve.json says otherwise."""
+    """Request defaults: the family's (families/__init__.py FAMILY_DEFAULTS) unless the folder's
+    ditserve.json says otherwise."""
 
     height: int = 1024
     width: int = 1024
@@ -31,6 +32,8 @@ class ModelDefaults:
     guidance_scale: float = 3.5
     true_cfg_scale: float = 1.0
     max_sequence_length: int = 512
+    num_frames: int = 1  # 1: an image family
+    fps: float = 0.0  # a video family's container rate
 
 
 class ModelFolder:
@@ -58,9 +61,12 @@ class ModelFolder:
         return json.loads(path.read_text()) if path.is_file() else {}
 
     def _defaults(self) -> ModelDefaults:
+        from ditserve.services.families import FAMILY_DEFAULTS, family_name
+
         known = {f.name for f in fields(ModelDefaults)}
         values = {key.removeprefix("default_"): value for key, value in self.sidecar.items()}
-        return ModelDefaults(**{key: value for key, value in values.items() if key in known})
+        overrides = {key: value for key, value in values.items() if key in known}
+        return ModelDefaults(**{**FAMILY_DEFAULTS[family_name(self)], **overrides})
 
     def component_dir(self, component: str) -> Path:
         entry = self.index.get(component)

@@ -60,3 +60,15 @@ def check_values(tensor: torch.Tensor, field: str, max_abs: float) -> None:
         raise InvalidArgument(field, "contains NaN or Inf")
     if tensor.numel() and tensor.abs().max().item() > max_abs:
         raise InvalidArgument(field, f"has values beyond +-{max_abs:g} (see --max-abs-value)")
+
+
+FLOAT_DATATYPES = ("FP32", "FP16", "BF16")
+
+
+def decode_float(message: tensor_pb2.Tensor, field: str, max_abs: float) -> torch.Tensor:
+    """A float tensor from a request: datatype, byte length and values (finite, within max_abs) checked."""
+    if message.datatype not in FLOAT_DATATYPES:
+        raise InvalidArgument(f"{field}.datatype", f"{message.datatype!r} is not one of {', '.join(FLOAT_DATATYPES)}")
+    tensor = decode(message, field)
+    check_values(tensor, field, max_abs)
+    return tensor

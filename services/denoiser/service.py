@@ -53,6 +53,9 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             default_width=defaults.width,
             default_steps=defaults.steps,
             default_true_cfg_scale=defaults.true_cfg_scale,
+            cfg_scale_field=self.runtime.family.cfg_scale_field,
+            default_cfg_scale=getattr(defaults, self.runtime.family.cfg_scale_field),
+            default_num_frames=defaults.num_frames,
             batching=self.options.batching.mode,
             cache_policy=self.runtime.default_cache.mode,
             max_batch_size=self.options.batching.max_batch_size,
@@ -132,6 +135,7 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             latents=latents,
             height=inputs.height,
             width=inputs.width,
+            num_frames=inputs.num_frames,
             timing=timing,
             profile_trace=event.profile_trace,
         )

@@ -16,9 +16,24 @@ if TYPE_CHECKING:
     from ditserve.services.families.base import ModelFamily
 
 # family name -> the package that implements it (its module-level FAMILY)
-FAMILIES: dict[str, str] = {"flux": "ditserve.services.families.flux"}
+FAMILIES: dict[str, str] = {"flux": "ditserve.services.families.flux", "wan": "ditserve.services.families.wan"}
 # model_index.json's _class_name -> family, for folders without a ditserve.json family
-PIPELINE_CLASSES: dict[str, str] = {"FluxPipeline": "flux"}
+PIPELINE_CLASSES: dict[str, str] = {"FluxPipeline": "flux", "WanPipeline": "wan"}
+# Request defaults per family (common/model.py ModelDefaults' fields), the published pipelines' own;
+# a folder's ditserve.json overrides any of them.
+FAMILY_DEFAULTS: dict[str, dict[str, float | int]] = {
+    "flux": {"height": 1024, "width": 1024, "steps": 28, "guidance_scale": 3.5, "max_sequence_length": 512},
+    # WanPipeline: 480x832, 81 frames at 16 fps, 50 steps, CFG 5 with a negative prompt, 512 text tokens.
+    "wan": {
+        "height": 480,
+        "width": 832,
+        "num_frames": 81,
+        "fps": 16.0,
+        "steps": 50,
+        "guidance_scale": 5.0,
+        "max_sequence_length": 512,
+    },
+}
 
 
 def family_name(folder: ModelFolder) -> str:

@@ -58,8 +58,9 @@ class BlockExecutor(Protocol):
         """Block `index`; returns (hidden, encoder) states."""
         ...
 
-    def finish(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        """The forward's epilogue: the model output (the noise prediction)."""
+    def finish(self, hidden_states: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+        """The forward's epilogue: the model output (the noise prediction), from the blocks' hidden states
+        and the call's embedded inputs (their timestep embedding, the family's output layout)."""
         ...
 
     def forward(self, **transformer_kwargs: Any) -> torch.Tensor:
@@ -80,21 +81,27 @@ class TextEncoder(Protocol):
 
 
 class VaeDecoder(Protocol):
-    """The VAE role's model: the denoiser's latents in, pixels [batch, height, width, 3] uint8 out."""
+    """The VAE role's model: the denoiser's latents in, uint8 pixels out.
+
+    An image family (video = False) decodes to [batch, height, width, 3]; a video family (video = True,
+    with a temporal_factor) takes a num_frames argument too and decodes to [batch, frames, height, width, 3].
+    """
 
     scale_factor: int
+    video: bool
 
-    def check_latents(self, latents: torch.Tensor, height: int, width: int) -> None:
-        """Raises InvalidArgument naming `latents` when the shape is not what the denoiser makes."""
+    def check_latents(self, latents: torch.Tensor, height: int, width: int, *num_frames: int) -> None:
+        """Raises InvalidArgument naming `latents.shape` when it is not what the denoiser makes."""
         ...
 
-    def decode(self, latents: torch.Tensor, height: int, width: int) -> Any: ...
+    def decode(self, latents: torch.Tensor, height: int, width: int, *num_frames: int) -> Any: ...
 
 
 class ModelFamily(Protocol):
     """Everything model-specific the four roles need, loaded from a model folder."""
 
     name: str
+    cfg_scale_field: str  # the request field that is its classic-CFG scale (needs a negative prompt above 1)
     published_teacache_coefficients: tuple[float, ...] | None
     sp_preload: tuple[str, ...]  # modules a sequence-parallel forkserver imports once
 

@@ -81,23 +81,25 @@ def _progress(stage: str, started: float, step: int = 0, total: int = 0) -> pipe
 
 
 class DenoiserDefaults:
-    """The denoiser's default true CFG scale, asked once by Admin.Info.
+    """Which request field is the model's classic-CFG scale, and its default, asked once by Admin.Info.
 
-    The gateway holds no model, yet must know whether a request that leaves true_cfg_scale unset
-    needs its negative prompt encoded (the shipped model guides with true CFG by default).
+    The gateway holds no model, yet must know whether a request needs its negative prompt encoded:
+    FLUX guides with true_cfg_scale (the shipped model by default), Wan with guidance_scale.
     """
 
     def __init__(self, pool: StageChannel) -> None:
         self._pool = pool
-        self._true_cfg_scale: float | None = None
+        self._cfg: tuple[str, float] | None = None
         self._lock = threading.Lock()
 
-    def true_cfg_scale(self, timeout: float) -> float:
+    def uses_cfg(self, request: pipeline_pb2.GenerateRequest, timeout: float) -> bool:
         with self._lock:
-            if self._true_cfg_scale is None:
+            if self._cfg is None:
                 details = self._pool.info(timeout).details
-                self._true_cfg_scale = float(details.get("default_true_cfg_scale", "1.0"))
-            return self._true_cfg_scale
+                field = details.get("cfg_scale_field", "true_cfg_scale")
+                self._cfg = (field, float(details.get("default_cfg_scale", "1.0")))
+        field, default = self._cfg
+        return (getattr(request, field) if request.HasField(field) else default) > 1.0
 
 
 class StageMetrics:
@@ -231,6 +233,8 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
             check_range("max_sequence_length", request.max_sequence_length, 1, limits.max_sequence_length)
         if request.quality:
             check_range("quality", request.quality, 1, 100)
+        if request.num_frames:
+            check_range("num_frames", request.num_frames, 1, limits.max_frames)
 
     def _timeout(self, context: grpc.ServicerContext) -> float:
         remaining = context.time_remaining()
@@ -249,24 +253,25 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
         encoded: encoder_pb2.EncodeResponse,
         request_id: str,
         seed: int,
-        true_cfg_scale: float,
     ) -> denoiser_pb2.DenoiseRequest:
+        """The request's own settings; what it leaves unset the denoiser resolves from the model's defaults."""
         message = denoiser_pb2.DenoiseRequest(
             request_id=request_id,
             prompt=encoded.embeddings[0],
             height=request.height,
             width=request.width,
+            num_frames=request.num_frames,
             num_inference_steps=request.num_inference_steps,
             seed=seed,
             num_images=request.num_images,
             profile_steps=request.profile_steps,
-            true_cfg_scale=true_cfg_scale,
         )
-        if request.HasField("guidance_scale"):
-            message.guidance_scale = request.guidance_scale
+        for field in ("guidance_scale", "true_cfg_scale"):
+            if request.HasField(field):
+                setattr(message, field, getattr(request, field))
         if request.HasField("cache"):
             message.cache.CopyFrom(request.cache)
-        if len(encoded.embeddings) > 1:  # true CFG: the negative prompt was encoded second
+        if len(encoded.embeddings) > 1:  # CFG: the negative prompt was encoded second
             message.negative_prompt.CopyFrom(encoded.embeddings[1])
         return message
 
@@ -279,12 +284,7 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
         seed = request.seed if request.HasField("seed") else secrets.randbits(63)
         calls = CallTracker()
         context.add_callback(calls.cancel_all)
-        true_cfg_scale = (
-            request.true_cfg_scale
-            if request.HasField("true_cfg_scale")
-            else self.denoiser_defaults.true_cfg_scale(self._timeout(context))
-        )
-        true_cfg = true_cfg_scale > 1.0
+        true_cfg = self.denoiser_defaults.uses_cfg(request, self._timeout(context))
         stage_ms: dict[str, float] = {}
 
         t0 = time.perf_counter()
@@ -298,7 +298,7 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
         yield _progress("encode", started)
 
         t0 = time.perf_counter()
-        denoise_request = self._denoise_request(request, encoded, request_id, seed, true_cfg_scale)
+        denoise_request = self._denoise_request(request, encoded, request_id, seed)
         result: denoiser_pb2.DenoiseResult | None = None
         with self.stage_metrics.observe("denoiser"):
             stream = calls.track(self.denoiser.stub.Denoise(denoise_request, timeout=self._timeout(context)))
@@ -318,6 +318,9 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
             width=result.width,
             format=request.output_format,
             quality=request.quality,
+            num_frames=result.num_frames,
+            fps=request.fps,
+            video_format=request.video_format,
         )
         decoded = self._call(self.vae, "Decode", decode_request, context, calls)
         stage_ms["decode"] = elapsed_ms(t0)
@@ -334,6 +337,7 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
         yield pipeline_pb2.GenerateEvent(
             result=pipeline_pb2.GenerateResult(
                 images=decoded.images,
+                videos=decoded.videos,
                 timing=timing,
                 seed=seed,
                 request_id=request_id,

@@ -14,11 +14,12 @@ from PIL import Image
 from ditserve.client.tensors import from_numpy
 from ditserve.services.common import tensor_codec
 from ditserve.services.common.errors import InvalidArgument
-from ditserve.services.common.limits import check_range, check_size
+from ditserve.services.common.limits import check_frames, check_range, check_size
 from ditserve.services.common.profiling import trace_range
 from ditserve.services.common.stage import StageContext
 from ditserve.services.common.timing import elapsed_ms
 from ditserve.services.families import load_family
+from ditserve.services.vae.video import check_video_format, encode_video
 from ditserve.v1 import common_pb2, vae_pb2, vae_pb2_grpc
 
 PIL_FORMATS = {common_pb2.PNG: "PNG", common_pb2.JPEG: "JPEG", common_pb2.WEBP: "WEBP"}
@@ -59,31 +60,59 @@ class VaeService(vae_pb2_grpc.VaeDecoderServicer):
     def close(self) -> None:
         pass
 
-    def _validate(self, request: vae_pb2.DecodeRequest) -> torch.Tensor:
+    def _validate(self, request: vae_pb2.DecodeRequest) -> tuple[torch.Tensor, int]:
+        """The latents and the frame count they decode to, checked against the family's layout."""
         limits = self.stage.limits
         check_size("height", request.height, limits)
         check_size("width", request.width, limits)
-        if request.format not in (*PIL_FORMATS, common_pb2.RAW):
-            raise InvalidArgument("format", f"unknown image format {request.format}")
+        if self.model.video:
+            check_video_format(request.video_format)
+            num_frames = request.num_frames or self.stage.folder.defaults.num_frames
+            check_frames(
+                limits,
+                height=request.height,
+                width=request.width,
+                num_frames=num_frames,
+                temporal_factor=self.model.temporal_factor,
+            )
+            if request.fps and not 0 < request.fps <= 240:
+                raise InvalidArgument("fps", f"{request.fps} is outside (0, 240]")
+        else:
+            if request.num_frames > 1:
+                raise InvalidArgument("num_frames", f"{request.num_frames} frames asked of an image model")
+            num_frames = 1
+            if request.format not in (*PIL_FORMATS, common_pb2.RAW):
+                raise InvalidArgument("format", f"unknown image format {request.format}")
         if request.quality:
             check_range("quality", request.quality, 1, 100)
         latents = tensor_codec.decode(request.latents, "latents")
         if latents.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise InvalidArgument("latents.datatype", f"{request.latents.datatype} is not a float datatype")
-        self.model.check_latents(latents, request.height, request.width)
+        if self.model.video:
+            self.model.check_latents(latents, request.height, request.width, num_frames)
+        else:
+            self.model.check_latents(latents, request.height, request.width)
         tensor_codec.check_values(latents, "latents", limits.max_abs_value)
-        return latents
+        return latents, num_frames
 
     def Decode(self, request: vae_pb2.DecodeRequest, context: grpc.ServicerContext) -> vae_pb2.DecodeResponse:
         started = time.perf_counter()
         self.metrics.count_bytes("in", len(request.latents.raw_data))
-        latents = self._validate(request)
+        latents, num_frames = self._validate(request)
         with self._lock, trace_range("decode"):
             queue_ms = elapsed_ms(started)
-            uint8 = self.model.decode(latents, request.height, request.width)
+            if self.model.video:
+                uint8 = self.model.decode(latents, request.height, request.width, num_frames)
+            else:
+                uint8 = self.model.decode(latents, request.height, request.width)
         decode_ms = elapsed_ms(started) - queue_ms
         quality = request.quality or 90
-        response = vae_pb2.DecodeResponse(images=[encode_image(image, request.format, quality) for image in uint8])
+        if self.model.video:
+            fps = request.fps or self.stage.folder.defaults.fps
+            videos = [encode_video(frames, request.video_format, fps, quality) for frames in uint8]
+            response = vae_pb2.DecodeResponse(videos=videos)
+        else:
+            response = vae_pb2.DecodeResponse(images=[encode_image(image, request.format, quality) for image in uint8])
         total = elapsed_ms(started)
         response.timing.CopyFrom(
             common_pb2.Timing(

@@ -294,7 +294,7 @@ def forward_batch(executor: BlockExecutor, slots: Sequence[Slot], **transformer_
         if index < executor.num_blocks:
             active = [run.rows for run in runs if run.active(index)]
             hidden, encoder = _run_block(executor, index, hidden, encoder, inputs, active)
-    output = executor.finish(hidden, inputs.temb)
+    output = executor.finish(hidden, inputs)
     for run in whole:
         if run.computed:
             run.cache.store(run.slot.step, output[run.rows], None)

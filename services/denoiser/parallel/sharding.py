@@ -39,6 +39,18 @@ class SequenceSharder:
             sharded[name] = self.shard(transformer_kwargs[name], dim, name)
         return sharded
 
+    def relative_l1(self, current: torch.Tensor, previous: torch.Tensor) -> float:
+        """The step cache's distance over the whole sequence, the same float on every rank.
+
+        mean|c - p| / mean|p| over equal shards is the ratio of the summed shards' sums; one all_reduce
+        of those two sums gives every rank the same bits, so every rank caches or computes alike.
+        """
+        sums = torch.stack(
+            [(current - previous).abs().sum(dtype=torch.float64), previous.abs().sum(dtype=torch.float64)]
+        )
+        sums = self.group.all_reduce(sums)
+        return (sums[0] / sums[1]).item()
+
     def gather(self, tokens: torch.Tensor) -> torch.Tensor:
         """[batch, tokens / world, channels] on each rank -> the full output on every rank."""
         return self.group.all_gather(tokens, dim=1)

@@ -107,9 +107,9 @@ class FluxBlockExecutor:
         )
         return hidden_states, encoder_hidden_states
 
-    def finish(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def finish(self, hidden_states: torch.Tensor, inputs: FluxStepInputs) -> torch.Tensor:
         """The forward's epilogue: only the image stream leaves the blocks."""
-        return self.transformer.proj_out(self.transformer.norm_out(hidden_states, temb))
+        return self.transformer.proj_out(self.transformer.norm_out(hidden_states, inputs.temb))
 
     def forward(self, **transformer_kwargs: Any) -> torch.Tensor:
         """The model's own forward, `transformer(**transformer_kwargs, return_dict=False)[0]`: uncached calls
@@ -122,4 +122,4 @@ class FluxBlockExecutor:
         hidden, encoder = inputs.hidden_states, inputs.encoder_hidden_states
         for index in range(self.num_blocks):
             hidden, encoder = self.run_block(index, hidden, encoder, inputs.temb, inputs.rotary_emb)
-        return self.finish(hidden, inputs.temb)
+        return self.finish(hidden, inputs)

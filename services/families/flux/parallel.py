@@ -92,17 +92,8 @@ class SequenceParallelFluxExecutor(FluxBlockExecutor):
     def embed(self, **transformer_kwargs: Any) -> FluxStepInputs:
         return super().embed(**self.sharder.shard_inputs(transformer_kwargs))
 
-    def finish(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        return self.sharder.gather(super().finish(hidden_states, temb))
+    def finish(self, hidden_states: torch.Tensor, inputs: FluxStepInputs) -> torch.Tensor:
+        return self.sharder.gather(super().finish(hidden_states, inputs))
 
     def relative_l1(self, current: torch.Tensor, previous: torch.Tensor) -> float:
-        """The step cache's distance over the whole sequence, the same float on every rank.
-
-        mean|c - p| / mean|p| over equal shards is the ratio of the summed shards' sums; one all_reduce
-        of those two sums gives every rank the same bits, so every rank caches or computes alike.
-        """
-        sums = torch.stack(
-            [(current - previous).abs().sum(dtype=torch.float64), previous.abs().sum(dtype=torch.float64)]
-        )
-        sums = self.mesh.world.all_reduce(sums)
-        return (sums[0] / sums[1]).item()
+        return self.sharder.relative_l1(current, previous)

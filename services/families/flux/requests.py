@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
-
 from ditserve.services.common import tensor_codec
 from ditserve.services.common.errors import InvalidArgument
 from ditserve.services.common.limits import RequestLimits, check_generation, check_range
@@ -14,8 +12,6 @@ from ditserve.services.common.model import ModelDefaults
 from ditserve.services.denoiser.cache.policy import CacheConfig
 from ditserve.services.families.flux.runner import Conditioning, FluxInputs
 from ditserve.v1 import denoiser_pb2, encoder_pb2
-
-FLOAT_DATATYPES = ("FP32", "FP16", "BF16")
 
 
 def parse_request(
@@ -28,6 +24,8 @@ def parse_request(
     """Validated FluxInputs; INVALID_ARGUMENT names the field of anything the model cannot take."""
     if not request.HasField("prompt"):
         raise InvalidArgument("prompt", "is missing: send the encoder's embedding")
+    if request.num_frames > 1:
+        raise InvalidArgument("num_frames", f"{request.num_frames} frames asked of an image model (FLUX)")
     prompt = conditioning(request.prompt, "prompt", limits, transformer_config)
     true_cfg = request.true_cfg_scale if request.HasField("true_cfg_scale") else defaults.true_cfg_scale
     guidance = request.guidance_scale if request.HasField("guidance_scale") else defaults.guidance_scale
@@ -68,8 +66,10 @@ def parse_request(
 
 def conditioning(message: encoder_pb2.PromptEmbedding, field: str, limits: RequestLimits, config: Any) -> Conditioning:
     """The encoder's T5 sequence and CLIP pooled embedding, checked against the transformer's widths."""
-    embeds = float_tensor(message.prompt_embeds, f"{field}.prompt_embeds", limits.max_abs_value)
-    pooled = float_tensor(message.pooled_prompt_embeds, f"{field}.pooled_prompt_embeds", limits.max_abs_value)
+    embeds = tensor_codec.decode_float(message.prompt_embeds, f"{field}.prompt_embeds", limits.max_abs_value)
+    pooled = tensor_codec.decode_float(
+        message.pooled_prompt_embeds, f"{field}.pooled_prompt_embeds", limits.max_abs_value
+    )
     if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[2] != config.joint_attention_dim:
         raise InvalidArgument(
             f"{field}.prompt_embeds", f"shape {list(embeds.shape)} is not [1, tokens, {config.joint_attention_dim}]"
@@ -80,11 +80,3 @@ def conditioning(message: encoder_pb2.PromptEmbedding, field: str, limits: Reque
             f"{field}.pooled_prompt_embeds", f"shape {list(pooled.shape)} is not [1, {config.pooled_projection_dim}]"
         )
     return Conditioning(embeds, pooled)
-
-
-def float_tensor(message: Any, field: str, max_abs: float) -> torch.Tensor:
-    if message.datatype not in FLOAT_DATATYPES:
-        raise InvalidArgument(f"{field}.datatype", f"{message.datatype!r} is not one of {', '.join(FLOAT_DATATYPES)}")
-    tensor = tensor_codec.decode(message, field)
-    tensor_codec.check_values(tensor, field, max_abs)
-    return tensor

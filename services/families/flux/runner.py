@@ -45,6 +45,10 @@ class FluxInputs:
     num_images: int
     cache: CacheConfig = field(default_factory=CacheConfig)
 
+    @property
+    def num_frames(self) -> int:
+        return 1  # an image
+
 
 class FluxTrajectory(Trajectory):
     def __init__(self, runner: FluxRunner, inputs: FluxInputs) -> None:

@@ -12,6 +12,8 @@ from ditserve.services.families.flux import latents as flux
 
 
 class FluxVaeDecoder:
+    video = False
+
     def __init__(self, stage: StageContext) -> None:
         self.stage = stage
         self.vae = stage.folder.load("vae", stage.device, stage.dtype)
