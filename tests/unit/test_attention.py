@@ -15,19 +15,19 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+from factories import tiny_flux
 
 from ditserve.services.denoiser.attention import (
     ENV_VAR,
     AttentionBackendUnavailable,
     BackendName,
-    DitserveFluxAttnProcessor,
-    apply_attention_backend,
     attention,
     available_backends,
     default_backend_name,
     registry,
     resolve_backend,
 )
+from ditserve.services.families.flux.attention import DitserveFluxAttnProcessor, apply_attention_backend
 
 CPU = torch.device("cpu")
 HEADS, HEAD_DIM, TEXT_TOKENS, IMAGE_TOKENS = 2, 16, 24, 64
@@ -123,17 +123,8 @@ def test_default_backend_name_reads_the_environment(monkeypatch: pytest.MonkeyPa
 
 
 def _tiny_flux() -> FluxTransformer2DModel:
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=HEAD_DIM,
-        num_attention_heads=HEADS,
-        in_channels=16,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=(4, 6, 6),
-    ).eval()
+    """1 double + 1 single block, HEADS x HEAD_DIM: two attention processors."""
+    return tiny_flux(seed=0, num_single_layers=1, attention_head_dim=HEAD_DIM, num_attention_heads=HEADS)
 
 
 @pytest.fixture(scope="module")

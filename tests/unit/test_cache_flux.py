@@ -12,10 +12,10 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
+from factories import cached_forward, request_cache, tiny_flux
 
-from ditserve.services.families.flux import latents as flux
 from ditserve.services.common.errors import InvalidArgument
-from ditserve.services.families.flux.blocks import FluxBlockExecutor
+from ditserve.services.common.model import ModelDefaults
 from ditserve.services.denoiser.cache.policy import (
     CacheConfig,
     DBCacheConfig,
@@ -24,7 +24,10 @@ from ditserve.services.denoiser.cache.policy import (
     TeaCacheConfig,
 )
 from ditserve.services.denoiser.cache.state import RequestCache, Slot, forward_batch
-from ditserve.services.tools.modelgen.tiny_flux import tiny_transformer
+from ditserve.services.denoiser.facts import ModelFacts
+from ditserve.services.families.flux import FLUX1_TEACACHE_COEFFICIENTS
+from ditserve.services.families.flux import latents as flux
+from ditserve.services.families.flux.blocks import FluxBlockExecutor
 
 CPU = torch.device("cpu")
 TEXT_TOKENS = 8
@@ -42,7 +45,7 @@ Predict = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 def transformer() -> FluxTransformer2DModel:
     """`make-tiny-model`'s seeded transformer: the executor's mechanics, fast; the services' tests run the
     shipped model."""
-    return tiny_transformer(seed=0).eval()
+    return tiny_flux(seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -59,18 +62,7 @@ def _inference() -> Iterator[None]:
 def _guided_transformer() -> FluxTransformer2DModel:
     """FLUX.1-dev's shape of model (guidance embedding, several blocks of each kind), tiny and random."""
     with torch.random.fork_rng():
-        torch.manual_seed(1)
-        return FluxTransformer2DModel(
-            in_channels=16,
-            num_layers=2,
-            num_single_layers=3,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=32,
-            pooled_projection_dim=32,
-            guidance_embeds=True,
-            axes_dims_rope=(4, 6, 6),
-        ).eval()
+        return tiny_flux(seed=1, num_layers=2, num_single_layers=3, guidance_embeds=True)
 
 
 def _conditioning(batch: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -107,21 +99,21 @@ def _plain(transformer: FluxTransformer2DModel, kwargs: dict[str, torch.Tensor])
     return lambda step, x, t: transformer(hidden_states=x, timestep=t, **kwargs, return_dict=False)[0]
 
 
-def _cached(cache: RequestCache, steps: int, kwargs: dict[str, torch.Tensor]) -> Predict:
-    return lambda step, x, t: cache.forward("cond", step, steps, hidden_states=x, timestep=t, **kwargs)
+def _cached(executor: FluxBlockExecutor, cache: RequestCache, steps: int, kwargs: dict[str, torch.Tensor]) -> Predict:
+    return lambda step, x, t: cached_forward(
+        executor, cache, "cond", step, steps, hidden_states=x, timestep=t, **kwargs
+    )
 
 
 @pytest.mark.parametrize("guided", [False, True], ids=["tiny", "guidance"])
-def test_executor_without_caching_is_the_transformer_bit_for_bit(
-    transformer: FluxTransformer2DModel, guided: bool
-) -> None:
+def test_staged_forward_is_the_transformer_bit_for_bit(transformer: FluxTransformer2DModel, guided: bool) -> None:
     model = _guided_transformer() if guided else transformer
     latents, kwargs = _conditioning(batch=2, seed=0)
     kwargs["timestep"] = torch.tensor([0.9, 0.3])
     if guided:
         kwargs["guidance"] = torch.tensor([3.5, 3.5])
     expected = model(hidden_states=latents, **kwargs, return_dict=False)[0]
-    assert torch.equal(FluxBlockExecutor(model).forward(hidden_states=latents, **kwargs), expected)
+    assert torch.equal(FluxBlockExecutor(model).staged_forward(hidden_states=latents, **kwargs), expected)
 
 
 def test_block_sequence_is_double_then_single(executor: FluxBlockExecutor) -> None:
@@ -144,8 +136,8 @@ def test_policy_none_and_threshold_zero_equal_no_caching(
 ) -> None:
     latents, kwargs = _conditioning(batch=2, seed=1)
     expected = _denoise(_plain(transformer, kwargs), latents, steps=8)
-    cache = RequestCache(config, executor)
-    assert torch.equal(_denoise(_cached(cache, 8, kwargs), latents, steps=8), expected)
+    cache = request_cache(config, executor)
+    assert torch.equal(_denoise(_cached(executor, cache, 8, kwargs), latents, steps=8), expected)
     assert cache.branches["cond"].pattern == "1" * 8
     assert cache.skipped_fraction == 0.0
 
@@ -160,8 +152,8 @@ def test_off_on_off_returns_to_the_original(
 ) -> None:
     latents, kwargs = _conditioning(batch=1, seed=2)
     before = _denoise(_plain(transformer, kwargs), latents, steps=12)
-    cache = RequestCache(config, executor)
-    cached = _denoise(_cached(cache, 12, kwargs), latents, steps=12)
+    cache = request_cache(config, executor)
+    cached = _denoise(_cached(executor, cache, 12, kwargs), latents, steps=12)
     after = _denoise(_plain(transformer, kwargs), latents, steps=12)
     assert "0" in cache.branches["cond"].pattern and cache.skipped_fraction > 0
     assert not torch.equal(cached, before) and torch.isfinite(cached).all()
@@ -185,8 +177,8 @@ def test_cached_steps_reproduce_an_unchanged_step(
     latents, kwargs = _conditioning(batch=2, seed=3)
     kwargs["timestep"] = torch.tensor([0.5, 0.5])
     expected = transformer(hidden_states=latents, **kwargs, return_dict=False)[0]
-    cache = RequestCache(config, executor)
-    outputs = [cache.forward("cond", step, 6, hidden_states=latents, **kwargs) for step in range(6)]
+    cache = request_cache(config, executor)
+    outputs = [cached_forward(executor, cache, "cond", step, 6, hidden_states=latents, **kwargs) for step in range(6)]
     assert "0" in cache.branches["cond"].pattern
     for output in outputs:
         torch.testing.assert_close(output, expected, rtol=0, atol=1e-5)
@@ -194,8 +186,8 @@ def test_cached_steps_reproduce_an_unchanged_step(
 
 def test_skipped_fraction_counts_middle_blocks(executor: FluxBlockExecutor) -> None:
     latents, kwargs = _conditioning(batch=1, seed=4)
-    cache = RequestCache(STATIC_FAST, executor)
-    _denoise(_cached(cache, 28, kwargs), latents, steps=28)
+    cache = request_cache(STATIC_FAST, executor)
+    _denoise(_cached(executor, cache, 28, kwargs), latents, steps=28)
     assert cache.branches["cond"].pattern == "1111110100010000100000100001"
     # 17 cached steps skip the 2 middle blocks (Fn 1, Bn 0) of 3, over 28 steps.
     assert cache.skipped_fraction == pytest.approx(17 * 2 / (28 * 3))
@@ -205,11 +197,11 @@ def test_whole_step_cache_runs_nothing_of_the_model_on_cached_steps(
     transformer: FluxTransformer2DModel, executor: FluxBlockExecutor
 ) -> None:
     latents, kwargs = _conditioning(batch=1, seed=4)
-    cache = RequestCache(WHOLE_STEP_ULTRA, executor)
+    cache = request_cache(WHOLE_STEP_ULTRA, executor)
     embeds = []
     handle = transformer.x_embedder.register_forward_hook(lambda *_: embeds.append(1))
     try:
-        cached = _denoise(_cached(cache, 28, kwargs), latents, steps=28)
+        cached = _denoise(_cached(executor, cache, 28, kwargs), latents, steps=28)
     finally:
         handle.remove()
     assert cache.branches["cond"].pattern == "1111001000001000000100000001"
@@ -224,13 +216,13 @@ def test_cond_and_uncond_keep_separate_state(transformer: FluxTransformer2DModel
     steps = 10
     latents, cond = _conditioning(batch=1, seed=5)
     _, uncond = _conditioning(batch=1, seed=6)
-    shared = RequestCache(STATIC_FAST, executor)
+    shared = request_cache(STATIC_FAST, executor)
     calls: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {"cond": [], "uncond": []}
 
     def cfg(step: int, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         outputs = {}
         for name, kwargs in (("cond", cond), ("uncond", uncond)):
-            outputs[name] = shared.forward(name, step, steps, hidden_states=x, timestep=t, **kwargs)
+            outputs[name] = cached_forward(executor, shared, name, step, steps, hidden_states=x, timestep=t, **kwargs)
             calls[name].append((x, t, outputs[name]))
         return outputs["uncond"] + 4.0 * (outputs["cond"] - outputs["uncond"])
 
@@ -239,14 +231,15 @@ def test_cond_and_uncond_keep_separate_state(transformer: FluxTransformer2DModel
     assert "0" in pattern and shared.branches["uncond"].pattern == pattern
     # Each branch alone, on the inputs it saw, gives the same outputs: neither leaked into the other.
     for name, kwargs in (("cond", cond), ("uncond", uncond)):
-        alone = RequestCache(STATIC_FAST, executor)
+        alone = request_cache(STATIC_FAST, executor)
         for step, (x, t, output) in enumerate(calls[name]):
-            assert torch.equal(alone.forward("cond", step, steps, hidden_states=x, timestep=t, **kwargs), output)
+            again = cached_forward(executor, alone, "cond", step, steps, hidden_states=x, timestep=t, **kwargs)
+            assert torch.equal(again, output)
     # And sharing would matter: the residuals the two branches reuse differ.
     last = steps - 1
     assert not torch.allclose(shared.branch("cond").reuse(last)[0], shared.branch("uncond").reuse(last)[0])
     with pytest.raises(ValueError, match="in order"):
-        shared.forward("cond", 3, steps, hidden_states=latents, timestep=torch.ones(1), **cond)
+        cached_forward(executor, shared, "cond", 3, steps, hidden_states=latents, timestep=torch.ones(1), **cond)
 
 
 def test_batched_slots_decide_independently(executor: FluxBlockExecutor) -> None:
@@ -260,7 +253,7 @@ def test_batched_slots_decide_independently(executor: FluxBlockExecutor) -> None
         "img_ids": inputs[0][1]["img_ids"],
         "txt_ids": inputs[0][1]["txt_ids"],
     }
-    batched = [RequestCache(config, executor) for config in configs]
+    batched = [request_cache(config, executor) for config in configs]
 
     def predict(step: int, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         slots = [Slot(cache.branch("cond"), step, steps, rows=1) for cache in batched]
@@ -270,9 +263,9 @@ def test_batched_slots_decide_independently(executor: FluxBlockExecutor) -> None
     patterns = [cache.branches["cond"].pattern for cache in batched]
     assert len(set(patterns)) == 4  # none, TeaCache, DBCache and whole-step differ at some step
     for index, (config, (x, alone_kwargs)) in enumerate(zip(configs, inputs, strict=True)):
-        alone = RequestCache(config, executor)
+        alone = request_cache(config, executor)
         torch.testing.assert_close(
-            _denoise(_cached(alone, steps, alone_kwargs), x, steps),
+            _denoise(_cached(executor, alone, steps, alone_kwargs), x, steps),
             together[index : index + 1],
             rtol=0,
             atol=1e-5,
@@ -280,10 +273,16 @@ def test_batched_slots_decide_independently(executor: FluxBlockExecutor) -> None
         assert alone.branches["cond"].pattern == patterns[index]
 
 
-def test_configs_the_model_cannot_serve_fail_at_admission(transformer: FluxTransformer2DModel) -> None:
-    with pytest.raises(InvalidArgument) as error:
-        RequestCache(CacheConfig(dbcache=DBCacheConfig(fn=2, bn=1)), FluxBlockExecutor(transformer))
-    assert error.value.field == "dbcache.fn"
-    with pytest.raises(InvalidArgument) as error:
-        RequestCache(CacheConfig(teacache=TeaCacheConfig()), FluxBlockExecutor(transformer, teacache_coefficients=None))
-    assert error.value.field == "teacache.coefficients"
+def test_configs_the_model_cannot_serve_fail_at_admission(executor: FluxBlockExecutor) -> None:
+    too_deep = CacheConfig(dbcache=DBCacheConfig(fn=2, bn=1))
+    teacache = CacheConfig(teacache=TeaCacheConfig())
+    facts = ModelFacts(ModelDefaults(), FLUX1_TEACACHE_COEFFICIENTS, num_blocks=executor.num_blocks)
+    uncalibrated = ModelFacts(ModelDefaults(), None, num_blocks=executor.num_blocks)
+    assert facts.accept(teacache, 8) == teacache
+    for config, model, field in ((too_deep, facts, "dbcache.fn"), (teacache, uncalibrated, "teacache.coefficients")):
+        with pytest.raises(InvalidArgument) as error:  # admission: pure logic on the model's facts
+            model.accept(config, 8)
+        assert error.value.field == field
+        with pytest.raises(InvalidArgument) as error:  # and the cache state refuses it too
+            RequestCache(config, model.num_blocks, model.teacache_coefficients)
+        assert error.value.field == field

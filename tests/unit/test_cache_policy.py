@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 from ditserve.services.common.errors import InvalidArgument
 from ditserve.services.denoiser.cache.policy import (
     COEFFICIENTS_KEY,
-    FLUX1_TEACACHE_COEFFICIENTS,
     CacheConfig,
     DBCacheConfig,
     DBCacheDecider,
@@ -29,6 +28,7 @@ from ditserve.services.denoiser.cache.policy import (
     model_teacache_coefficients,
     scm_mask,
 )
+from ditserve.services.families.flux import FAMILY, FLUX1_TEACACHE_COEFFICIENTS
 
 # cache-dit's published 28-step masks (caching/cache_interface.py, steps_mask), 1 = compute.
 PUBLISHED_MASKS = {
@@ -79,23 +79,23 @@ def test_scm_explicit_bins_at_their_own_length_and_scaled() -> None:
 
 
 def test_teacache_accumulates_and_resets_at_the_threshold() -> None:
-    decider = TeaCacheDecider(TeaCacheConfig(threshold=0.25, coefficients=IDENTITY))
+    decider = TeaCacheDecider(TeaCacheConfig(threshold=0.25, coefficients=IDENTITY), None)
     # 0.1 per step: skip, skip, then 0.3 >= 0.25 computes and resets; the last step is always computed.
     assert _run(decider.decide, [None] + [0.1] * 9) == "1001001001"
 
 
 def test_teacache_forces_first_and_last_steps() -> None:
     config = TeaCacheConfig(threshold=10.0, coefficients=IDENTITY, forced_first_steps=2, forced_last_steps=3)
-    assert _run(TeaCacheDecider(config).decide, [None] + [0.0] * 9) == "1100000111"
+    assert _run(TeaCacheDecider(config, None).decide, [None] + [0.0] * 9) == "1100000111"
 
 
 def test_teacache_threshold_zero_computes_every_step() -> None:
-    decider = TeaCacheDecider(TeaCacheConfig(threshold=0.0, coefficients=IDENTITY))
+    decider = TeaCacheDecider(TeaCacheConfig(threshold=0.0, coefficients=IDENTITY), None)
     assert _run(decider.decide, [None] + [0.0] * 9) == "1" * 10
 
 
-def test_teacache_uses_the_flux1_coefficients_by_default() -> None:
-    decider = TeaCacheDecider(TeaCacheConfig())
+def test_teacache_uses_the_models_coefficients_when_the_request_has_none() -> None:
+    decider = TeaCacheDecider(TeaCacheConfig(), FLUX1_TEACACHE_COEFFICIENTS)
     assert decider.coefficients == FLUX1_TEACACHE_COEFFICIENTS
     assert decider.rescale(0.0) == pytest.approx(0.264230861)
     assert decider.rescale(0.1) == pytest.approx(float(np.poly1d(FLUX1_TEACACHE_COEFFICIENTS)(0.1)))
@@ -107,15 +107,17 @@ def test_teacache_uses_the_flux1_coefficients_by_default() -> None:
 
 def test_a_models_calibrated_coefficients_win_over_its_familys() -> None:
     calibrated = (1.0, 2.0, 3.0, 4.0, 5.0)
-    assert model_teacache_coefficients("flux", {}) == FLUX1_TEACACHE_COEFFICIENTS
-    assert model_teacache_coefficients("chroma", {}) is None
-    assert model_teacache_coefficients("flux", {COEFFICIENTS_KEY: list(calibrated)}) == calibrated
-    assert model_teacache_coefficients("chroma", {COEFFICIENTS_KEY: list(calibrated)}) == calibrated
+    flux = FAMILY.published_teacache_coefficients
+    assert flux == FLUX1_TEACACHE_COEFFICIENTS
+    assert model_teacache_coefficients(flux, {}) == FLUX1_TEACACHE_COEFFICIENTS
+    assert model_teacache_coefficients(None, {}) is None  # a family with none published
+    assert model_teacache_coefficients(flux, {COEFFICIENTS_KEY: list(calibrated)}) == calibrated
+    assert model_teacache_coefficients(None, {COEFFICIENTS_KEY: list(calibrated)}) == calibrated
     # A request's own coefficients still win over the model's.
     assert TeaCacheDecider(TeaCacheConfig(coefficients=IDENTITY), calibrated).coefficients == IDENTITY
     for broken in ([1.0, 2.0], "12345", [1, 2, 3, 4, float("nan")]):
         with pytest.raises(InvalidArgument) as error:
-            model_teacache_coefficients("flux", {COEFFICIENTS_KEY: broken})
+            model_teacache_coefficients(flux, {COEFFICIENTS_KEY: broken})
         assert error.value.field == "teacache.coefficients"
 
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from factories import tiny_flux
 
 from ditserve.services.common import profiling
 from ditserve.services.common.errors import InvalidArgument
-from ditserve.services.tools.modelgen.tiny_flux import tiny_transformer
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", ".hidden", "", "x" * 65, "a b", "é"])
@@ -28,7 +28,7 @@ def test_block_ranges_leave_outputs_unchanged(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(profiling, "_nvtx", lambda: True)
     monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda name: calls.append(name) or len(calls))
     monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: calls.append("pop") or 0)
-    model = tiny_transformer(seed=0).eval()
+    model = tiny_flux(seed=0)
     generator = torch.Generator().manual_seed(0)
     inputs = {
         "hidden_states": torch.randn(1, 16, 16, generator=generator),

@@ -1,6 +1,6 @@
 """Sequence parallelism on CPU with gloo: U=2, R=2 and U=2xR=2 give the single-process results.
 
-Worlds of 2 or 4 local processes (services/denoiser/parallel/launch.py: a forkserver, loopback, a free
+Worlds of 2 or 4 local processes (services/tools/sp_world.py: a forkserver, loopback, a free
 port, OMP_NUM_THREADS=1). U=2 and R=2 run `make-tiny-model`'s seeded transformer (2 heads x 16); U=2xR=2 a
 random FLUX transformer with 4 heads x 16, so each Ulysses rank holds two heads and their order is checked too.
 
@@ -23,29 +23,25 @@ from typing import Any
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
+from factories import cached_forward, request_cache, tiny_flux
 
-from ditserve.services.tools.bench import sp as bench_sp
-from ditserve.services.denoiser.attention import BackendName, apply_attention_backend, attention
-from ditserve.services.families.flux.blocks import FluxBlockExecutor
+from ditserve.services.denoiser.attention import BackendName, attention
 from ditserve.services.denoiser.cache.policy import CacheConfig, DBCacheConfig
-from ditserve.services.denoiser.cache.state import RequestCache
-from ditserve.services.denoiser.parallel import (
-    ByteCounter,
-    JointSequenceSharder,
+from ditserve.services.denoiser.parallel.attention import (
     SequenceParallelAttention,
-    SequenceParallelFlux,
-    SequenceParallelFluxExecutor,
-    SPConfig,
-    SPGroup,
-    SPMesh,
+    flash_attention_lse,
     lse_kernel,
     math_attention_lse,
     merge_partials,
 )
-from ditserve.services.denoiser.parallel.attention import flash_attention_lse
+from ditserve.services.denoiser.parallel.mesh import ByteCounter, SPConfig, SPGroup, SPMesh
+from ditserve.services.denoiser.parallel.sharding import SequenceSharder
+from ditserve.services.families.flux.attention import apply_attention_backend
+from ditserve.services.families.flux.blocks import FluxBlockExecutor
+from ditserve.services.families.flux.parallel import TOKEN_AXES, SequenceParallelFluxExecutor
+from ditserve.services.tools.bench import sp as bench_sp
 from ditserve.services.tools.sp_cost import AttentionShape, bytes_per_forward
 from ditserve.services.tools.sp_world import run_world
-from ditserve.services.tools.modelgen.tiny_flux import tiny_transformer
 
 ATOL = 2e-6
 TEXT_TOKENS, IMAGE_SIDE = 8, 8  # 8 + 64 tokens: both divisible by every world size here
@@ -58,19 +54,7 @@ WORLDS = {
 
 
 def _model(name: str) -> FluxTransformer2DModel:
-    if name == "tiny":
-        return tiny_transformer(seed=0).eval()
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=4,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=(4, 6, 6),
-    ).eval()
+    return tiny_flux(seed=0) if name == "tiny" else tiny_flux(seed=0, num_attention_heads=4)
 
 
 def _inputs(seed: int = 0, step: int = 0) -> dict[str, torch.Tensor]:
@@ -123,9 +107,9 @@ def _check_rank(mesh: SPMesh, model_name: str) -> dict[str, Any]:
     with torch.inference_mode():
         apply_attention_backend(model, BackendName.TORCH_SDPA)
         expected = model(**inputs, return_dict=False)[0]
-        parallel = SequenceParallelFlux(model, mesh, BackendName.TORCH_SDPA)
+        parallel = SequenceParallelFluxExecutor(model, mesh, BackendName.TORCH_SDPA)
         mesh.counter.reset()
-        output = parallel(**inputs, return_dict=False)[0]
+        output = parallel.forward(**inputs)
     return {
         "heads": heads,
         "attention_errors": attention_errors,
@@ -158,9 +142,11 @@ def _cached_trajectory(executor: FluxBlockExecutor) -> tuple[list[bool], list[fl
         return distances[-1]
 
     executor.relative_l1 = recorded  # observe, do not change: it returns what the real one returns
-    cache = RequestCache(CACHE, executor)
+    cache = request_cache(CACHE, executor)
     with torch.inference_mode():
-        outputs = [cache.forward("cond", s, CACHE_STEPS, **_inputs(step=s)) for s in range(CACHE_STEPS)]
+        outputs = [
+            cached_forward(executor, cache, "cond", s, CACHE_STEPS, **_inputs(step=s)) for s in range(CACHE_STEPS)
+        ]
     return cache.decisions()["cond"], distances, outputs
 
 
@@ -223,14 +209,14 @@ def test_ring_refuses_a_backend_without_lse() -> None:
 def test_sharder_slices_text_image_and_ids_alike() -> None:
     group = SPGroup(ranks=(0, 1, 2, 3), index=2, group=None, counter=ByteCounter())
     inputs = _inputs()
-    sharded = JointSequenceSharder(group).shard_inputs(inputs)
+    sharded = SequenceSharder(group, TOKEN_AXES).shard_inputs(inputs)
     assert torch.equal(sharded["hidden_states"], inputs["hidden_states"][:, 32:48])
     assert torch.equal(sharded["img_ids"], inputs["img_ids"][32:48])
     assert torch.equal(sharded["encoder_hidden_states"], inputs["encoder_hidden_states"][:, 4:6])
     assert torch.equal(sharded["txt_ids"], inputs["txt_ids"][4:6])
     assert sharded["pooled_projections"] is inputs["pooled_projections"]
     with pytest.raises(ValueError, match="6 tokens, not divisible by the 4"):
-        JointSequenceSharder(group).shard(torch.zeros(1, 6, 2), 1, "encoder_hidden_states")
+        SequenceSharder(group, TOKEN_AXES).shard(torch.zeros(1, 6, 2), 1, "encoder_hidden_states")
 
 
 # ---- worlds of processes ----

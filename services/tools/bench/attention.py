@@ -22,12 +22,12 @@ from ditserve.services.common.device import add_arguments as add_device_argument
 from ditserve.services.common.device import dtype_name, resolve_device, resolve_dtype
 from ditserve.services.denoiser.attention import (
     BackendName,
-    apply_attention_backend,
     attention,
     available_backends,
     format_availability,
     resolve_backend,
 )
+from ditserve.services.families.flux.attention import apply_attention_backend
 from ditserve.services.tools.bench.common import median, result_document
 
 log = logging.getLogger(__name__)

@@ -3,13 +3,13 @@
 For each UxR config, a world of U*R local processes runs one transformer forward (one denoising step) of a
 small random FLUX transformer, sequence-parallel, and compares it with the same model's single-process
 forward on the same inputs. Every collective goes through the counted groups of parallel/mesh.py, so the
-bytes are measured, not estimated; they are checked against the closed form of parallel/cost.py, which is
+bytes are measured, not estimated; they are checked against the closed form of tools/sp_cost.py, which is
 then applied to full-size shapes (docs/sequence-parallel.md turns those bytes into link time).
 
 Rows, one per config: ulysses, ring, world_size, max_abs_error (vs single process, FP32, over ranks),
 max_abs_output (the output's scale), bytes_per_step_per_rank (measured, per collective kind, rank 0; all
 ranks send alike), bytes_per_step_per_rank_total, bytes_per_step_all_ranks (summed over ranks), and
-predicted_bytes_per_step_per_rank (parallel/cost.py for this shape).
+predicted_bytes_per_step_per_rank (tools/sp_cost.py for this shape).
 Summary: max_abs_error (worst config), bytes_match_formula (measured == closed form for every config and
 kind), and extrapolated_bytes_per_forward_per_rank: the closed form at full size for each measured config,
 per model (FLUX.1-dev at 1024^2, Wan2.1-14B at 720p / 81 frames, Wan2.2-TI2V-5B at 1280x704 / 121 frames;
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 IN_CHANNELS = 16  # packed latent channels of the random model (4 latent channels x 2x2 patch)
 
-# Full-size shapes (parallel/cost.py AttentionShape fields) the measured bytes are carried to.
+# Full-size shapes (tools/sp_cost.py AttentionShape fields) the measured bytes are carried to.
 FULL_SIZE = {
     # 512 T5 tokens + (1024/16)^2 image tokens; 19 double + 38 single blocks; 24 heads x 128.
     "FLUX.1-dev 1024x1024": {
@@ -142,22 +142,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _measure_rank(mesh: SPMesh, spec: dict[str, Any]) -> dict[str, Any]:
     """One rank: the single-process forward, then the sequence-parallel one on the same model and inputs."""
     import torch
-    from diffusers import FluxTransformer2DModel
 
-    from ditserve.services.denoiser.attention import BackendName, apply_attention_backend
-    from ditserve.services.families.flux.parallel import SequenceParallelFlux
+    from ditserve.services.denoiser.attention import BackendName
+    from ditserve.services.families.flux.attention import apply_attention_backend
+    from ditserve.services.families.flux.parallel import SequenceParallelFluxExecutor
+    from ditserve.services.tools.modelgen.tiny_flux import tiny_transformer
 
-    torch.manual_seed(spec["seed"])  # every rank builds the same weights and inputs
-    head_dim = spec["head_dim"]
-    model = FluxTransformer2DModel(
+    model = tiny_transformer(  # seeded: every rank builds the same weights and inputs
+        spec["seed"],
         in_channels=IN_CHANNELS,
         num_layers=spec["double_blocks"],
         num_single_layers=spec["single_blocks"],
-        attention_head_dim=head_dim,
+        attention_head_dim=spec["head_dim"],
         num_attention_heads=spec["heads"],
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8),  # (4, 6, 6) at 16
     ).eval()
     side = int(spec["image_tokens"] ** 0.5)
     image_ids = torch.zeros(spec["image_tokens"], 3)
@@ -175,9 +172,9 @@ def _measure_rank(mesh: SPMesh, spec: dict[str, Any]) -> dict[str, Any]:
     with torch.inference_mode():
         apply_attention_backend(model, backend)
         reference = model(**inputs, return_dict=False)[0]
-        parallel = SequenceParallelFlux(model, mesh, backend)
+        parallel = SequenceParallelFluxExecutor(model, mesh, backend)
         mesh.counter.reset()
-        output = parallel(**inputs, return_dict=False)[0]
+        output = parallel.forward(**inputs)
     return {
         "max_abs_error": (output - reference).abs().max().item(),
         "max_abs_output": reference.abs().max().item(),

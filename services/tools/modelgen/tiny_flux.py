@@ -100,25 +100,30 @@ def _seeded(seed: int, build: Callable[[], _Module]) -> _Module:
     return build()
 
 
-def tiny_transformer(seed: int = 0) -> FluxTransformer2DModel:
-    """The tiny model's transformer alone (1 double + 2 single blocks, 2 heads x 16), seeded."""
-    return _seeded(seed, _transformer)
+# The tiny model's transformer: 1 double + 2 single blocks, 2 heads x 16; in_channels 16 = 4 latent
+# channels x the 2x2 packing; the rope axes (4, 6, 6) sum to the head dim.
+TINY_TRANSFORMER: dict[str, object] = {
+    "patch_size": 1,
+    "in_channels": 16,
+    "num_layers": 1,
+    "num_single_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "pooled_projection_dim": 32,
+    "guidance_embeds": False,
+    "axes_dims_rope": (4, 6, 6),
+}
 
 
-def _transformer() -> FluxTransformer2DModel:
-    # in_channels 16 = 4 latent channels x the 2x2 packing; the rope axes (4, 6, 6) sum to the head dim.
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        guidance_embeds=False,
-        axes_dims_rope=(4, 6, 6),
-    )
+def tiny_transformer(seed: int = 0, **overrides: object) -> FluxTransformer2DModel:
+    """The tiny model's transformer alone, seeded; `overrides` change its config (more blocks or heads, a
+    guidance embedding). A new head dim without rope axes gets FLUX's split of it, (4, 6, 6) at 16."""
+    config = {**TINY_TRANSFORMER, **overrides}
+    if "attention_head_dim" in overrides and "axes_dims_rope" not in overrides:
+        head_dim = int(overrides["attention_head_dim"])  # type: ignore[call-overload]
+        config["axes_dims_rope"] = (head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8)
+    return _seeded(seed, lambda: FluxTransformer2DModel(**config))
 
 
 def _vae() -> AutoencoderKL:
