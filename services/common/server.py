@@ -41,6 +41,11 @@ def channel_options(max_message_mb: int) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
 
 
+def connection_age(seconds: float) -> list[tuple[str, int]]:
+    """gRPC's DNS resolver only re-resolves when a connection drops; a GOAWAY at this age makes it."""
+    return [("grpc.max_connection_age_ms", int(seconds * 1000))] if seconds > 0 else []
+
+
 @dataclass(frozen=True)
 class ServerOptions:
     host: str = "127.0.0.1"
@@ -50,6 +55,7 @@ class ServerOptions:
     max_message_mb: int = 256
     grace_seconds: float = 30.0
     health_port: int | None = None
+    max_connection_age_s: float = 60.0
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser, port: int, metrics_port: int) -> None:
@@ -73,6 +79,14 @@ class ServerOptions:
             default=None,
             help="also answer grpc.health.v1 (only) in plaintext on this port, for probes that cannot speak"
             " TLS (Kubernetes' gRPC probes, container healthchecks) when --tls-cert is set",
+        )
+        group.add_argument(
+            "--max-connection-age",
+            dest="max_connection_age_s",
+            type=float,
+            default=60.0,
+            help="close each client connection after this many seconds (calls in flight finish first), so"
+            " callers balancing over a DNS name re-resolve it and find replicas added since (default: 60; 0: never)",
         )
 
     @classmethod
@@ -148,7 +162,7 @@ def start_server(service: Service, options: ServerOptions, security: ServerSecur
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix=f"{service.role}-rpc"),
         interceptors=[interceptor],
-        options=channel_options(options.max_message_mb),
+        options=[*channel_options(options.max_message_mb), *connection_age(options.max_connection_age_s)],
     )
     service.register(server)
     common_pb2_grpc.add_AdminServicer_to_server(AdminServicer(service), server)

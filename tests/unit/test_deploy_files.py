@@ -1,6 +1,7 @@
 """The deployment files are consistent with each other and with ditserve: dashboards are well-formed
-Grafana JSON on the provisioned datasource, compose.yaml runs real `ditserve serve` commands wired to
-each other and to Prometheus, and the image is built the way compose and the healthcheck expect.
+Grafana JSON on a datasource variable with an instance filter, compose.yaml (and its GPU override)
+runs real `ditserve serve` commands wired to each other and to Prometheus, the alerts compare with what
+the services export, and the image is built the way compose and the healthcheck expect.
 (tests/integration/test_observability.py runs it all against live services.)"""
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import json
 import re
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,33 +26,48 @@ DEPLOY = ROOT / "deploy"
 DASHBOARDS = sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))
 STAGES = ("gateway", "encoder", "denoiser", "vae")
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
+GPU = yaml.safe_load((ROOT / "compose.gpu.yaml").read_text())
 SERVICES = {
     name: service for name, service in COMPOSE["services"].items() if service.get("command", [""])[0] == "serve"
 }
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
 
 def load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def parsed(name: str) -> object:
+def parsed(name: str, services: dict | None = None) -> object:
     """The service's command as `ditserve` itself parses it."""
-    command = SERVICES[name]["command"]
+    command = (services or SERVICES)[name]["command"]
     return build_parser(command).parse_args(command)
+
+
+def healthcheck_module() -> object:
+    spec = importlib.util.spec_from_file_location("healthcheck", DEPLOY / "docker/healthcheck.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def panels(board: dict) -> list[dict]:
     return [nested for panel in board["panels"] for nested in [panel, *panel.get("panels", [])]]
 
 
-def test_dashboards_are_well_formed_and_use_the_provisioned_datasource() -> None:
-    provisioned = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())
-    (datasource,) = provisioned["datasources"]
-    expected = {"type": datasource["type"], "uid": datasource["uid"]}
+def test_dashboards_are_well_formed_and_filter_by_datasource_and_instance() -> None:
+    """No datasource uid baked in (imports into any Grafana pick their Prometheus), and every series
+    selector honours the instance variable."""
+    expected = DATASOURCE
     boards = [load(path) for path in DASHBOARDS]
     assert {board["uid"] for board in boards} == {f"ditserve-{name}" for name in ("overview", *STAGES)}
     for board in boards:
         assert board["schemaVersion"] == 39 and "ditserve" in board["tags"], board["uid"]
+        variables = {variable["name"]: variable for variable in board["templating"]["list"]}
+        assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+        instance = variables["instance"]
+        assert instance["datasource"] == expected and "label_values(up{" in instance["query"]["query"]
+        assert instance["includeAll"] and instance["allValue"] == ".*", board["uid"]
+        assert '"uid": "prometheus"' not in json.dumps(board), f"{board['uid']}: a hard-coded datasource uid"
         ids = [panel["id"] for panel in panels(board)]
         assert len(ids) == len(set(ids)), f"{board['uid']}: duplicate panel ids"
         for panel in panels(board):
@@ -63,8 +81,10 @@ def test_dashboards_are_well_formed_and_use_the_provisioned_datasource() -> None
             assert len({target["refId"] for target in panel["targets"]}) == len(panel["targets"]), where
             for target in panel["targets"]:
                 assert target["datasource"] == expected and target["expr"].strip(), where
-                # the integration test substitutes Grafana's variables; this is the only one used
-                assert set(re.findall(r"\$\w+", target["expr"])) <= {"$__rate_interval"}, where
+                # the integration test substitutes Grafana's variables; these are the ones used
+                assert set(re.findall(r"\$\w+", target["expr"])) <= {"$__rate_interval", "$instance"}, where
+                for selector in re.findall(r"\{[^}]*\}", target["expr"]):
+                    assert 'instance=~"$instance"' in selector, f"{where}: {selector}"
 
 
 def test_overview_shows_every_stage_signal() -> None:
@@ -81,7 +101,7 @@ def test_overview_shows_every_stage_signal() -> None:
         "histogram_quantile(0.99, sum by (job, le) (rate(ditserve_request_duration_seconds_bucket",
         "ditserve_queue_depth",
         "ditserve_batch_size_count",
-        'ditserve_cache_steps_total{outcome="cached"}',
+        'ditserve_cache_steps_total{outcome="cached"',
         "ditserve_denoise_step_duration_seconds_bucket",
         "ditserve_device_memory_bytes",
         "ditserve_tensor_bytes_total",
@@ -124,43 +144,60 @@ def test_grafana_provisioning_points_at_what_compose_mounts() -> None:
     assert datasource["url"] == "http://prometheus:9090" and "prometheus" in COMPOSE["services"]
 
 
-def test_compose_runs_real_ditserve_commands_on_every_interface() -> None:
-    roles = {name: parsed(name).role for name in SERVICES}
-    for profile in ("cpu", "gpu"):
-        in_profile = sorted(roles[name] for name in SERVICES if SERVICES[name]["profiles"] == [profile])
-        assert set(in_profile) == set(STAGES), profile
+def test_compose_up_as_written_starts_the_cpu_stack() -> None:
+    """`docker compose up` with no flags: every service, none behind a profile, all on CPU."""
+    assert set(COMPOSE["services"]) == {*STAGES, "prometheus", "grafana"}
+    assert not any("profiles" in service for service in COMPOSE["services"].values())
+    assert {parsed(name).role for name in SERVICES} == set(STAGES) and set(SERVICES) == set(STAGES)
     for name, service in SERVICES.items():
         args = parsed(name)
-        assert args.host == "0.0.0.0", name
-        assert service["healthcheck"]["test"] == ["CMD", "python3", "/opt/ditserve/healthcheck.py"], name
-        assert service["image"] == {"cpu": "ditserve:cpu", "gpu": "ditserve:cuda"}[service["profiles"][0]]
+        assert args.host == "0.0.0.0" and args.health_port is not None, name
+        assert service["healthcheck"]["test"][:3] == ["CMD", "python3", "/opt/ditserve/healthcheck.py"], name
+        assert "--restart-after" in service["healthcheck"]["test"] and service["restart"] == "unless-stopped"
+        assert service["image"] == "ditserve:cpu" and "deploy" not in service, name
         build = service["build"]
         assert build["dockerfile"] == "deploy/docker/Dockerfile" and set(build["args"]) == {"BASE_IMAGE", "TORCH_SPEC"}
-        gpu = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
         if args.role != "gateway":
             assert args.model.startswith("/models/") and any(v.endswith(":/models:ro") for v in service["volumes"])
-            assert (args.device == "cuda") == ("gpu" in service["profiles"]) == bool(gpu), name
-        if gpu:
-            assert gpu[0]["driver"] == "nvidia" and gpu[0]["capabilities"] == ["gpu"], name
-    denoisers = [name for name in SERVICES if roles[name] == "denoiser"]
-    assert all(parsed(name).batching == "continuous" for name in denoisers)
+            assert args.device == "cpu", name
+    assert parsed("denoiser").batching == "continuous"
+    # replicas come from `--scale denoiser=N`, so nothing may pin a name or a host port on a stage
+    assert not any("container_name" in SERVICES[name] or "ports" in SERVICES[name] for name in STAGES[1:])
 
 
-def test_gateways_call_healthy_stages_of_their_own_profile() -> None:
-    for name, service in SERVICES.items():
-        args = parsed(name)
-        if args.role != "gateway":
+def test_the_gpu_override_puts_each_model_stage_on_its_own_device() -> None:
+    assert set(GPU["services"]) == set(STAGES)
+    devices = {}
+    for name, override in GPU["services"].items():
+        assert override["image"] == "ditserve:cuda" and set(override["build"]["args"]) == {"BASE_IMAGE", "TORCH_SPEC"}
+        if name == "gateway":
+            assert "deploy" not in override and "command" not in override, "the gateway needs no GPU"
             continue
-        called = []
-        for stage in ("encoder", "denoiser", "vae"):
-            for address in getattr(args, stage).split(","):
-                host, port = address.split(":")
-                called.append(host)
-                assert SERVICES[host]["profiles"] == service["profiles"], address
-                assert parsed(host).role == stage and parsed(host).port == int(port), address
-        assert service["depends_on"] == {host: {"condition": "service_healthy"} for host in called}
-        if service["profiles"] == ["cpu"]:
-            assert len(args.denoiser.split(",")) >= 2, "the replica example: several denoisers behind one gateway"
+        args = parsed(name, GPU["services"])
+        assert args.device == "cuda", name
+        assert override["command"][2:] == [
+            "cuda" if part == "cpu" else part for part in SERVICES[name]["command"][2:]
+        ], f"{name}: the GPU command must differ from the CPU one only in --device"
+        (device,) = override["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and "count" not in device, name
+        devices[name] = device["device_ids"]
+    defaults = [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", ids[0]) for ids in devices.values()]
+    assert len(set(defaults)) == len(defaults), f"two stages share a GPU by default: {devices}"
+
+
+def test_the_gateway_reaches_each_stage_through_its_dns_name() -> None:
+    args = parsed("gateway")
+    for stage in ("encoder", "denoiser", "vae"):
+        target = getattr(args, stage)
+        assert target == f"dns:///{stage}:{parsed(stage).port}", target
+    assert SERVICES["gateway"]["depends_on"] == {stage: {"condition": "service_healthy"} for stage in STAGES[1:]}
+
+
+def test_grafana_admin_password_comes_from_the_environment() -> None:
+    grafana = COMPOSE["services"]["grafana"]
+    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "${GRAFANA_ADMIN_PASSWORD:-}"
+    script = " ".join(grafana["entrypoint"])
+    assert "/dev/urandom" in script and "exec /run.sh" in script  # unset: random, never admin/admin
 
 
 def test_prometheus_scrapes_every_compose_service_on_its_metrics_port() -> None:
@@ -177,16 +214,22 @@ def test_prometheus_scrapes_every_compose_service_on_its_metrics_port() -> None:
     assert "./deploy/prometheus:/etc/prometheus:ro" in mounts
 
 
-def test_queue_alert_fires_at_three_quarters_of_every_denoisers_max_queue() -> None:
-    rules = yaml.safe_load((DEPLOY / "prometheus/alerts.yml").read_text())
-    (expr,) = [
-        rule["expr"]
-        for group in rules["groups"]
-        for rule in group["rules"]
-        if rule["alert"] == "DitserveQueueSaturated"
-    ]
-    threshold = float(expr.rsplit(">", 1)[1])
-    assert {parsed(name).max_queue * 0.75 for name in SERVICES if parsed(name).role == "denoiser"} == {threshold}
+def _rules(path: str) -> list[dict]:
+    groups = yaml.safe_load((DEPLOY / "prometheus" / path).read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def test_expected_replicas_cover_every_stage_as_compose_runs_it() -> None:
+    expected = {rule["labels"]["job"]: rule["expr"] for rule in _rules("replicas.yml")}
+    assert expected == {stage: "vector(1)" for stage in STAGES}, "compose runs one of each unless scaled"
+    (missing,) = [rule["expr"] for rule in _rules("alerts.yml") if rule.get("alert") == "DitserveReplicasMissing"]
+    assert "ditserve:expected_replicas" in missing and "up{" in missing
+
+
+def test_queue_alert_compares_depth_with_the_exported_capacity() -> None:
+    (expr,) = [rule["expr"] for rule in _rules("alerts.yml") if rule.get("alert") == "DitserveQueueSaturated"]
+    assert expr == 'ditserve_queue_depth{job="denoiser"} / ditserve_queue_capacity{job="denoiser"} > 0.75'
+    assert re.search(r"\b48\b", expr) is None
 
 
 def test_image_is_built_as_compose_and_the_healthcheck_expect() -> None:
@@ -210,20 +253,48 @@ def test_image_is_built_as_compose_and_the_healthcheck_expect() -> None:
     assert sources == allowed
 
 
-def test_healthcheck_reads_the_grpc_port_from_the_service_command_line() -> None:
-    spec = importlib.util.spec_from_file_location("healthcheck", DEPLOY / "docker/healthcheck.py")
-    healthcheck = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(healthcheck)
+def test_healthcheck_reads_the_health_port_from_the_service_command_line() -> None:
+    healthcheck = healthcheck_module()
     entrypoint = ["/opt/venv/bin/python3", "/opt/venv/bin/ditserve"]
     for name in SERVICES:
-        assert healthcheck.grpc_port([*entrypoint, *SERVICES[name]["command"]]) == parsed(name).port
+        assert healthcheck.grpc_port([*entrypoint, *SERVICES[name]["command"]]) == parsed(name).health_port
     assert healthcheck.grpc_port([*entrypoint, "serve", "vae"]) == 50053
+    serving, _, message = healthcheck.check([*entrypoint, "serve", "vae", "--tls-cert", "c", "--tls-key", "k"])
+    assert not serving and "--health-port" in message
 
 
-@pytest.mark.skipif(not shutil.which("docker-compose"), reason="no docker-compose to validate compose.yaml with")
-def test_docker_compose_accepts_compose_yaml() -> None:
-    for profile in ("cpu", "gpu"):
+def test_healthcheck_restarts_a_stage_only_after_it_served_and_then_failed_in_a_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    healthcheck = healthcheck_module()
+    monkeypatch.setattr(healthcheck, "STATE", tmp_path)
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert healthcheck.count_failure(process.pid, False, True, 2) == 0, "still loading: never counted"
+        healthcheck.count_failure(process.pid, True, True, 2)
+        assert healthcheck.count_failure(process.pid, False, False, 2) == 0, "a gateway waiting for stages"
+        assert healthcheck.count_failure(process.pid, False, True, 2) == 1
+        assert process.poll() is None
+        healthcheck.count_failure(process.pid, True, True, 2)  # SERVING again: the count starts over
+        assert healthcheck.count_failure(process.pid, False, True, 2) == 1
+        assert healthcheck.count_failure(process.pid, False, True, 2) == 2
+        deadline = time.monotonic() + 5
+        while process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process.returncode == -15, "SIGTERM: the service drains, exits and is restarted"
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.skipif(
+    not shutil.which("docker-compose"), reason="no docker-compose (Debian: apt-get install docker-compose)"
+)
+def test_docker_compose_up_as_written_lists_all_six_services() -> None:
+    six = {*STAGES, "prometheus", "grafana"}
+    for files in ([], ["-f", "compose.yaml", "-f", "compose.gpu.yaml"]):
         result = subprocess.run(
-            ["docker-compose", "--profile", profile, "config", "--quiet"], cwd=ROOT, capture_output=True, text=True
+            ["docker-compose", *files, "config", "--services"], cwd=ROOT, capture_output=True, text=True
         )
         assert result.returncode == 0, result.stderr
+        assert set(result.stdout.split()) == six, result.stdout

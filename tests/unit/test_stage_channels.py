@@ -14,6 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from ditserve.services.common.server import connection_age
 from ditserve.services.gateway.pool import (
     DOWN_AFTER_S,
     MAX_ATTEMPTS,
@@ -86,9 +87,11 @@ class Replica(common_pb2_grpc.AdminServicer):
         self.name = name
         self.refuse = False
         self.calls = 0
+        self.peers: set[str] = set()  # the caller's address: a new source port per connection
 
     def Info(self, request: common_pb2.InfoRequest, context: grpc.ServicerContext) -> common_pb2.InfoResponse:
         self.calls += 1
+        self.peers.add(context.peer())
         if self.refuse:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name} refuses")
         return common_pb2.InfoResponse(service=self.name)
@@ -106,11 +109,10 @@ class Running:
         self.health.set(SERVICE, status)
 
 
-@pytest.fixture
-def replicas() -> Iterator[list[Running]]:
+def start_replicas(count: int, max_connection_age_s: float = 0) -> list[Running]:
     running = []
-    for index in range(3):
-        server = grpc.server(futures.ThreadPoolExecutor(4))
+    for index in range(count):
+        server = grpc.server(futures.ThreadPoolExecutor(4), options=connection_age(max_connection_age_s))
         replica, checks = Replica(f"r{index}"), health.HealthServicer()
         common_pb2_grpc.add_AdminServicer_to_server(replica, server)
         health_pb2_grpc.add_HealthServicer_to_server(checks, server)
@@ -118,6 +120,12 @@ def replicas() -> Iterator[list[Running]]:
         server.start()
         running.append(Running(replica, checks, server, port))
         running[-1].set_serving(True)
+    return running
+
+
+@pytest.fixture
+def replicas() -> Iterator[list[Running]]:
+    running = start_replicas(3)
     yield running
     for each in running:
         each.server.stop(0)
@@ -173,3 +181,21 @@ def test_serving_follows_the_replicas_with_a_short_grace(replicas: list[Running]
         assert _names(channel, 1) == ["r0"]
     finally:
         channel.close()
+
+
+def test_a_replica_closing_old_connections_neither_fails_calls_nor_flaps_health() -> None:
+    """Stages send GOAWAY at --max-connection-age so a DNS target gets re-resolved; the reconnect
+    must cost no call and must not read as "no serving replica"."""
+    (replica,) = start_replicas(1, max_connection_age_s=0.3)
+    channel = _channel([replica])
+    try:
+        _wait(channel.serving)
+        deadline = time.monotonic() + 2.5  # several connection ages
+        while time.monotonic() < deadline:
+            assert _names(channel, 1) == ["r0"]
+            assert channel.serving()
+            time.sleep(0.02)
+        assert len(replica.replica.peers) >= 3, "the connection was never replaced"
+    finally:
+        channel.close()
+        replica.server.stop(0)
