@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PROMPT ?= a red circle on a blue background
 
-.PHONY: install demo test lint protos clean prometheus compose-smoke bench-cache
+.PHONY: install demo test lint protos clean prometheus deploy-tools compose-smoke bench-cache
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,10 +35,18 @@ prometheus:
 	@command -v promtool >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
 		{ apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; }
 
-test: install lint prometheus
+# The deployment tests render deploy/k8s with kubectl (Debian's kubernetes-client renders it too) and
+# read compose.yaml with docker-compose; installed the same way (elsewhere those tests skip and say why).
+deploy-tools:
+	@command -v kubectl >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq --no-install-recommends kubernetes-client; }
+	@command -v docker-compose >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq --no-install-recommends docker-compose; }
+
+test: install lint prometheus deploy-tools
 	$(PY) -m pytest -q
 
-# Docker + compose: build, up (cpu profile), one image through the gateway, Prometheus targets, down.
+# Docker + compose: build, up (denoiser scaled to 3), images through the gateway, every replica used, Prometheus targets, down.
 compose-smoke:
 	bash deploy/compose-smoke.sh
 
