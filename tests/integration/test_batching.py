@@ -11,15 +11,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import torch
+from factories import cpu_denoiser
 from helpers import TOLERANCE_BATCHED, embedding, latents_of, request, sample, scrape
 
 from ditserve.client.stub import StageClient
-from ditserve.services.common.model import ModelFolder
-from ditserve.services.common.profiling import Profiler
 from ditserve.services.common.server import ServerOptions, start_server
-from ditserve.services.common.stage import StageContext
-from ditserve.services.denoiser.service import DenoiserService
 from ditserve.v1 import denoiser_pb2
 
 pytestmark = pytest.mark.integration
@@ -125,11 +121,8 @@ def _outcome(stage: StageClient, message: denoiser_pb2.DenoiseRequest) -> tuple[
 
 
 def test_every_step_streams_when_the_interval_is_zero(model_dir: Path, tmp_path: Path) -> None:
-    stage = StageContext(
-        role="denoiser", folder=ModelFolder(model_dir), device=torch.device("cpu"), dtype=torch.float32,
-        profiler=Profiler(tmp_path),
-    )  # fmt: skip
-    server = start_server(DenoiserService(stage, progress_interval_ms=0), ServerOptions(port=0, metrics_port=None))
+    service = cpu_denoiser(model_dir, profiles=tmp_path, progress_interval_ms=0)
+    server = start_server(service, ServerOptions(port=0, metrics_port=None))
     client = StageClient(f"127.0.0.1:{server.port}")
     try:
         events = list(client.denoiser.Denoise(request(1, steps=5), timeout=60))

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import torch
+from factories import cpu_denoiser
 from google.protobuf import json_format
 from helpers import TOLERANCE_BATCHED, embedding, latents_of, request, sample, wait_for
 
@@ -19,11 +19,9 @@ from ditserve.services.common import tensor_codec
 from ditserve.services.common.errors import StartupError
 from ditserve.services.common.model import SIDECAR, ModelFolder
 from ditserve.services.common.server import ServerOptions, start_server
-from ditserve.services.common.stage import StageContext
 from ditserve.services.denoiser.cache.policy import COEFFICIENTS_KEY, mask_bins
 from ditserve.services.denoiser.cache.step_masks import STEP_MASKS_KEY, mask_text, stored_masks
 from ditserve.services.denoiser.cache.wire import cache_config
-from ditserve.services.denoiser.service import DenoiserService
 from ditserve.v1 import cache_pb2, denoiser_pb2
 
 pytestmark = pytest.mark.integration
@@ -133,8 +131,7 @@ def test_teacache_defaults_to_the_models_calibrated_coefficients(
     sidecar = json.loads((folder / SIDECAR).read_text())
     # A polynomial that is 0 everywhere: nothing accumulates, so only the forced steps compute.
     (folder / SIDECAR).write_text(json.dumps({**sidecar, COEFFICIENTS_KEY: [0.0] * 5}))
-    stage = StageContext(role="denoiser", folder=ModelFolder(folder), device=torch.device("cpu"), dtype=torch.float32)
-    server = start_server(DenoiserService(stage), ServerOptions(port=0, metrics_port=0))
+    server = start_server(cpu_denoiser(folder), ServerOptions(port=0, metrics_port=0))
     client = StageClient(f"127.0.0.1:{server.port}")
     teacache = policy('{"teacache": {"threshold": 0.5}}')
     try:
@@ -193,7 +190,6 @@ def test_a_default_calibrated_policy_needs_the_models_masks(model_dir: Path, tmp
     shutil.copytree(model_dir, folder)
     sidecar = json.loads((folder / SIDECAR).read_text())
     (folder / SIDECAR).write_text(json.dumps({k: v for k, v in sidecar.items() if k != STEP_MASKS_KEY}))
-    stage = StageContext(role="denoiser", folder=ModelFolder(folder), device=torch.device("cpu"), dtype=torch.float32)
     default = cache_config(calibrated(9), "--cache-policy")
     with pytest.raises(StartupError, match=r"--cache-policy\.dbcache\.scm\.preset: the model has no calibrated masks"):
-        DenoiserService(stage, cache=default)
+        cpu_denoiser(folder, cache=default)

@@ -11,6 +11,14 @@ import pytest
 import torch
 
 from ditserve.services.common.model import SIDECAR, ModelFolder
+from ditserve.services.denoiser.cache.policy import (
+    COEFFICIENTS_KEY,
+    TeaCacheConfig,
+    TeaCacheDecider,
+    model_teacache_coefficients,
+)
+from ditserve.services.denoiser.cache.step_masks import STEP_MASKS_KEY, stored_masks
+from ditserve.services.families import load_family
 from ditserve.services.tools.calibrate import (
     LocalFlux,
     MaskObjective,
@@ -19,13 +27,6 @@ from ditserve.services.tools.calibrate import (
     calibration_prompts,
     fit_teacache,
 )
-from ditserve.services.denoiser.cache.policy import (
-    COEFFICIENTS_KEY,
-    TeaCacheConfig,
-    TeaCacheDecider,
-    model_teacache_coefficients,
-)
-from ditserve.services.denoiser.cache.step_masks import STEP_MASKS_KEY, stored_masks
 
 
 @pytest.fixture
@@ -48,8 +49,9 @@ def test_calibrate_writes_five_finite_coefficients_into_the_sidecar(model_dir: P
     assert {key: folder.sidecar[key] for key in kept} == kept  # every other key kept
     assert folder.defaults == ModelFolder(model_dir).defaults
     # What the denoiser will do with them: a TeaCache decider accepts them as this model's coefficients.
-    assert model_teacache_coefficients(folder.family, folder.sidecar) == coefficients
-    decider = TeaCacheDecider(TeaCacheConfig(), model_teacache_coefficients(folder.family, folder.sidecar))
+    published = load_family(folder).published_teacache_coefficients
+    assert model_teacache_coefficients(published, folder.sidecar) == coefficients
+    decider = TeaCacheDecider(TeaCacheConfig(), model_teacache_coefficients(published, folder.sidecar))
     assert decider.coefficients == coefficients
     assert (model_dir / SIDECAR).read_bytes() == shipped
 

@@ -105,6 +105,21 @@ def _cached(executor: FluxBlockExecutor, cache: RequestCache, steps: int, kwargs
     )
 
 
+def _plain_and_cached(
+    transformer: FluxTransformer2DModel,
+    executor: FluxBlockExecutor,
+    config: CacheConfig,
+    batch: int,
+    seed: int,
+    steps: int,
+) -> tuple[torch.Tensor, torch.Tensor, RequestCache]:
+    """From one start, the uncached trajectory, then the one `config` caches, and that one's cache state."""
+    latents, kwargs = _conditioning(batch=batch, seed=seed)
+    plain = _denoise(_plain(transformer, kwargs), latents, steps)
+    cache = request_cache(config, executor)
+    return plain, _denoise(_cached(executor, cache, steps, kwargs), latents, steps), cache
+
+
 @pytest.mark.parametrize("guided", [False, True], ids=["tiny", "guidance"])
 def test_staged_forward_is_the_transformer_bit_for_bit(transformer: FluxTransformer2DModel, guided: bool) -> None:
     model = _guided_transformer() if guided else transformer
@@ -134,10 +149,8 @@ def test_block_sequence_is_double_then_single(executor: FluxBlockExecutor) -> No
 def test_policy_none_and_threshold_zero_equal_no_caching(
     transformer: FluxTransformer2DModel, executor: FluxBlockExecutor, config: CacheConfig
 ) -> None:
-    latents, kwargs = _conditioning(batch=2, seed=1)
-    expected = _denoise(_plain(transformer, kwargs), latents, steps=8)
-    cache = request_cache(config, executor)
-    assert torch.equal(_denoise(_cached(executor, cache, 8, kwargs), latents, steps=8), expected)
+    expected, cached, cache = _plain_and_cached(transformer, executor, config, batch=2, seed=1, steps=8)
+    assert torch.equal(cached, expected)
     assert cache.branches["cond"].pattern == "1" * 8
     assert cache.skipped_fraction == 0.0
 
@@ -150,11 +163,8 @@ def test_policy_none_and_threshold_zero_equal_no_caching(
 def test_off_on_off_returns_to_the_original(
     transformer: FluxTransformer2DModel, executor: FluxBlockExecutor, config: CacheConfig
 ) -> None:
-    latents, kwargs = _conditioning(batch=1, seed=2)
-    before = _denoise(_plain(transformer, kwargs), latents, steps=12)
-    cache = request_cache(config, executor)
-    cached = _denoise(_cached(executor, cache, 12, kwargs), latents, steps=12)
-    after = _denoise(_plain(transformer, kwargs), latents, steps=12)
+    before, cached, cache = _plain_and_cached(transformer, executor, config, batch=1, seed=2, steps=12)
+    after, _, _ = _plain_and_cached(transformer, executor, CacheConfig(), batch=1, seed=2, steps=12)
     assert "0" in cache.branches["cond"].pattern and cache.skipped_fraction > 0
     assert not torch.equal(cached, before) and torch.isfinite(cached).all()
     assert torch.equal(after, before)
