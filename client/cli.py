@@ -23,7 +23,12 @@ BENCHES = ("transport", "attention", "serving", "sp", "soak", "cache", "fidelity
 
 
 def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-o", "--output", default="out.png", help="image path; several images get _N suffixes")
+    parser.add_argument(
+        "-o",
+        "--output",
+        default="out.png",
+        help="image or video path (a video family writes .mp4 or .webp by its suffix); several get _N suffixes",
+    )
     parser.add_argument("--negative-prompt", default="", help="used with --true-cfg-scale > 1")
     parser.add_argument("--width", type=int, default=0, help="pixels, multiple of 16 (default: the model's)")
     parser.add_argument("--height", type=int, default=0, help="pixels, multiple of 16 (default: the model's)")
@@ -39,6 +44,10 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--true-cfg-scale", type=float, default=None, help="true CFG scale; > 1 also runs the negative")
     parser.add_argument("--seed", type=int, default=None, help="default: random, printed after the run")
     parser.add_argument("--num-images", type=int, default=1)
+    parser.add_argument(
+        "--frames", "--num-frames", dest="frames", type=int, default=0, help="video families: clip length (Wan: 4k+1)"
+    )
+    parser.add_argument("--fps", type=float, default=0.0, help="video families: frames per second")
     parser.add_argument("--format", default="png", choices=["png", "jpeg", "webp", "raw"])
     parser.add_argument("--timeout", type=float, default=600.0, help="deadline for the whole request, seconds")
     parser.add_argument("--profile-steps", type=int, default=0, help="trace the first N denoise steps on the denoiser")
@@ -60,6 +69,9 @@ def cache_policy(text: str | None) -> object:
         return parse_cache_policy(text)
     except ValueError as error:
         raise SystemExit(f"--cache-policy: {error}") from None
+
+
+VIDEO_SUFFIXES = {".mp4": "mp4", ".webp": "webp"}
 
 
 def _generate(client: object, args: argparse.Namespace) -> int:
@@ -90,6 +102,9 @@ def _generate(client: object, args: argparse.Namespace) -> int:
             output_format=args.format,
             profile_steps=args.profile_steps,
             cache=cache_policy(args.cache_policy),
+            num_frames=args.frames,
+            fps=args.fps,
+            video_format=VIDEO_SUFFIXES.get(Path(args.output).suffix.lower(), "mp4"),
         )
     except grpc.RpcError as error:
         bar.close()
@@ -102,6 +117,10 @@ def _generate(client: object, args: argparse.Namespace) -> int:
         path = target if len(output.images) == 1 else target.with_stem(f"{target.stem}_{index}")
         image.save(path)
         print(f"wrote {path} ({image.width}x{image.height})")
+    for index, video in enumerate(output.encoded_videos):
+        path = target if len(output.encoded_videos) == 1 else target.with_stem(f"{target.stem}_{index}")
+        path.write_bytes(video.data)
+        print(f"wrote {path} ({video.num_frames} frames of {video.width}x{video.height} at {video.fps:g} fps)")
     stages = ", ".join(f"{name} {ms:.0f} ms" for name, ms in output.timing.stage_ms.items())
     print(f"seed {output.seed}; total {output.timing.total_ms:.0f} ms ({stages})")
     for branch, steps in output.timing.computed_steps.items():

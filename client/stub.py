@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import Image
+from PIL import Image, ImageSequence
 
 from ditserve.client.security import NO_SECURITY, ClientSecurity
 from ditserve.client.tensors import to_numpy
@@ -31,6 +31,7 @@ from ditserve.v1 import (
 
 MiB = 1024 * 1024
 FORMATS = {"png": common_pb2.PNG, "jpeg": common_pb2.JPEG, "webp": common_pb2.WEBP, "raw": common_pb2.RAW}
+VIDEO_FORMATS = {"mp4": common_pb2.MP4, "webp": common_pb2.ANIMATED_WEBP, "raw": common_pb2.RAW_FRAMES}
 
 
 def channel_options(max_message_mb: int = 256) -> list[tuple[str, int]]:
@@ -44,14 +45,31 @@ def to_pil(image: common_pb2.Image) -> Image.Image:
     return Image.open(io.BytesIO(image.data))
 
 
+def video_frames(video: common_pb2.Video) -> list[Image.Image]:
+    """A clip's frames as PIL images: raw frames, animated WebP (Pillow), or MP4 (PyAV: ditserve[serve])."""
+    if video.format == common_pb2.RAW_FRAMES:
+        return [Image.fromarray(frame) for frame in to_numpy(video.frames, "video.frames")]
+    if video.format == common_pb2.ANIMATED_WEBP:
+        return [frame.convert("RGB") for frame in ImageSequence.Iterator(Image.open(io.BytesIO(video.data)))]
+    import av  # MP4: only a client that decodes it needs PyAV
+
+    with av.open(io.BytesIO(video.data)) as container:
+        return [frame.to_image() for frame in container.decode(video=0)]
+
+
 @dataclass
 class GenerateOutput:
+    """images: an image family's pictures. videos: a video family's clips, each a list of PIL frames, with
+    the container bytes the VAE wrote in `encoded_videos` (write them to a file as they are)."""
+
     images: list[Image.Image]
     seed: int
     request_id: str
     timing: common_pb2.Timing
     encoded: list[common_pb2.Image] = field(repr=False, default_factory=list)
     profile_trace: str = ""
+    videos: list[list[Image.Image]] = field(default_factory=list)
+    encoded_videos: list[common_pb2.Video] = field(repr=False, default_factory=list)
 
 
 def generate_request(
@@ -71,10 +89,15 @@ def generate_request(
     request_id: str = "",
     profile_steps: int = 0,
     cache: cache_pb2.CachePolicy | None = None,
+    num_frames: int = 0,
+    fps: float = 0.0,
+    video_format: str = "mp4",
 ) -> pipeline_pb2.GenerateRequest:
-    """0 or None means: the served model's default."""
+    """0 or None means: the served model's default. num_frames, fps and video_format: video families."""
     if output_format not in FORMATS:
         raise ValueError(f"output_format must be one of {', '.join(FORMATS)}, not {output_format!r}")
+    if video_format not in VIDEO_FORMATS:
+        raise ValueError(f"video_format must be one of {', '.join(VIDEO_FORMATS)}, not {video_format!r}")
     request = pipeline_pb2.GenerateRequest(
         prompt=prompt,
         negative_prompt=negative_prompt,
@@ -88,6 +111,9 @@ def generate_request(
         request_id=request_id,
         profile_steps=profile_steps,
         cache=cache,
+        num_frames=num_frames,
+        fps=fps,
+        video_format=VIDEO_FORMATS[video_format],
     )
     for name, value in (
         ("guidance_scale", guidance_scale),
@@ -107,6 +133,8 @@ def _output(result: pipeline_pb2.GenerateResult) -> GenerateOutput:
         timing=result.timing,
         encoded=list(result.images),
         profile_trace=result.profile_trace,
+        videos=[video_frames(video) for video in result.videos],
+        encoded_videos=list(result.videos),
     )
 
 
