@@ -1,6 +1,6 @@
 """Prometheus families every service exports, on a registry of its own.
 
-Names follow DESIGN.md: `ditserve_` prefix, base units, `_total` counters, and
+Names follow Prometheus conventions: `ditserve_` prefix, base units, `_total` counters, and
 labels of bounded cardinality (no request ids, no prompts).
 """
 
@@ -74,12 +74,14 @@ class ServiceMetrics:
         self.model_info = Gauge(
             "ditserve_model_info",
             "What this process serves (always 1)",
-            ["service", "model", "dtype", "device", "attention_backend", "version"],
+            ["service", "model", "family", "dtype", "device", "attention_backend", "version"],
             registry=self.registry,
         )
 
-    def set_model_info(self, *, model: str, dtype: str, device: str, attention_backend: str, version: str) -> None:
-        self.model_info.labels(self.service, model, dtype, device, attention_backend, version).set(1)
+    def set_model_info(
+        self, *, model: str, dtype: str, device: str, attention_backend: str, version: str, family: str = ""
+    ) -> None:
+        self.model_info.labels(self.service, model, family, dtype, device, attention_backend, version).set(1)
 
     def watch_device_memory(self) -> None:
         """Only model-holding services report device memory."""

@@ -13,6 +13,7 @@ from ditserve.services.common.limits import RequestLimits
 from ditserve.services.common.metrics import ServiceMetrics
 from ditserve.services.common.model import ModelFolder
 from ditserve.services.common.profiling import Profiler
+from ditserve.services.families import family_name
 from ditserve.v1 import common_pb2
 
 
@@ -35,6 +36,7 @@ class StageContext:
     def publish_model_info(self, attention_backend: str = "") -> None:
         self.metrics.set_model_info(
             model=self.folder.name,
+            family=family_name(self.folder),
             dtype=dtype_name(self.dtype),
             device=str(self.device),
             attention_backend=attention_backend,
