@@ -10,14 +10,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
+from factories import cpu_stage
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ditserve.client.launcher import free_port
 from ditserve.client.stub import StageClient
 from ditserve.services.common.limits import RequestLimits
-from ditserve.services.common.model import ModelFolder
 from ditserve.services.common.profiling import Profiler
 from ditserve.services.common.server import ServerOptions, start_server
 from ditserve.services.common.stage import StageContext
@@ -48,9 +47,7 @@ def servers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     tmp = tmp_path_factory.mktemp("fuzz")
 
     def stage(role: str) -> StageContext:
-        return StageContext(
-            role, ModelFolder(model_dir), torch.device("cpu"), torch.float32, LIMITS, None, Profiler(tmp)
-        )
+        return cpu_stage(model_dir, role, tmp, limits=LIMITS)
 
     dead = [f"127.0.0.1:{free_port()}"]
     services = {
