@@ -9,6 +9,7 @@ scheduler copy, so its result never depends on other traffic.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable
 from typing import Any, Protocol
 
@@ -82,7 +83,7 @@ class CallMirror(Protocol):
         ...
 
 
-class TransformerRunner:
+class TransformerRunner(ABC):
     """Holds the transformer and the scheduler template; a family says how jobs start and call it.
 
     Under sequence parallelism `executor` runs on this rank's shard and `mirror` announces each call to
@@ -108,32 +109,33 @@ class TransformerRunner:
         self.mirror = mirror
 
     # --- what a family provides ---
+    @abstractmethod
     def parse(self, request: Any, cache: CacheConfig, limits: Any) -> Any:
         """The family's inputs from a DenoiseRequest (cache already accepted); InvalidArgument names fields."""
-        raise NotImplementedError
 
     def steps(self, request: Any) -> int:
         """The request's step count (its own, else the model's default), needed before parsing the cache."""
         return request.num_inference_steps or self.facts.defaults.steps
 
+    @abstractmethod
     def token_counts(self, inputs: Any) -> dict[str, int]:
         """Per request field, the tokens a sequence-parallel executor shards (each must divide by the world)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def shape_key(self, inputs: Any) -> Hashable:
         """What must match for two jobs to share a transformer call (shapes and CFG, not the step count)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def cost(self, inputs: Any) -> int:
         """Tokens the transformer processes per step for this job (the scheduler's token budget)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def start(self, job: DenoiseJob) -> Trajectory:
-        raise NotImplementedError
+        """The job's trajectory: its noise, scheduler copy, timesteps and conditioning."""
 
+    @abstractmethod
     def model_inputs(self, trajectories: list[Any], negative: bool) -> dict[str, torch.Tensor | None]:
         """The transformer's keyword arguments for one call over the trajectories' rows."""
-        raise NotImplementedError
 
     # --- the same for every family ---
     def new_cache(self, config: CacheConfig) -> RequestCache:
