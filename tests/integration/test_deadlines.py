@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import grpc
 import pytest
-
 from helpers import latents_of, request, sample, scrape, wait_for
 
 pytestmark = pytest.mark.integration
