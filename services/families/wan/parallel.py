@@ -51,8 +51,8 @@ class SequenceParallelWanExecutor(WanBlockExecutor):
         shard = self.sharder.shard
         return dataclasses.replace(
             inputs,
-            hidden_states=shard(inputs.hidden_states, 1, "the video tokens"),
-            rotary_emb=(shard(cos, 1, "the rotary cos"), shard(sin, 1, "the rotary sin")),
+            hidden_states=shard(inputs.hidden_states, 1, "the video"),
+            rotary_emb=(shard(cos, 1, "the rotary table"), shard(sin, 1, "the rotary table")),
         )
 
     def finish(self, hidden_states: torch.Tensor, inputs: WanStepInputs) -> torch.Tensor:
