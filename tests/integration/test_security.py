@@ -10,17 +10,15 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import torch
+from factories import cpu_stage
 from grpc_health.v1 import health_pb2
 
 from ditserve.client.security import ClientSecurity
 from ditserve.client.stub import AsyncPipelineClient, PipelineClient, StageClient
 from ditserve.services.common.limits import RequestLimits
-from ditserve.services.common.model import ModelFolder
 from ditserve.services.common.profiling import Profiler
 from ditserve.services.common.security import ServerSecurity
 from ditserve.services.common.server import ServerOptions, start_server
-from ditserve.services.common.stage import StageContext
 from ditserve.services.denoiser.service import DenoiserService
 from ditserve.services.encoder.service import EncoderService
 from ditserve.services.gateway.service import GatewayConfig, GatewayService
@@ -51,13 +49,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _stage(role: str, model_dir: Path, tmp: Path) -> StageContext:
-    return StageContext(
-        role=role, folder=ModelFolder(model_dir), device=torch.device("cpu"), dtype=torch.float32,
-        profiler=Profiler(tmp),
-    )  # fmt: skip
-
-
 def _security(pki: Path, mutual: bool = False, token: bool = True) -> ServerSecurity:
     return ServerSecurity(
         tls_cert=pki / "server.pem",
@@ -74,9 +65,9 @@ def secured_stack(pki: Path, model_dir: Path, tmp_path_factory: pytest.TempPathF
     tmp = tmp_path_factory.mktemp("secured")
     options = ServerOptions(port=0, metrics_port=None)
     stages = {
-        "encoder": EncoderService(_stage("encoder", model_dir, tmp)),
-        "denoiser": DenoiserService(_stage("denoiser", model_dir, tmp)),
-        "vae": VaeService(_stage("vae", model_dir, tmp)),
+        "encoder": EncoderService(cpu_stage(model_dir, "encoder", tmp)),
+        "denoiser": DenoiserService(cpu_stage(model_dir, "denoiser", tmp)),
+        "vae": VaeService(cpu_stage(model_dir, "vae", tmp)),
     }
     running = {role: start_server(service, options, _security(pki, mutual=True)) for role, service in stages.items()}
     address = {role: [f"localhost:{server.port}"] for role, server in running.items()}
@@ -106,6 +97,7 @@ def test_tokens_are_required_and_checked(secured_stack: dict, pki: Path) -> None
     assert _info(gateway, ClientSecurity(tls_ca=ca, token="wrong")) is grpc.StatusCode.UNAUTHENTICATED
     assert _info(gateway, ClientSecurity(tls_ca=ca, token=TOKEN)) is grpc.StatusCode.OK
     health = StageClient(gateway, security=ClientSecurity(tls_ca=ca))  # probes need no token
+    health.wait_ready(timeout=30)  # the gateway reports SERVING once its own probes have reached the stages
     assert health.health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == 1
     health.close()
 
