@@ -27,7 +27,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import torch
+from factories import cpu_denoiser, stop_process
 from google.protobuf import json_format
 from helpers import TOLERANCE_BATCHED, latents_of, request
 
@@ -35,8 +35,6 @@ from ditserve.client.launcher import free_port
 from ditserve.client.stub import StageClient
 from ditserve.services.common import tensor_codec
 from ditserve.services.common.errors import StartupError
-from ditserve.services.common.model import ModelFolder
-from ditserve.services.common.stage import StageContext
 from ditserve.services.denoiser.batching import BatchingConfig
 from ditserve.services.denoiser.parallel.mesh import SPConfig
 from ditserve.services.denoiser.service import DenoiserService
@@ -54,14 +52,10 @@ WHOLE_STEP = (
 WORLDS = {"U2": (2, 1), "R2": (1, 2), "U2xR2": (2, 2)}
 
 
-def cpu_stage(folder: Path) -> StageContext:
-    return StageContext(role="denoiser", folder=ModelFolder(folder), device=torch.device("cpu"), dtype=torch.float32)
-
-
 @pytest.fixture(scope="module")
 def single(model_dir: Path) -> DenoiserService:
     """A single-process denoiser (batching off): the latents SP has to reproduce."""
-    return DenoiserService(cpu_stage(model_dir), BatchingConfig(mode="off"), attention_backend=BACKEND)
+    return cpu_denoiser(model_dir, batching=BatchingConfig(mode="off"), attention_backend=BACKEND)
 
 
 def reference(service: DenoiserService, message: denoiser_pb2.DenoiseRequest) -> denoiser_pb2.DenoiseResult:
@@ -78,6 +72,9 @@ class _NoContext:
     def add_callback(self, callback: object) -> bool:
         return True
 
+    def time_remaining(self) -> float | None:
+        return None  # no client deadline
+
 
 @contextmanager
 def sp_denoiser(folder: Path, ulysses: int, ring: int, log: Path, *flags: str) -> Iterator[StageClient]:
@@ -93,16 +90,11 @@ def sp_denoiser(folder: Path, ulysses: int, ring: int, log: Path, *flags: str) -
         )
     client = StageClient(f"127.0.0.1:{port}")
     try:
-        client.wait_ready(timeout=60)
+        client.wait_ready(timeout=180)  # rank 0 and its followers import torch and diffusers: slow on a busy CPU
         yield client
     finally:
         client.close()
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, signal.SIGTERM, timeout=20)
 
 
 def policy(text: str) -> cache_pb2.CachePolicy:
@@ -161,4 +153,4 @@ def test_dead_follower_makes_requests_unavailable(model_dir: Path, tmp_path: Pat
 def test_layout_the_model_cannot_take_fails_startup(model_dir: Path) -> None:
     """Checked before any process starts: Ulysses 3 cannot split the shipped model's 4 heads."""
     with pytest.raises(StartupError, match="ulysses degree 3 must divide the attention heads"):
-        DenoiserService(cpu_stage(model_dir), attention_backend=BACKEND, sequence_parallel=SPConfig(ulysses=3))
+        cpu_denoiser(model_dir, attention_backend=BACKEND, sequence_parallel=SPConfig(ulysses=3))
