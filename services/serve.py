@@ -109,6 +109,13 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
             default=1,
             help="ring degree (> 1 needs torch_sdpa, sdpa_flash or sdpa_math)",
         )
+    if role == "vae":
+        parser.add_argument(
+            "--vae-tiling",
+            action="store_true",
+            help="decode in overlapping spatial tiles (diffusers' enable_tiling): bounded memory at large sizes,"
+            " pixels not identical to an untiled decode. Wan's VAE already decodes one latent frame at a time",
+        )
 
 
 def _addresses(value: str) -> list[str]:
@@ -207,7 +214,7 @@ def build_service(role: str, args: argparse.Namespace) -> Service:
         return denoiser
     from ditserve.services.vae.service import VaeService
 
-    return VaeService(stage)
+    return VaeService(stage, tiling=args.vae_tiling)
 
 
 def run(role: str, args: argparse.Namespace) -> int:

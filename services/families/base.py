@@ -89,6 +89,7 @@ class VaeDecoder(Protocol):
 
     scale_factor: int
     video: bool
+    vae: torch.nn.Module  # the diffusers VAE itself (enable_tiling() bounds decode memory)
 
     def check_latents(self, latents: torch.Tensor, height: int, width: int, *num_frames: int) -> None:
         """Raises InvalidArgument naming `latents.shape` when it is not what the denoiser makes."""

@@ -39,12 +39,15 @@ def encode_image(pixels: np.ndarray, image_format: int, quality: int) -> common_
 class VaeService(vae_pb2_grpc.VaeDecoderServicer):
     role = "vae"
 
-    def __init__(self, stage: StageContext) -> None:
+    def __init__(self, stage: StageContext, tiling: bool = False) -> None:
         self.stage = stage
         self.metrics = stage.metrics
         self.profiler = stage.profiler
         self.model = load_family(stage.folder).vae_decoder(stage)
         self.scale = self.model.scale_factor
+        self.tiling = tiling
+        if tiling:
+            self.model.vae.enable_tiling()
         self._lock = threading.Lock()  # decoding is memory-hungry: one at a time
         stage.publish_model_info()
 
@@ -55,7 +58,7 @@ class VaeService(vae_pb2_grpc.VaeDecoderServicer):
         vae_pb2_grpc.add_VaeDecoderServicer_to_server(self, server)
 
     def info(self) -> common_pb2.InfoResponse:
-        return self.stage.info(vae_scale_factor=self.scale)
+        return self.stage.info(vae_scale_factor=self.scale, tiling=self.tiling, video=self.model.video)
 
     def close(self) -> None:
         pass

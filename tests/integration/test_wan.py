@@ -24,7 +24,7 @@ from helpers import TOLERANCE_BATCHED
 from ditserve.client.launcher import Ports, Stack
 from ditserve.client.stub import PipelineClient, StageClient
 from ditserve.services.common import tensor_codec
-from ditserve.v1 import cache_pb2, denoiser_pb2, encoder_pb2, vae_pb2
+from ditserve.v1 import cache_pb2, common_pb2, denoiser_pb2, encoder_pb2, vae_pb2
 
 pytestmark = pytest.mark.integration
 PROMPT = "a red circle moving right"
@@ -174,3 +174,19 @@ def test_an_image_family_refuses_frames(stack: object) -> None:
     message.num_frames = 5
     error = rpc_error(lambda: StageClient(stack.ports.address("vae")).vae.Decode(message, timeout=30))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "num_frames" in error.details()
+
+
+def test_vae_tiling_is_reported_and_a_clip_within_one_tile_decodes_alike(wan_stack: Stack, wan_model: Path) -> None:
+    from factories import cpu_stage
+
+    from ditserve.services.vae.service import VaeService
+
+    clip = denoise(wan_stack, 2)
+    message = vae_pb2.DecodeRequest(
+        latents=tensor_codec.encode(torch.from_numpy(clip)), height=SIZE, width=SIZE, num_frames=FRAMES
+    )
+    message.video_format = common_pb2.RAW_FRAMES
+    tiled, plain = (VaeService(cpu_stage(wan_model, role="vae"), tiling=tiling) for tiling in (True, False))
+    assert tiled.info().details["tiling"] == "True"
+    frames = [tensor_codec.decode(vae.Decode(message, None).videos[0].frames) for vae in (tiled, plain)]
+    assert torch.equal(*frames)  # 64x64 is one tile: tiling changes nothing below its tile size
