@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class AdminStub:
-    """Every service answers Info and can be profiled on demand.
+    """Every service answers Info and can be profiled on demand. With --auth-token-file, Admin needs the
+    bearer token like the work RPCs (only grpc.health.v1 is open).
     """
 
     def __init__(self, channel):
@@ -53,11 +54,14 @@ class AdminStub:
 
 
 class AdminServicer:
-    """Every service answers Info and can be profiled on demand.
+    """Every service answers Info and can be profiled on demand. With --auth-token-file, Admin needs the
+    bearer token like the work RPCs (only grpc.health.v1 is open).
     """
 
     def Info(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """What the process serves; details carries role facts (the denoiser: default_height, default_width,
+        default_steps, default_true_cfg_scale, batching, cache_policy, max_batch_size, sequence_parallel).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -103,7 +107,8 @@ def add_AdminServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Admin:
-    """Every service answers Info and can be profiled on demand.
+    """Every service answers Info and can be profiled on demand. With --auth-token-file, Admin needs the
+    bearer token like the work RPCs (only grpc.health.v1 is open).
     """
 
     @staticmethod

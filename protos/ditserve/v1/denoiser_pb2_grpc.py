@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class DenoiserStub:
-    """Missing associated documentation comment in .proto file."""
+    """Default :50052. Requests wait in a queue of --max-queue [64] (RESOURCE_EXHAUSTED when full); a
+    cancelled or expired request leaves at its next step boundary.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -42,10 +44,12 @@ class DenoiserStub:
 
 
 class DenoiserServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Default :50052. Requests wait in a queue of --max-queue [64] (RESOURCE_EXHAUSTED when full); a
+    cancelled or expired request leaves at its next step boundary.
+    """
 
     def Denoise(self, request, context):
-        """Streams one StepProgress per step, then one DenoiseResult.
+        """Streams StepProgress (see its note on how often), then one DenoiseResult.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -68,7 +72,9 @@ def add_DenoiserServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Denoiser:
-    """Missing associated documentation comment in .proto file."""
+    """Default :50052. Requests wait in a queue of --max-queue [64] (RESOURCE_EXHAUSTED when full); a
+    cancelled or expired request leaves at its next step boundary.
+    """
 
     @staticmethod
     def Denoise(request,

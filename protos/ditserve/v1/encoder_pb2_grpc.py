@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class TextEncoderStub:
-    """Missing associated documentation comment in .proto file."""
+    """Default :50051.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -42,7 +43,8 @@ class TextEncoderStub:
 
 
 class TextEncoderServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Default :50051.
+    """
 
     def Encode(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -67,7 +69,8 @@ def add_TextEncoderServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class TextEncoder:
-    """Missing associated documentation comment in .proto file."""
+    """Default :50051.
+    """
 
     @staticmethod
     def Encode(request,

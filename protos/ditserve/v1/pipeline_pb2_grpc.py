@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class PipelineStub:
-    """Missing associated documentation comment in .proto file."""
+    """The gateway (default :50050). It validates what it can before spending an encode, and also serves the
+    same Generate as OpenAI-compatible HTTP (POST /v1/images/generations on --http-port [8000]).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -42,10 +44,12 @@ class PipelineStub:
 
 
 class PipelineServicer:
-    """Missing associated documentation comment in .proto file."""
+    """The gateway (default :50050). It validates what it can before spending an encode, and also serves the
+    same Generate as OpenAI-compatible HTTP (POST /v1/images/generations on --http-port [8000]).
+    """
 
     def Generate(self, request, context):
-        """Streams stage and step progress, then one GenerateResult.
+        """Streams stage and step progress, then one GenerateResult. Status codes: see tensor.proto's header.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -68,7 +72,9 @@ def add_PipelineServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Pipeline:
-    """Missing associated documentation comment in .proto file."""
+    """The gateway (default :50050). It validates what it can before spending an encode, and also serves the
+    same Generate as OpenAI-compatible HTTP (POST /v1/images/generations on --http-port [8000]).
+    """
 
     @staticmethod
     def Generate(request,

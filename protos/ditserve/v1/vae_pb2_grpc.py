@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class VaeDecoderStub:
-    """Missing associated documentation comment in .proto file."""
+    """Default :50053.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -42,10 +43,12 @@ class VaeDecoderStub:
 
 
 class VaeDecoderServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Default :50053.
+    """
 
     def Decode(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One image (or clip) per latent in the batch, at most --max-num-images [8].
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -67,7 +70,8 @@ def add_VaeDecoderServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class VaeDecoder:
-    """Missing associated documentation comment in .proto file."""
+    """Default :50053.
+    """
 
     @staticmethod
     def Decode(request,
