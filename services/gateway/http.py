@@ -604,8 +604,18 @@ def start_for_gateway(args: argparse.Namespace, service: Any) -> HttpServer | No
         gateway_target=loopback(args.host, args.port),
         options=options,
         metrics=service.metrics,
-        stages={"encoder": config.encoders, "denoiser": config.denoisers, "vae": config.vaes},
+        stages={
+            "encoder": _targets(config.encoders),
+            "denoiser": _targets(config.denoisers),
+            "vae": _targets(config.vaes),
+        },
         stage_security=config.security,
         max_message_mb=config.max_message_mb,
     )
     return HttpServer(frontend).start()
+
+
+def _targets(value: str | list[str]) -> list[str]:
+    """A stage as GatewayConfig names it (one target, comma-separated addresses, or a list) as a list."""
+    items = value.split(",") if isinstance(value, str) else value
+    return [item.strip() for item in items if item.strip()]
