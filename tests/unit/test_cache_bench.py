@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ditserve.services.tools.bench import cache
+from ditserve.services.tools.bench import cache, cache_rows, image_metrics
 from ditserve.services.tools.calibrate import calibration_prompts
 from ditserve.services.denoiser.cache.policy import mask_bins
 from ditserve.services.denoiser.cache.step_masks import stored_masks
@@ -20,13 +20,13 @@ CACHE_DIT = importlib.util.find_spec("cache_dit") is not None
 
 
 def test_fn_settings_scale_with_depth() -> None:
-    assert cache.depth_scaled_fn(57) == [1, 4, 8]  # cache-dit's FLUX.1 settings at FLUX.1's depth
-    assert cache.depth_scaled_fn(3) == [1, 2]  # the tiny model: a middle block is always left
-    assert cache.depth_scaled_fn(2) == [1]
+    assert cache_rows.depth_scaled_fn(57) == [1, 4, 8]  # cache-dit's FLUX.1 settings at FLUX.1's depth
+    assert cache_rows.depth_scaled_fn(3) == [1, 2]  # the tiny model: a middle block is always left
+    assert cache_rows.depth_scaled_fn(2) == [1]
 
 
 def test_cache_dit_rows_mirror_ours() -> None:
-    rows = cache.all_rows(57)
+    rows = cache_rows.all_rows(57)
     names = [row.name for row in rows]
     assert len(names) == len(set(names))
     ours = {row.name.removeprefix("ours/"): row.cache for row in rows if row.peer == "ours"}
@@ -36,41 +36,41 @@ def test_cache_dit_rows_mirror_ours() -> None:
 
 
 def test_whole_step_rows_ask_for_the_models_calibrated_masks() -> None:
-    rows = [row for row in cache.all_rows(3) if row.method == "whole-step"]
-    assert [row.cache.dbcache.scm.computed_steps for row in rows] == list(cache.WHOLE_STEP_COMPUTED)  # type: ignore[union-attr]
+    rows = [row for row in cache_rows.all_rows(3) if row.method == "whole-step"]
+    assert [row.cache.dbcache.scm.computed_steps for row in rows] == list(cache_rows.WHOLE_STEP_COMPUTED)  # type: ignore[union-attr]
     assert all(row.cache.dbcache.fn == row.cache.dbcache.bn == 0 for row in rows)  # type: ignore[union-attr]
 
 
 def test_row_patterns_keep_both_baselines_and_reject_typos() -> None:
-    rows = cache.all_rows(3)
-    chosen = [row.name for row in cache.select_rows(rows, "ours/teacache t=0.4")]
+    rows = cache_rows.all_rows(3)
+    chosen = [row.name for row in cache_rows.select_rows(rows, "ours/teacache t=0.4")]
     assert chosen == ["ours/none", "diffusers/none", CONTROL_ROW, "ours/teacache t=0.4"]
     with pytest.raises(SystemExit, match="no row matches"):
-        cache.select_rows(rows, "ours/teacache t=9")
+        cache_rows.select_rows(rows, "ours/teacache t=9")
 
 
 def test_bench_prompts_are_fixed_and_never_calibration_prompts() -> None:
     excluded = calibration_prompts()
-    chosen = cache.bench_prompts(12, excluded)
-    assert chosen == cache.bench_prompts(12, excluded)
+    chosen = cache_rows.bench_prompts(12, excluded)
+    assert chosen == cache_rows.bench_prompts(12, excluded)
     assert [seed for _, seed in chosen] == list(range(12))
-    everything = cache.bench_prompts(None, excluded)
+    everything = cache_rows.bench_prompts(None, excluded)
     assert everything[:12] == chosen  # the timed prompts are the start of the quality prompts
     assert len({prompt for prompt, _ in everything}) == len(everything) == 140 - len(excluded)
     assert not {prompt for prompt, _ in everything} & set(excluded)
     with pytest.raises(SystemExit, match="bench prompts"):
-        cache.bench_prompts(len(everything) + 1, excluded)
+        cache_rows.bench_prompts(len(everything) + 1, excluded)
 
 
 def test_psnr_and_ssim() -> None:
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
     noisy = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
-    assert cache.psnr(image, image) == cache.PSNR_CAP_DB
-    assert cache.ssim(image, image) == pytest.approx(1.0)
-    assert 25 < cache.psnr(noisy, image) < 35
-    assert cache.ssim(noisy, image) == pytest.approx(cache.ssim(image, noisy))
-    assert 0 < cache.ssim(noisy, image) < 1
+    assert image_metrics.psnr(image, image) == image_metrics.PSNR_CAP_DB
+    assert image_metrics.ssim(image, image) == pytest.approx(1.0)
+    assert 25 < image_metrics.psnr(noisy, image) < 35
+    assert image_metrics.ssim(noisy, image) == pytest.approx(image_metrics.ssim(image, noisy))
+    assert 0 < image_metrics.ssim(noisy, image) < 1
 
 
 def _result(name: str, speedup: float, psnr: float | None, fidelity: float, **extra: Any) -> dict[str, Any]:
@@ -108,7 +108,7 @@ def test_summary_rule() -> None:
     assert "differ by 33%" in cache.summarize(results, baseline_identical=True)["timing_warning"]
 
 
-CONTROL_ROW = f"ours/none nudged {cache.CONTROL_NUDGE:g}"
+CONTROL_ROW = f"ours/none nudged {cache_rows.CONTROL_NUDGE:g}"
 WHOLE_STEP_ROW = "ours/whole-step calibrated k=9 +taylorseer"
 RUN_ROWS = ["ours/teacache t=0.4", WHOLE_STEP_ROW, "diffusers/fbc t=0.2"] + (
     ["cache-dit/dbcache F1B0 r=0.24"] if CACHE_DIT else []
@@ -148,12 +148,12 @@ def test_minimal_run_on_the_shipped_model(minimal_run: tuple[Path, dict[str, Any
     for name in RUN_ROWS:
         row = results[name]
         assert row["denoise_s"] > 0 and 0 <= row["skipped_fraction"] < 1
-        assert 0 < row["psnr_db"] <= cache.PSNR_CAP_DB and 0 < row["ssim"] <= 1
+        assert 0 < row["psnr_db"] <= image_metrics.PSNR_CAP_DB and 0 < row["ssim"] <= 1
         assert 0 <= row["fidelity"] <= 100
         assert 0 <= row["fidelity_lost"] + row["fidelity_gained"] <= QUALITY_PROMPTS
     assert results["ours/teacache t=0.4"]["skipped_fraction"] > 0
     control = results[CONTROL_ROW]  # uncached, nudged: a small change, and nothing skipped
-    assert control["skipped_fraction"] == 0.0 and 30 < control["psnr_db"] < cache.PSNR_CAP_DB
+    assert control["skipped_fraction"] == 0.0 and 30 < control["psnr_db"] < image_metrics.PSNR_CAP_DB
     # The shipped model's calibrated 9-of-28 mask, resolved to bins: 19 of 28 whole steps skipped.
     masks = stored_masks(json.loads((model_dir / "ditserve.json").read_text()))
     assert tuple(results[WHOLE_STEP_ROW]["params"]["scm"]["compute_bins"]) == mask_bins(masks[28][9])[0]
