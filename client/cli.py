@@ -343,9 +343,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ditserve.services.tools.bench.common import write_result
 
     module = importlib.import_module(f"ditserve.services.tools.bench.{args.bench}")
-    path = write_result(args.out, module.run(args))
+    document = module.run(args)
+    path = write_result(args.out, document)
     print(f"wrote {path}")
-    return 0
+    failures = document["summary"].get("failures") or []  # a comparison that is not valid fails the bench
+    for failure in failures:
+        print(f"bench {args.bench} failed: {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def _stack_arguments(parser: argparse.ArgumentParser, up: bool = False) -> None:
