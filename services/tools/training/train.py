@@ -89,6 +89,7 @@ LATENT_POOL_SIZE = 65536
 
 DITSERVE_DEFAULTS: dict[str, str | int | float] = {
     "family": "flux",
+    "prompt_vocabulary": "shapes",  # benches and calibration default to the shapes prompts for this model
     "default_height": NATIVE_SIZE,
     "default_width": NATIVE_SIZE,
     "default_steps": 28,

@@ -1,0 +1,62 @@
+"""Prompt files for calibration and benches, so a user calibrates and measures on prompts like their own.
+
+One prompt per line; a line may start with its seed and a tab (`42<TAB>a cat on a sofa`), else the seed
+is the prompt's index in the file. Blank lines and lines starting with `#` are skipped. Torch-free.
+
+The shapes evaluation prompts stay the default only for models trained on them: a folder whose
+ditserve.json says `"prompt_vocabulary": "shapes"`. The fidelity judge (eval/fidelity.py) reads that
+vocabulary only, so a bench scores fidelity only when every prompt is a shapes prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+VOCABULARY_KEY = "prompt_vocabulary"
+SHAPES = "shapes"
+
+
+def parse_prompts(text: str) -> list[tuple[str, int]]:
+    """(prompt, seed) pairs from a prompt file's text."""
+    pairs: list[tuple[str, int]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        seed_text, tab, prompt = line.partition("\t")
+        if tab and seed_text.strip().lstrip("-").isdigit():
+            seed, prompt = int(seed_text), prompt.strip()
+        else:
+            seed, prompt = len(pairs), line.strip()
+        if not prompt:
+            raise ValueError(f"line {number}: a seed without a prompt")
+        pairs.append((prompt, seed))
+    if not pairs:
+        raise ValueError("no prompts in the file")
+    return pairs
+
+
+def read_prompts(path: str | Path) -> list[tuple[str, int]]:
+    """A prompt file's (prompt, seed) pairs; SystemExit naming the file when it cannot be used."""
+    try:
+        return parse_prompts(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"prompt file {path}: {error}") from None
+
+
+def trained_on_shapes(sidecar: Mapping[str, Any]) -> bool:
+    """Whether the model's own prompts are the shapes vocabulary (its ditserve.json says so)."""
+    return sidecar.get(VOCABULARY_KEY) == SHAPES
+
+
+def shapes_vocabulary(prompts: Sequence[str]) -> bool:
+    """Whether every prompt is one the shapes fidelity judge can score (shapes.parse_prompt reads it)."""
+    from ditserve.services.tools.training.shapes import parse_prompt
+
+    try:
+        for prompt in prompts:
+            parse_prompt(prompt)
+    except ValueError:
+        return False
+    return True

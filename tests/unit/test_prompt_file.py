@@ -1,0 +1,36 @@
+"""Prompt files: seeds given or counted, comments skipped, bad files refused; which models default to shapes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ditserve.services.tools import prompt_file
+
+
+def test_seeds_are_given_or_the_prompts_index() -> None:
+    text = "# my prompts\n7\ta cat on a sofa\n\na red circle on a blue background\n-1\tsunset, 35mm\n"
+    assert prompt_file.parse_prompts(text) == [
+        ("a cat on a sofa", 7),
+        ("a red circle on a blue background", 1),
+        ("sunset, 35mm", -1),
+    ]
+    assert prompt_file.parse_prompts("take 2\tof a scene") == [("take 2\tof a scene", 0)]  # not a seed
+
+
+def test_unusable_files_are_refused_naming_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="line 1"):
+        prompt_file.parse_prompts("3\t\n")
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(SystemExit, match=r"empty\.txt: no prompts"):
+        prompt_file.read_prompts(tmp_path / "empty.txt")
+
+
+def test_shapes_prompts_are_the_default_only_for_shapes_models(model_dir: Path) -> None:
+    import json
+
+    assert prompt_file.trained_on_shapes(json.loads((model_dir / "ditserve.json").read_text()))
+    assert not prompt_file.trained_on_shapes({"family": "flux"})
+    assert prompt_file.shapes_vocabulary(["a red circle on a blue background", "a green ring on a black background"])
+    assert not prompt_file.shapes_vocabulary(["a red circle on a blue background", "a cat on a sofa"])
