@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ditserve.services.tools.bench import cache, cache_rows, image_metrics
-from ditserve.services.tools.calibrate import calibration_prompts
 from ditserve.services.denoiser.cache.policy import mask_bins
 from ditserve.services.denoiser.cache.step_masks import stored_masks
+from ditserve.services.tools.bench import cache, cache_rows, image_metrics
+from ditserve.services.tools.calibrate import calibration_prompts
 
 CACHE_DIT = importlib.util.find_spec("cache_dit") is not None
 
@@ -62,6 +62,19 @@ def test_bench_prompts_are_fixed_and_never_calibration_prompts() -> None:
         cache_rows.bench_prompts(len(everything) + 1, excluded)
 
 
+def test_the_shapes_prompts_are_the_default_only_for_shapes_models(tmp_path: Path) -> None:
+    shapes = {"prompt_vocabulary": "shapes"}
+    chosen, calibration = cache.prompt_sets(None, 5, shapes, calibration_prompts)
+    assert chosen == cache_rows.bench_prompts(5, calibration_prompts())
+    with pytest.raises(SystemExit, match="--prompt-file"):
+        cache.prompt_sets(None, 5, {"family": "flux"}, calibration_prompts)
+    file = tmp_path / "mine.txt"
+    file.write_text("".join(f"{seed}\tprompt {seed}\n" for seed in range(6)))
+    chosen, calibration = cache.prompt_sets(str(file), 5, {"family": "flux"}, calibration_prompts)
+    assert chosen == [(f"prompt {seed}", seed) for seed in range(5)]
+    assert calibration == [f"prompt {seed}" for seed in range(cache.FILE_CALIBRATION_PROMPTS)]
+
+
 def test_psnr_and_ssim() -> None:
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
@@ -73,14 +86,18 @@ def test_psnr_and_ssim() -> None:
     assert 0 < image_metrics.ssim(noisy, image) < 1
 
 
-def _result(name: str, speedup: float, psnr: float | None, fidelity: float, **extra: Any) -> dict[str, Any]:
+def _result(
+    name: str, speedup: float, psnr: float | None, fidelity: float | None, worst: float | None = None, **extra: Any
+) -> dict[str, Any]:
     peer, method = name.split("/")[0], "none" if name.endswith("/none") else "x"
+    method = "fewer-steps" if "fewer-steps" in name else method
     return {
         "name": name,
         "peer": peer,
         "method": method,
         "speedup": speedup,
         "psnr_db": psnr,
+        "psnr_min_db": psnr if worst is None else worst,
         "fidelity": fidelity,
         "denoise_s": 1 / speedup,
         **extra,
@@ -94,6 +111,9 @@ def test_summary_rule() -> None:
         _result("ours/a", 3.0, 29.9, 90),  # PSNR too low
         _result("ours/b", 2.5, 31, 87.5),  # fidelity 2.5 points down
         _result("ours/c", 2.2, 31, 88),
+        _result("ours/ruined", 2.4, 33, 90, worst=19.9),  # its worst image under 20 dB
+        _result("ours/fewer-steps 9", 2.9, 30.5, 90),  # a baseline, never the best cached row
+        _result("ours/strict", 1.5, 36, 90, worst=26),
         _result("cache-dit/d", 2.0, 35, 90),
         {"name": "diffusers/e", "peer": "diffusers", "method": "x", "error": "boom"},
     ]
@@ -101,7 +121,13 @@ def test_summary_rule() -> None:
     assert summary["best_row"] == "ours/c" and summary["best_speedup_psnr30"] == 2.2
     assert summary["peer_best_row"] == "cache-dit/d"
     assert summary["ratio_vs_peer"] == pytest.approx(1.1)
-    assert summary["targets_met"] == {"best_speedup_psnr30": True, "ratio_vs_peer": True}
+    assert summary["fewer_steps_best_row"] == "ours/fewer-steps 9"
+    assert summary["best_row_psnr35_worst25"] == "ours/strict"
+    assert summary["targets_met"] == {
+        "best_speedup_psnr30": True,
+        "ratio_vs_peer": False,
+        "best_speedup_psnr35_worst25": False,
+    }
     assert summary["errors"] == {"diffusers/e": "boom"}
     assert summary["timing_warning"] is None
     results[1] = _result("diffusers/none", 1.0, None, 90, denoise_s=1.5)
@@ -110,7 +136,8 @@ def test_summary_rule() -> None:
 
 CONTROL_ROW = f"ours/none nudged {cache_rows.CONTROL_NUDGE:g}"
 WHOLE_STEP_ROW = "ours/whole-step calibrated k=9 +taylorseer"
-RUN_ROWS = ["ours/teacache t=0.4", WHOLE_STEP_ROW, "diffusers/fbc t=0.2"] + (
+FEWER_STEPS_ROW = "ours/fewer-steps 9"
+RUN_ROWS = ["ours/teacache t=0.4", WHOLE_STEP_ROW, FEWER_STEPS_ROW, "diffusers/fbc t=0.2"] + (
     ["cache-dit/dbcache F1B0 r=0.24"] if CACHE_DIT else []
 )
 QUALITY_PROMPTS = 3  # one past the 2 timed prompts: the untimed quality pass runs too
@@ -125,6 +152,7 @@ def minimal_run(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
         model=str(model_dir),
         prompts=2,
         quality_prompts=QUALITY_PROMPTS,
+        prompt_file=None,
         steps=None,
         repeats=1,
         rows=",".join(RUN_ROWS),
@@ -158,6 +186,8 @@ def test_minimal_run_on_the_shipped_model(minimal_run: tuple[Path, dict[str, Any
     masks = stored_masks(json.loads((model_dir / "ditserve.json").read_text()))
     assert tuple(results[WHOLE_STEP_ROW]["params"]["scm"]["compute_bins"]) == mask_bins(masks[28][9])[0]
     assert results[WHOLE_STEP_ROW]["skipped_fraction"] == pytest.approx(19 / 28)
+    assert results[FEWER_STEPS_ROW]["skipped_fraction"] == pytest.approx(19 / 28)  # the same compute, 9 steps
+    assert results[FEWER_STEPS_ROW]["params"] == {"steps": 9}
     assert len(document["config"]["prompts"]) == QUALITY_PROMPTS and document["config"]["timed_prompts"] == 2
     summary = document["summary"]
     assert summary["baselines_identical"]  # our loop is FluxPipeline's, bit for bit

@@ -10,7 +10,9 @@ Rows (--rows narrows them by name pattern; the two uncached baselines and the co
   with TaylorSeer (order 1); the four SCM presets (dynamic, on DBCache Fn 1 with TaylorSeer); whole-step
   caching (DBCache Fn 0 Bn 0: the model's calibrated static mask of WHOLE_STEP_COMPUTED computed steps,
   searched by `ditserve calibrate step-mask` on the calibration prompts, TaylorSeer order 1 forecasting
-  the skipped steps' transformer output; rows of a model without such masks report an error).
+  the skipped steps' transformer output; rows of a model without such masks report an error); and the
+  baseline any step cache must beat, uncached at fewer steps (the scheduler's own k-step schedule, k the
+  computed steps of each whole-step row: the same transformer compute).
 - cache-dit: each of our DBCache and SCM rows field for field (Fn, Bn, threshold, warmup, caps, TaylorSeer
   order, the very same SCM step mask) through cache_dit.enable_cache on a FluxPipeline, with
   enable_separate_cfg=True under true CFG so each branch keeps its own cache, as cache-dit advises.
@@ -68,7 +70,7 @@ WHOLE_STEP_COMPUTED = (7, 8, 9, 10, 11, 12)
 MAGCACHE_THRESHOLDS = (0.06, 0.12, 0.24)
 # The control row: uncached, its initial noise nudged by this much noise (std): no cache, a tiny change.
 CONTROL_NUDGE = 0.01
-UNCACHED = ("none", "control")  # never in the summary
+UNCACHED = ("none", "control", "fewer-steps")  # never ours' best: the fewer-steps rows are its baseline
 PROMPT_SEED = 0
 HARNESS = {"ours": "ours", "cache-dit": "pipeline", "diffusers": "pipeline"}
 BASELINES = {"ours": "ours/none", "pipeline": "diffusers/none"}
@@ -83,6 +85,7 @@ class Row:
     method: str
     cache: CacheConfig = field(default_factory=CacheConfig)
     hook: dict[str, float] = field(default_factory=dict)
+    steps: int | None = None  # a fewer-steps row's own step count (None: the bench's)
     seconds: list[list[float]] = field(default_factory=list)  # per prompt, per round
     latents: list[Any] = field(default_factory=list)  # first round, per prompt
     skipped: list[float] = field(default_factory=list)  # first round, per prompt
@@ -97,6 +100,8 @@ class Row:
     def params(self) -> dict[str, Any]:
         if self.peer == "diffusers":
             return dict(self.hook)
+        if self.steps is not None:
+            return {"steps": self.steps}
         config = self.cache.teacache or self.cache.dbcache
         return {} if config is None else dataclasses.asdict(config)
 
@@ -135,6 +140,8 @@ def all_rows(num_blocks: int) -> list[Row]:
         name = f"ours/whole-step calibrated k={k} +taylorseer"
         scm = SCMConfig(preset=CALIBRATED, computed_steps=k, policy="static")
         rows.append(Row(name, "ours", "whole-step", CacheConfig(dbcache=DBCacheConfig.whole_step(scm))))
+    # Simply asking for fewer steps: the scheduler's own k-step schedule, the compute of the k-step rows.
+    rows += [Row(f"ours/fewer-steps {k}", "ours", "fewer-steps", steps=k) for k in WHOLE_STEP_COMPUTED]
     rows += [Row(f"diffusers/fbc t={t}", "diffusers", "fbc", hook={"threshold": t}) for t in FBC_THRESHOLDS]
     rows += [
         Row(f"diffusers/taylorseer-lite i={i}", "diffusers", "taylorseer-lite", hook={"cache_interval": i})
