@@ -40,6 +40,9 @@ from ditserve.v1 import (
 )
 
 HEALTH_POLL_S = 0.2
+# At start-up the first health report waits this long for the stages to connect: stages that are up
+# make the gateway SERVING from its first answer, not a moment later.
+STARTUP_WAIT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -151,9 +154,11 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
         self.metrics = metrics or ServiceMetrics(self.role)
         self.stage_metrics = StageMetrics(self.metrics)
 
+        self._changed = threading.Event()  # a stage channel changed state: look again now
+
         def stage(name: str, address: str | list[str], stub_class: Callable[[grpc.Channel], object]) -> StageChannel:
             address = address if isinstance(address, str) else ",".join(address)
-            return StageChannel(name, address, stub_class, config.max_message_mb, config.security)
+            return StageChannel(name, address, stub_class, config.max_message_mb, config.security, self._changed.set)
 
         self.encoder = stage("encoder", config.encoders, encoder_pb2_grpc.TextEncoderStub)
         self.denoiser = stage("denoiser", config.denoisers, denoiser_pb2_grpc.DenoiserStub)
@@ -177,12 +182,17 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
     def watch_health(self, report: Callable[[bool, str], None]) -> None:
         """Reports NOT_SERVING, naming the stages, while any stage has no serving replica; SERVING once all do.
         A probe or a load balancer in front of the gateway then sends no work that could only fail."""
-        missing = self.not_serving()
+        deadline = time.monotonic() + STARTUP_WAIT_S
+        while (missing := self.not_serving()) and time.monotonic() < deadline:
+            self._changed.wait(HEALTH_POLL_S)
+            self._changed.clear()
         report(not missing, self._why(missing))
 
         def watch() -> None:
             last = missing
-            while not self._closed.wait(HEALTH_POLL_S):
+            while not self._closed.is_set():
+                self._changed.wait(HEALTH_POLL_S)  # a change, or the next look at the down-for grace
+                self._changed.clear()
                 now = self.not_serving()
                 if now != last:
                     report(not now, self._why(now))

@@ -75,7 +75,7 @@ def replicated(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     names = ("encoder", "vae", *REPLICAS, "gateway")  # the gateway last: it starts once they serve
     ports = Ports({name: free_port() for name in names}, {name: free_port() for name in names})
     stack = ReplicatedStack(model=model_dir, ports=ports, log_dir=tmp_path_factory.mktemp("replicated"))
-    stack.start()
+    stack.start(timeout=300)  # six processes loading torch at once on a small, busy machine
     yield stack
     stack.stop(grace=5)
 
@@ -137,8 +137,8 @@ def test_a_replica_killed_under_load_loses_only_started_streams_and_rejoins(repl
         wait_until(lambda: len(outcomes) >= 4, within=60)
         replicated.kill("denoiser-0")
         killed_at = len(outcomes)
-        time.sleep(4)
-        after_kill = outcomes[killed_at:]
+        # the live replicas take over: requests keep completing (however slow this machine is)
+        wait_until(lambda: sum(outcome.code == "OK" for outcome in outcomes[killed_at:]) >= 3, within=BOUND_S * 2)
         replicated.restart("denoiser-0")
         stop.set()
         for future in running:
@@ -148,16 +148,15 @@ def test_a_replica_killed_under_load_loses_only_started_streams_and_rejoins(repl
     lost = [outcome for outcome in outcomes if outcome.code != "OK"]
     assert all(outcome.streaming for outcome in lost), f"a request that never reached a step was lost: {lost}"
     assert len(lost) <= 4, "more lost than could have been running on the killed replica"
-    assert sum(outcome.code == "OK" for outcome in after_kill) >= 3, f"the live replicas took over: {after_kill}"
 
-    # The restarted process is used again within seconds.
+    # The restarted process is used again within seconds (reconnect backoff <= 1 s; the rest is requests).
     with PipelineClient(replicated.gateway) as client:
 
         def restarted_served() -> bool:
             assert client.generate(PROMPT, steps=2, seed=1, timeout=BOUND_S).images
             return replicated.denoised("denoiser-0") > 0
 
-        wait_until(restarted_served, within=10)
+        wait_until(restarted_served, within=BOUND_S)
 
 
 def test_gateway_health_follows_its_last_denoiser(replicated: ReplicatedStack) -> None:
@@ -165,13 +164,13 @@ def test_gateway_health_follows_its_last_denoiser(replicated: ReplicatedStack) -
     assert gateway_health(replicated) == serving
     for name in REPLICAS:
         replicated.kill(name)
-    assert wait_until(lambda: gateway_health(replicated) == not_serving, within=5) < 5
+    assert wait_until(lambda: gateway_health(replicated) == not_serving, within=10) < 10
     with PipelineClient(replicated.gateway) as client:
         assert client.info().details["not_serving"] == "denoiser"
         with pytest.raises(grpc.RpcError) as refused:
             client.generate(PROMPT, steps=2, seed=1, timeout=BOUND_S)
         assert refused.value.code() is grpc.StatusCode.UNAVAILABLE and "denoiser" in refused.value.details()
         replicated.restart("denoiser-1")
-        assert wait_until(lambda: gateway_health(replicated) == serving, within=5) < 5
+        assert wait_until(lambda: gateway_health(replicated) == serving, within=10) < 10
         assert client.info().details["not_serving"] == ""
         assert client.generate(PROMPT, steps=2, seed=1, timeout=BOUND_S).images
