@@ -300,28 +300,37 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _add_calibration_arguments(parser: argparse.ArgumentParser, prompts_help: str) -> None:
     parser.add_argument("--model", default=str(default_model_dir()), help="model folder (written: ditserve.json)")
     parser.add_argument("--prompts", type=int, default=4, help=prompts_help)
+    parser.add_argument(
+        "--prompt-file",
+        help="calibrate on prompts like yours: one per line, optionally 'SEED<TAB>PROMPT' (default, for models"
+        " trained on them only: --prompts of the shapes prompts)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
 
 
-def cmd_calibrate_teacache(args: argparse.Namespace) -> int:
-    from ditserve.services.tools.calibrate import calibrate_teacache, calibration_prompts
+def _calibration_prompts(args: argparse.Namespace) -> list:
+    from ditserve.services.tools.calibrate import calibrate_prompts
 
-    coefficients = calibrate_teacache(
-        args.model, calibration_prompts(args.prompts), args.steps, args.device, args.dtype
-    )
+    return calibrate_prompts(args.model, args.prompt_file, args.prompts)
+
+
+def cmd_calibrate_teacache(args: argparse.Namespace) -> int:
+    from ditserve.services.tools.calibrate import calibrate_teacache
+
+    coefficients = calibrate_teacache(args.model, _calibration_prompts(args), args.steps, args.device, args.dtype)
     print(f"stored teacache_coefficients {list(coefficients)} in {Path(args.model) / 'ditserve.json'}")
     return 0
 
 
 def cmd_calibrate_step_mask(args: argparse.Namespace) -> int:
     from ditserve.services.denoiser.cache.step_masks import mask_text
-    from ditserve.services.tools.calibrate import calibrate_step_masks, calibration_prompts, snr_db
+    from ditserve.services.tools.calibrate import calibrate_step_masks, snr_db
 
     try:
         found = calibrate_step_masks(
-            args.model, calibration_prompts(args.prompts), args.steps, args.fewest, args.order, args.device, args.dtype
+            args.model, _calibration_prompts(args), args.steps, args.fewest, args.order, args.device, args.dtype
         )
     except ValueError as error:
         raise SystemExit(f"calibrate step-mask: {error}") from None

@@ -66,6 +66,20 @@ NUDGE_SEED = 1_000_003  # offsets a request's seed for LocalFlux.denoise's nudge
 CALIBRATION_SEED = 1234  # picks the calibration prompts; the cache bench picks its prompts from the rest
 DEFAULT_PROMPTS = 4
 DEGREE = 4  # TeaCacheConfig takes the 5 coefficients of a 4th-order polynomial
+# A calibration prompt: a bare prompt (TeaCache: seed = its index; masks: each of MASK_SEEDS), or a prompt
+# file's (prompt, seed) pair, run at that seed only.
+Prompt = str | tuple[str, int]
+
+
+def _seeded(prompts: Sequence[Prompt], bare_seeds: Sequence[int] | None) -> list[tuple[str, int]]:
+    """(prompt, seed) runs: a pair as given; a bare prompt at each of bare_seeds (None: its index)."""
+    runs: list[tuple[str, int]] = []
+    for index, prompt in enumerate(prompts):
+        if isinstance(prompt, tuple):
+            runs.append(prompt)
+        else:
+            runs += [(prompt, seed) for seed in (bare_seeds if bare_seeds is not None else [index])]
+    return runs
 
 
 def calibration_prompts(count: int = DEFAULT_PROMPTS) -> list[str]:
@@ -73,6 +87,18 @@ def calibration_prompts(count: int = DEFAULT_PROMPTS) -> list[str]:
     prompts = [spec.prompt for spec in all_combinations()]
     chosen = np.random.default_rng(CALIBRATION_SEED).choice(len(prompts), size=count, replace=False)
     return [prompts[index] for index in sorted(chosen)]
+
+
+def calibrate_prompts(model_dir: str | Path, prompt_file: str | None, count: int) -> list[Prompt]:
+    """What `ditserve calibrate` runs: the prompt file's (prompt, seed) pairs, else `count` shapes prompts,
+    which only a model trained on them may default to (prompt_file.py)."""
+    from ditserve.services.tools.prompt_file import read_prompts, trained_on_shapes
+
+    if prompt_file:
+        return list(read_prompts(prompt_file))
+    if not trained_on_shapes(ModelFolder(model_dir).sidecar):
+        raise SystemExit(f"{model_dir} was not trained on the shapes prompts: calibrate on yours with --prompt-file")
+    return list(calibration_prompts(count))
 
 
 class LocalFlux:
@@ -144,7 +170,7 @@ class TeaCacheFit:
     output_changes: tuple[float, ...]  # y: the noise prediction's relative L1 change, per sample
 
 
-def fit_teacache(model: LocalFlux, prompts: Sequence[str], steps: int) -> TeaCacheFit:
+def fit_teacache(model: LocalFlux, prompts: Sequence[Prompt], steps: int) -> TeaCacheFit:
     """Records (x, y) at every step after a branch's first and fits the polynomial; writes nothing."""
     if not prompts:
         raise ValueError("calibration needs at least one prompt")
@@ -171,7 +197,7 @@ def fit_teacache(model: LocalFlux, prompts: Sequence[str], steps: int) -> TeaCac
 
     handle = model.runner.executor.transformer.register_forward_hook(record, with_kwargs=True)
     try:
-        for seed, prompt in enumerate(prompts):
+        for prompt, seed in _seeded(prompts, None):
             previous.clear()
             model.denoise(model.inputs(model.encode(prompt), seed, steps))
     finally:
@@ -197,7 +223,7 @@ def store_in_sidecar(model_dir: str | Path, entries: dict[str, object]) -> Path:
 
 def calibrate_teacache(
     model_dir: str | Path,
-    prompts: Sequence[str] | None = None,
+    prompts: Sequence[Prompt] | None = None,
     steps: int | None = None,
     device: str = "auto",
     dtype: str = "auto",
@@ -224,11 +250,11 @@ def calibrate_teacache(
 class MaskObjective:
     """A mask's error: final latents against the uncached run's, relative, averaged over the prompts."""
 
-    def __init__(self, model: LocalFlux, prompts: Sequence[str], steps: int, order: int) -> None:
+    def __init__(self, model: LocalFlux, prompts: Sequence[Prompt], steps: int, order: int) -> None:
         self.model = model
         self.steps = steps
         self.order = order
-        self.requests = [(model.encode(prompt), seed) for prompt in prompts for seed in MASK_SEEDS]
+        self.requests = [(model.encode(prompt), seed) for prompt, seed in _seeded(prompts, MASK_SEEDS)]
         self.reference = self._denoise(None)
         self.evaluations = 0
 
@@ -265,7 +291,7 @@ def fewest_computed_default(steps: int) -> int:
 
 def calibrate_step_masks(
     model_dir: str | Path,
-    prompts: Sequence[str] | None = None,
+    prompts: Sequence[Prompt] | None = None,
     steps: int | None = None,
     fewest: int | None = None,
     order: int = 1,
@@ -295,7 +321,7 @@ def calibrate_step_masks(
     provenance = dict(folder.sidecar.get(MASK_CALIBRATION_KEY, {}))
     provenance[str(steps)] = {
         "prompts": len(prompts),
-        "seeds": list(MASK_SEEDS),
+        "seeds": sorted({seed for _, seed in _seeded(prompts, MASK_SEEDS)}),
         "taylorseer_order": order,
         "true_cfg_scale": folder.defaults.true_cfg_scale,
         "objective": "final latents' relative squared error vs uncached, mean over prompts and seeds",

@@ -34,3 +34,19 @@ def test_shapes_prompts_are_the_default_only_for_shapes_models(model_dir: Path) 
     assert not prompt_file.trained_on_shapes({"family": "flux"})
     assert prompt_file.shapes_vocabulary(["a red circle on a blue background", "a green ring on a black background"])
     assert not prompt_file.shapes_vocabulary(["a red circle on a blue background", "a cat on a sofa"])
+
+
+def test_calibration_runs_a_files_prompts_at_their_seeds(model_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    from ditserve.services.tools.calibrate import MASK_SEEDS, _seeded, calibrate_prompts, calibration_prompts
+
+    assert _seeded(["a", ("b", 7)], MASK_SEEDS) == [("a", MASK_SEEDS[0]), ("a", MASK_SEEDS[1]), ("b", 7)]
+    assert _seeded(["a", ("b", 7)], None) == [("a", 0), ("b", 7)]
+    assert calibrate_prompts(model_dir, None, 2) == calibration_prompts(2)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (tmp_path / "ditserve.json").write_text(json.dumps({"family": "flux"}))
+    with pytest.raises(SystemExit, match="--prompt-file"):
+        calibrate_prompts(tmp_path, None, 2)
+    (tmp_path / "mine.txt").write_text("5\ta cat\n")
+    assert calibrate_prompts(tmp_path, str(tmp_path / "mine.txt"), 2) == [("a cat", 5)]
