@@ -22,6 +22,8 @@ import grpc
 from ditserve.client.config import DEFAULT_HTTP_PORT, DEFAULT_PORTS, STAGES
 from ditserve.client.stub import wait_serving
 
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -85,7 +87,9 @@ class Stack:
 
     def wait_ready(self, role: str, timeout: float) -> None:
         process = self.processes[role]
-        with grpc.insecure_channel(self.ports.address(role)) as channel:
+        # A short reconnect backoff: a stage that takes minutes to load (a cold start, a busy host) must
+        # be seen SERVING within a second, not after gRPC's default backoff of up to 120 s.
+        with grpc.insecure_channel(self.ports.address(role), options=RECONNECT_OPTIONS) as channel:
             try:
                 wait_serving(channel, timeout)
             except TimeoutError:
