@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PROMPT ?= a red circle on a blue background
 
-.PHONY: install demo test lint protos clean prometheus deploy-tools compose-smoke bench-cache
+.PHONY: install demo test lint protos clean prometheus deploy-tools compose-smoke bench-cache bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,18 @@ compose-smoke:
 bench-cache: install
 	$(PIP) install -q -e ".[serve,bench]"
 	$(VENV)/bin/ditserve bench cache --out bench/results/cache.json
+
+# Every CPU bench at its defaults on the repository's models (the README's figures; under 60 minutes on
+# 2 cores, most of it the cache bench), then the README's table regenerated from the results. Run it on
+# a quiet machine: every figure is a ratio measured side by side, but load from elsewhere still skews it.
+bench: bench-cache
+	$(VENV)/bin/ditserve bench transport --out bench/results/transport.json
+	$(VENV)/bin/ditserve bench serving --out bench/results/serving.json
+	$(VENV)/bin/ditserve bench soak --out bench/results/soak.json
+	$(VENV)/bin/ditserve bench attention --out bench/results/attention-cpu.json --device cpu --tokens 1024
+	$(VENV)/bin/ditserve bench sp --out bench/results/sp.json
+	$(VENV)/bin/ditserve bench fidelity --out bench/results/fidelity.json
+	$(VENV)/bin/ditserve bench report
 
 demo: install
 	mkdir -p out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -353,12 +354,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     module = importlib.import_module(f"ditserve.services.tools.bench.{args.bench}")
     document = module.run(args)
+    # what `ditserve bench report` prints beside the figure: the command that made it
+    document = {"bench": document["bench"], "command": shlex.join(["ditserve", *args.argv]), **document}
     path = write_result(args.out, document)
     print(f"wrote {path}")
     failures = document["summary"].get("failures") or []  # a comparison that is not valid fails the bench
     for failure in failures:
         print(f"bench {args.bench} failed: {failure}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def cmd_bench_report(args: argparse.Namespace) -> int:
+    from ditserve.services.tools.bench import report
+
+    return report.command(args)
 
 
 def _stack_arguments(parser: argparse.ArgumentParser, up: bool = False) -> None:
@@ -488,6 +497,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         if argv[:2] == ["bench", name]:
             _add_module_arguments(sub, f"ditserve.services.tools.bench.{name}")
         sub.set_defaults(func=cmd_bench)
+    report = benches.add_parser("report", help="README's benchmark table from the result files (no torch)")
+    _add_module_arguments(report, "ditserve.services.tools.bench.report")
+    report.set_defaults(func=cmd_bench_report)
     return parser
 
 
@@ -522,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     argv = expand_config(argv)
     args = build_parser(argv).parse_args(argv)
+    args.argv = argv
     if getattr(args, "missing_extra", None):
         raise SystemExit(
             f"ditserve {args.command}: needs the server extra (pip install 'ditserve[serve]'): {args.missing_extra}"
