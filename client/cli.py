@@ -20,7 +20,9 @@ from ditserve.client.config import DEFAULT_HTTP_PORT, DEFAULT_PORTS, default_mod
 from ditserve.client.options import Parser, expand_config, rpc_error_line, token_default
 
 ROLES = ("gateway", "encoder", "denoiser", "vae")
-BENCHES = ("transport", "attention", "serving", "sp", "soak", "cache", "fidelity")
+BENCHES = ("transport", "attention", "serving", "sp", "soak", "cache", "fidelity", "optimize")
+# services/tools/modelgen/presets.py PRESETS, named here so the parser needs no torch.
+MODEL_PRESETS = ("flux.1-dev", "flux.1-schnell", "wan2.1-t2v-1.3b", "tiny-flux", "tiny-wan")
 
 
 def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -292,6 +294,17 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_model(args: argparse.Namespace) -> int:
+    from ditserve.services.tools.modelgen.presets import write_preset
+
+    path = write_preset(args.preset, Path(args.random_weights))
+    print(
+        f"wrote {args.preset} to {path}: configs only; each service builds RANDOM weights at load time"
+        " (for timing and memory, never image quality)"
+    )
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from ditserve.services.tools.training import train
 
@@ -454,6 +467,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     tiny.add_argument("--family", choices=("flux", "wan"), default="flux", help="(default: flux)")
     tiny.add_argument("--seed", type=int, default=0, help="(default: 0)")
     tiny.set_defaults(func=cmd_make_tiny_model)
+
+    make_model = commands.add_parser(
+        "make-model",
+        help="write a published architecture (FLUX.1-dev, FLUX.1-schnell, Wan2.1-T2V-1.3B) as a random-weights folder",
+        description="Writes the preset's configs in diffusers layout with no weights; its ditserve.json marks it"
+        " random_weights, so each service builds its components with random weights on its own device at load"
+        " time. For timing and memory only: random weights never stand for image quality (Info says so).",
+    )
+    make_model.add_argument("--preset", required=True, choices=MODEL_PRESETS)
+    make_model.add_argument("--random-weights", required=True, metavar="DIR", help="an absent or empty folder")
+    make_model.set_defaults(func=cmd_make_model)
 
     train = commands.add_parser(
         "train-default-model",

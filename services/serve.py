@@ -69,6 +69,18 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
             help="send step progress at most this often, the last step always (default: 50; 0: every step)."
             " Each message costs two hops: at 20 steps of a few ms they were 13%% of a request's latency",
         )
+        parser.add_argument(
+            "--compile",
+            action="store_true",
+            help="torch.compile each repeated transformer block (regional), warmed up at the default request"
+            " before health says SERVING",
+        )
+        parser.add_argument(
+            "--quantize",
+            default="none",
+            choices=["none", "int8-weight", "fp8"],
+            help="the blocks' Linears through torchao: int8-weight (any device) or fp8 (dynamic, CUDA sm89+)",
+        )
         group = parser.add_argument_group("batching")
         group.add_argument(
             "--batching",
@@ -108,6 +120,14 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
             type=int,
             default=1,
             help="ring degree (> 1 needs torch_sdpa, sdpa_flash or sdpa_math)",
+        )
+    if role == "encoder":
+        parser.add_argument(
+            "--embedding-cache-mb",
+            type=float,
+            default=256.0,
+            help="keep recent prompts' embeddings, up to this many MiB, keyed by prompt, sequence length and"
+            " encoder; the empty negative prompt stays (default: 256; 0: off)",
         )
     if role == "vae":
         parser.add_argument(
@@ -168,7 +188,7 @@ def build_service(role: str, args: argparse.Namespace) -> Service:
     if role == "encoder":
         from ditserve.services.encoder.service import EncoderService
 
-        return EncoderService(stage)
+        return EncoderService(stage, embedding_cache_mb=args.embedding_cache_mb)
     if role == "denoiser":
         from ditserve.services.common.errors import InvalidArgument
         from ditserve.services.denoiser.attention import default_backend_name
@@ -204,6 +224,8 @@ def build_service(role: str, args: argparse.Namespace) -> Service:
             cache=cache,
             progress_interval_ms=args.progress_interval_ms,
             sequence_parallel=sequence_parallel,
+            compile=args.compile,
+            quantize=args.quantize,
         )
         denoiser = DenoiserService(stage, options)
         # Alerts and autoscalers compare ditserve_queue_depth with this, not with a number copied from a flag.

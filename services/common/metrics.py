@@ -74,14 +74,23 @@ class ServiceMetrics:
         self.model_info = Gauge(
             "ditserve_model_info",
             "What this process serves (always 1)",
-            ["service", "model", "family", "dtype", "device", "attention_backend", "version"],
+            ["service", "model", "family", "dtype", "device", "attention_backend", "quantization", "version"],
             registry=self.registry,
         )
 
     def set_model_info(
-        self, *, model: str, dtype: str, device: str, attention_backend: str, version: str, family: str = ""
+        self,
+        *,
+        model: str,
+        dtype: str,
+        device: str,
+        attention_backend: str,
+        version: str,
+        family: str = "",
+        quantization: str = "none",
     ) -> None:
-        self.model_info.labels(self.service, model, family, dtype, device, attention_backend, version).set(1)
+        labels = (self.service, model, family, dtype, device, attention_backend, quantization, version)
+        self.model_info.labels(*labels).set(1)
 
     def watch_device_memory(self) -> None:
         """Only model-holding services report device memory."""

@@ -28,13 +28,15 @@ class StageContext:
     limits: RequestLimits = field(default_factory=RequestLimits)
     metrics: ServiceMetrics = None  # type: ignore[assignment]
     profiler: Profiler = field(default_factory=lambda: Profiler(Path("profiles")))
+    details: dict[str, object] = field(default_factory=dict)  # what start-up decided, added to Info's details
 
     def __post_init__(self) -> None:
         if self.metrics is None:
             self.metrics = ServiceMetrics(self.role)
 
-    def publish_model_info(self, attention_backend: str = "") -> None:
+    def publish_model_info(self, attention_backend: str = "", quantization: str = "none") -> None:
         self.metrics.set_model_info(
+            quantization=quantization,
             model=self.folder.name,
             family=family_name(self.folder),
             dtype=dtype_name(self.dtype),
@@ -52,5 +54,11 @@ class StageContext:
             device=str(self.device),
             version=ditserve.__version__,
             attention_backend=attention_backend,
-            details={key: str(value) for key, value in details.items()},
+            details={key: str(value) for key, value in {**self.weights_detail(), **self.details, **details}.items()},
         )
+
+    def weights_detail(self) -> dict[str, str]:
+        """A random-weights folder (make-model --random-weights) says so in every Info."""
+        if not self.folder.random_weights:
+            return {}
+        return {"weights": "random (make-model --random-weights): for timing and memory only, never image quality"}

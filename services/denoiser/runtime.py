@@ -36,6 +36,8 @@ class DenoiserOptions:
     cache: CacheConfig = field(default_factory=CacheConfig)
     progress_interval_ms: float = 50.0
     sequence_parallel: SPConfig = field(default_factory=SPConfig)
+    compile: bool = False  # --compile: regional torch.compile of the blocks, warmed up before SERVING
+    quantize: str = "none"  # --quantize: none, int8-weight or fp8 (torchao), the blocks' Linears
 
 
 @dataclass
@@ -66,6 +68,7 @@ def build_runtime(stage: StageContext, options: DenoiserOptions) -> DenoiserRunt
         raise StartupError(str(error)) from None
     log.info("attention: %s", reason)
     family.apply_attention_backend(transformer, backend)
+    optimize_transformer(stage, options, transformer)
     executor = family.executor(transformer)
     facts = ModelFacts.load(folder, family.published_teacache_coefficients, executor.num_blocks)
     try:  # a default the model cannot serve at its default steps stops the start, clearly
@@ -103,11 +106,39 @@ def build_runtime(stage: StageContext, options: DenoiserOptions) -> DenoiserRunt
         on_cache_step=lambda policy, computed: cache_steps.labels(policy, "computed" if computed else "cached").inc(),
         mirror=sp,
     )
+    if options.compile:  # before the engine exists, so health is not SERVING until compiled
+        from ditserve.services.denoiser.compile import warm_up
+
+        batch_sizes = (1,) if options.batching.mode == "off" else (1, 2)
+        seconds = warm_up(family, transformer, runner, stage.limits, batch_sizes)
+        stage.details["compile_warmup_s"] = f"{seconds:.1f}"
     engine = Engine(runner, stage.metrics, stage.profiler, options.batching)
     for prefix, blocks in family.profiled_blocks(transformer).items():
         add_block_ranges(blocks, prefix)
-    stage.publish_model_info(attention_backend=backend.value)
+    stage.publish_model_info(attention_backend=backend.value, quantization=options.quantize)
     return DenoiserRuntime(family, facts, backend.value, runner, engine, default_cache, sp)
+
+
+def optimize_transformer(stage: StageContext, options: DenoiserOptions, transformer: object) -> None:
+    """--quantize, then --compile (torchao's tensors compile into fused kernels), noted in Info's details."""
+    if options.sequence_parallel.world_size > 1 and (options.compile or options.quantize != "none"):
+        raise StartupError(
+            "--compile and --quantize are not supported with --sp-ulysses/--sp-ring > 1 yet: the other ranks"
+            " load their own transformer unquantized and eager"
+        )
+    from ditserve.services.denoiser.quantize import quantize_transformer
+
+    quantized = quantize_transformer(transformer, options.quantize, stage.device)
+    stage.details["quantize"] = options.quantize
+    if quantized:
+        log.info("quantize: %s on %d block Linears (torchao)", options.quantize, quantized)
+        stage.details["quantized_linears"] = quantized
+    if options.compile:
+        from ditserve.services.denoiser.compile import compile_blocks
+
+        blocks = compile_blocks(transformer)
+        log.info("compile: torch.compile on each of %d repeated blocks (regional)", blocks)
+    stage.details["compile"] = "regional" if options.compile else "off"
 
 
 def accept_cache(facts: ModelFacts, config: CacheConfig, steps: int, field: str) -> CacheConfig:

@@ -130,6 +130,10 @@ class ModelFamily(Protocol):
         """Block lists by the name their profiler / NVTX ranges carry."""
         ...
 
+    def warmup_prompt(self, transformer: torch.nn.Module, text_tokens: int) -> encoder_pb2.PromptEmbedding:
+        """A random embedding shaped like the encoder's at `text_tokens`: `--compile` warms up on it."""
+        ...
+
     def runner(
         self,
         transformer: torch.nn.Module,

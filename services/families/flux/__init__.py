@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from ditserve.services.families.flux.encoder import FluxTextEncoder
     from ditserve.services.families.flux.runner import FluxRunner
     from ditserve.services.families.flux.vae import FluxVaeDecoder
+    from ditserve.v1 import encoder_pb2
 
 # TeaCache4FLUX's coefficients for FLUX.1 (ali-vilab/TeaCache, TeaCache4FLUX/teacache_flux.py), highest
 # power first: f(x) = c0 x^4 + c1 x^3 + ... + c4. A model's own calibration (ditserve.json) wins.
@@ -82,6 +83,18 @@ class FluxFamily:
             "double_block": list(transformer.transformer_blocks),
             "single_block": list(transformer.single_transformer_blocks),
         }
+
+    def warmup_prompt(self, transformer: torch.nn.Module, text_tokens: int) -> encoder_pb2.PromptEmbedding:
+        import torch
+
+        from ditserve.services.common import tensor_codec
+        from ditserve.v1 import encoder_pb2
+
+        config = transformer.config
+        return encoder_pb2.PromptEmbedding(
+            prompt_embeds=tensor_codec.encode(torch.randn(1, text_tokens, config.joint_attention_dim)),
+            pooled_prompt_embeds=tensor_codec.encode(torch.randn(1, config.pooled_projection_dim)),
+        )
 
     def runner(
         self,

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from ditserve.services.families.wan.encoder import WanTextEncoder
     from ditserve.services.families.wan.runner import WanRunner
     from ditserve.services.families.wan.vae import WanVaeDecoder
+    from ditserve.v1 import encoder_pb2
 
 # TeaCache4Wan2.1's coefficients for Wan2.1-T2V-1.3B with its timestep-projection indicator (e0, the
 # "ret steps" variant; ali-vilab/TeaCache, TeaCache4Wan2.1), highest power first. A model's own
@@ -80,6 +81,15 @@ class WanFamily:
 
     def profiled_blocks(self, transformer: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:
         return {"block": list(transformer.blocks)}
+
+    def warmup_prompt(self, transformer: torch.nn.Module, text_tokens: int) -> encoder_pb2.PromptEmbedding:
+        import torch
+
+        from ditserve.services.common import tensor_codec
+        from ditserve.v1 import encoder_pb2
+
+        embeds = torch.randn(1, text_tokens, transformer.config.text_dim)
+        return encoder_pb2.PromptEmbedding(prompt_embeds=tensor_codec.encode(embeds))
 
     def runner(
         self,

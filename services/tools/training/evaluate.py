@@ -8,7 +8,7 @@ alone on held-out renders. `ditserve bench fidelity` reports both.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ def generate_images(
     true_cfg_scale: float | None = None,
     seed: int = 0,
     batch_size: int = 35,
+    prepare: Callable[[FluxPipeline], None] | None = None,
 ) -> list[Image.Image]:
     """One image per prompt at the model's native size, by FluxPipeline itself.
 
@@ -57,6 +58,8 @@ def generate_images(
     cfg = defaults.true_cfg_scale if true_cfg_scale is None else true_cfg_scale
     pipe = FluxPipeline.from_pretrained(folder.path, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
+    if prepare is not None:  # e.g. bench optimize: quantize or compile the transformer first
+        prepare(pipe)
     images = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="generating", unit="batch"):
         chunk = list(prompts[start : start + batch_size])
