@@ -121,6 +121,14 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
             default=1,
             help="ring degree (> 1 needs torch_sdpa, sdpa_flash or sdpa_math)",
         )
+    if role == "encoder":
+        parser.add_argument(
+            "--embedding-cache-mb",
+            type=float,
+            default=256.0,
+            help="keep recent prompts' embeddings, up to this many MiB, keyed by prompt, sequence length and"
+            " encoder; the empty negative prompt stays (default: 256; 0: off)",
+        )
     if role == "vae":
         parser.add_argument(
             "--vae-tiling",
@@ -180,7 +188,7 @@ def build_service(role: str, args: argparse.Namespace) -> Service:
     if role == "encoder":
         from ditserve.services.encoder.service import EncoderService
 
-        return EncoderService(stage)
+        return EncoderService(stage, embedding_cache_mb=args.embedding_cache_mb)
     if role == "denoiser":
         from ditserve.services.common.errors import InvalidArgument
         from ditserve.services.denoiser.attention import default_backend_name

@@ -1,7 +1,10 @@
 """TextEncoder.Encode: one embedding per prompt, each encoded alone.
 
 Prompts are encoded one at a time so a prompt's embedding never depends on
-what else is in the request (padding and batch-size-dependent kernels).
+what else is in the request (padding and batch-size-dependent kernels). That
+makes an embedding a function of (encoder, prompt, sequence length), so a
+byte-bounded cache (embedding_cache.py) answers repeated prompts, the empty
+negative prompt of every CFG request included, without the model.
 """
 
 from __future__ import annotations
@@ -10,12 +13,14 @@ import threading
 import time
 
 import grpc
+from prometheus_client import Counter, Gauge
 
 from ditserve.services.common.errors import InvalidArgument
 from ditserve.services.common.limits import check_prompt, check_range
 from ditserve.services.common.profiling import trace_range
 from ditserve.services.common.stage import StageContext
 from ditserve.services.common.timing import elapsed_ms
+from ditserve.services.encoder.embedding_cache import ByteLRU
 from ditserve.services.families import load_family
 from ditserve.v1 import common_pb2, encoder_pb2, encoder_pb2_grpc
 
@@ -25,13 +30,28 @@ MAX_PROMPTS = 64
 class EncoderService(encoder_pb2_grpc.TextEncoderServicer):
     role = "encoder"
 
-    def __init__(self, stage: StageContext) -> None:
+    def __init__(self, stage: StageContext, embedding_cache_mb: float = 0.0) -> None:
         self.stage = stage
         self.metrics = stage.metrics
         self.profiler = stage.profiler
         self.model = load_family(stage.folder).text_encoder(stage.folder, stage.device, stage.dtype)
         self.max_sequence_length = min(stage.limits.max_sequence_length, self.model.max_sequence_length)
         self._lock = threading.Lock()  # one encode at a time bounds activation memory
+        # Keys carry the encoder's identity, so a cache never answers for another model, dtype or device.
+        self.identity = (str(stage.folder.path), str(stage.dtype), str(stage.device))
+        self.cache: ByteLRU[encoder_pb2.PromptEmbedding] | None = (
+            ByteLRU(int(embedding_cache_mb * 2**20)) if embedding_cache_mb > 0 else None
+        )
+        registry = self.metrics.registry
+        self.cache_lookups = Counter(
+            "ditserve_embedding_cache_lookups",
+            "Prompts looked up in the encoder's embedding cache, by result (hit or miss)",
+            ["result"],
+            registry=registry,
+        )
+        self.cache_bytes = Gauge(
+            "ditserve_embedding_cache_bytes", "Bytes of embeddings the encoder's cache holds", registry=registry
+        )
         stage.publish_model_info()
 
     def grpc_service_names(self) -> list[str]:
@@ -59,13 +79,34 @@ class EncoderService(encoder_pb2_grpc.TextEncoderServicer):
         check_range("max_sequence_length", length, 1, self.max_sequence_length)
         return length
 
+    def _cached(self, prompt: str, length: int) -> encoder_pb2.PromptEmbedding | None:
+        if self.cache is None:
+            return None
+        embedding = self.cache.get((self.identity, prompt, length))
+        self.cache_lookups.labels("miss" if embedding is None else "hit").inc()
+        return embedding
+
+    def _encode(self, prompt: str, length: int) -> encoder_pb2.PromptEmbedding:
+        """The model's embedding, kept in the cache (the empty prompt pinned: every CFG request sends it)."""
+        embedding = self.model.encode(prompt, length)
+        if self.cache is not None:
+            self.cache.put((self.identity, prompt, length), embedding, embedding.ByteSize(), pinned=not prompt)
+            self.cache_bytes.set(self.cache.stats.bytes)
+        return embedding
+
     def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.ServicerContext) -> encoder_pb2.EncodeResponse:
         started = time.perf_counter()
         length = self._validate(request)
         response = encoder_pb2.EncodeResponse()
-        with self._lock, trace_range("encode"):
-            queue_ms = elapsed_ms(started)
-            response.embeddings.extend(self.model.encode(prompt, length) for prompt in request.prompts)
+        embeddings = [self._cached(prompt, length) for prompt in request.prompts]
+        queue_ms = 0.0
+        if any(embedding is None for embedding in embeddings):
+            with self._lock, trace_range("encode"):
+                queue_ms = elapsed_ms(started)
+                for index, prompt in enumerate(request.prompts):
+                    if embeddings[index] is None:
+                        embeddings[index] = self._encode(prompt, length)
+        response.embeddings.extend(embeddings)
         self.metrics.count_bytes("out", response.ByteSize())
         total = elapsed_ms(started)
         response.timing.CopyFrom(
