@@ -104,7 +104,8 @@ def e2e_rows(model: Path, steps: int, pairs: int) -> tuple[list[dict[str, Any]],
     )
 
     rows: list[dict[str, Any]] = []
-    stack = Stack(model=model, ports=Ports.free())
+    # The embedding cache would spare the services the text encoding the in-process side does every round.
+    stack = Stack(model=model, ports=Ports.free(), extra_args={"encoder": ["--embedding-cache-mb", "0"]})
     with (
         InProcessWorker(model, steps, user_environment()) as user,
         InProcessWorker(model, steps, services_environment()) as same_policy,
@@ -182,6 +183,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "pairs": args.pairs,
         "codec_repeats": args.codec_repeats,
         "prompt": PROMPT,
+        "encoder_embedding_cache": "off: both sides encode the prompt every round",
         "in_process": "the family's diffusers pipeline (bench/reference.py) in a child process without "
         f"{'/'.join(p + '*' for p in THREADING_PREFIXES)} variables; same_policy: with the services' "
         "OMP_WAIT_POLICY",
