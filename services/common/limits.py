@@ -63,7 +63,7 @@ def check_prompt(field: str, prompt: str, limits: RequestLimits, allow_empty: bo
         raise InvalidArgument(field, f"has {len(prompt)} characters, over the limit of {limits.max_prompt_chars}")
 
 
-def check_frames(limits: RequestLimits, *, height: int, width: int, num_frames: int, temporal_factor: int) -> None:
+def check_frames(limits: RequestLimits, height: int, width: int, num_frames: int, temporal_factor: int) -> None:
     """A video family's frame count: 1 + a multiple of the VAE's temporal compression, within the limits."""
     check_range("num_frames", num_frames, 1, limits.max_frames)
     if (num_frames - 1) % temporal_factor:
@@ -76,15 +76,3 @@ def check_frames(limits: RequestLimits, *, height: int, width: int, num_frames: 
             f"{height}x{width} x {num_frames} frames is {height * width * num_frames} pixels, over the limit of"
             f" {limits.max_video_pixels} (--max-video-pixels)",
         )
-
-
-def check_generation(
-    limits: RequestLimits, *, height: int, width: int, steps: int, num_images: int, true_cfg_scale: float
-) -> None:
-    """The settings every stage agrees on, already resolved from their defaults."""
-    check_size("height", height, limits)
-    check_size("width", width, limits)
-    check_range("num_inference_steps", steps, 1, limits.max_steps)
-    check_range("num_images", num_images, 1, limits.max_num_images)
-    if not 0.0 <= true_cfg_scale <= 100.0:
-        raise InvalidArgument("true_cfg_scale", f"{true_cfg_scale} is outside [0, 100]")

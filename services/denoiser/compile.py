@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from ditserve.services.common.limits import RequestLimits
     from ditserve.services.denoiser.runner import TransformerRunner
-    from ditserve.services.families.base import ModelFamily
+    from ditserve.services.families.family import ModelFamily
 
 log = logging.getLogger(__name__)
 

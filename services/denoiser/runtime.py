@@ -22,7 +22,7 @@ from ditserve.services.denoiser.facts import ModelFacts
 from ditserve.services.denoiser.parallel.mesh import SPConfig
 from ditserve.services.denoiser.runner import TransformerRunner
 from ditserve.services.families import load_family
-from ditserve.services.families.base import ModelFamily
+from ditserve.services.families.family import ModelFamily
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from ditserve.services.common.errors import ModelLoadError
 
 if TYPE_CHECKING:
     from ditserve.services.common.model import ModelFolder
-    from ditserve.services.families.base import ModelFamily
+    from ditserve.services.families.family import ModelFamily
 
 # family name -> the package that implements it (its module-level FAMILY)
 FAMILIES: dict[str, str] = {"flux": "ditserve.services.families.flux", "wan": "ditserve.services.families.wan"}

@@ -7,17 +7,12 @@ names a family stay importable without torch. A family implements `ModelFamily` 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
+    from torch import Tensor
 
-    from ditserve.services.common.model import ModelFolder
-    from ditserve.services.common.stage import StageContext
-    from ditserve.services.denoiser.attention.registry import BackendName
-    from ditserve.services.denoiser.facts import ModelFacts
-    from ditserve.services.denoiser.parallel.mesh import SPMesh
     from ditserve.v1 import encoder_pb2
 
 
@@ -47,15 +42,8 @@ class BlockExecutor(Protocol):
         """TeaCache's input signal: what the first block would see, without running it."""
         ...
 
-    def run_block(
-        self,
-        index: int,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        temb: torch.Tensor,
-        rotary_emb: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block `index`; returns (hidden, encoder) states."""
+    def run_block(self, index: int, hidden: Tensor, text: Tensor, temb: Tensor, rotary: Any) -> tuple[Tensor, Tensor]:
+        """Block `index`; returns the (hidden, text) streams."""
         ...
 
     def finish(self, hidden_states: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
@@ -96,54 +84,3 @@ class VaeDecoder(Protocol):
         ...
 
     def decode(self, latents: torch.Tensor, height: int, width: int, *num_frames: int) -> Any: ...
-
-
-class ModelFamily(Protocol):
-    """Everything model-specific the four roles need, loaded from a model folder."""
-
-    name: str
-    cfg_scale_field: str  # the request field that is its classic-CFG scale (needs a negative prompt above 1)
-    published_teacache_coefficients: tuple[float, ...] | None
-    sp_preload: tuple[str, ...]  # modules a sequence-parallel forkserver imports once
-
-    def text_encoder(self, folder: ModelFolder, device: torch.device, dtype: torch.dtype) -> TextEncoder: ...
-
-    def vae_decoder(self, stage: StageContext) -> VaeDecoder: ...
-
-    def load_transformer(self, folder: ModelFolder, device: torch.device, dtype: torch.dtype) -> torch.nn.Module: ...
-
-    def attention_head_dim(self, transformer: torch.nn.Module) -> int: ...
-
-    def attention_heads(self, transformer: torch.nn.Module) -> int: ...
-
-    def apply_attention_backend(self, transformer: torch.nn.Module, backend: BackendName) -> None: ...
-
-    def executor(self, transformer: torch.nn.Module) -> BlockExecutor: ...
-
-    def sequence_parallel_executor(
-        self, transformer: torch.nn.Module, mesh: SPMesh, backend: BackendName
-    ) -> BlockExecutor:
-        """An executor over this rank's token shard: full inputs in, the full output out, on every rank."""
-        ...
-
-    def profiled_blocks(self, transformer: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:
-        """Block lists by the name their profiler / NVTX ranges carry."""
-        ...
-
-    def warmup_prompt(self, transformer: torch.nn.Module, text_tokens: int) -> encoder_pb2.PromptEmbedding:
-        """A random embedding shaped like the encoder's at `text_tokens`: `--compile` warms up on it."""
-        ...
-
-    def runner(
-        self,
-        transformer: torch.nn.Module,
-        executor: BlockExecutor,
-        folder: ModelFolder,
-        device: torch.device,
-        dtype: torch.dtype,
-        facts: ModelFacts,
-        on_cache_step: Callable[[str, bool], None] | None,
-        mirror: Any,
-    ) -> Any:
-        """The denoiser's runner (denoiser/runner.py's TransformerRunner) for this family."""
-        ...

@@ -71,13 +71,7 @@ class VaeService(vae_pb2_grpc.VaeDecoderServicer):
         if self.model.video:
             check_video_format(request.video_format)
             num_frames = request.num_frames or self.stage.folder.defaults.num_frames
-            check_frames(
-                limits,
-                height=request.height,
-                width=request.width,
-                num_frames=num_frames,
-                temporal_factor=self.model.temporal_factor,
-            )
+            check_frames(limits, request.height, request.width, num_frames, self.model.temporal_factor)
             if request.fps and not 0 < request.fps <= 240:
                 raise InvalidArgument("fps", f"{request.fps} is outside (0, 240]")
         else:

@@ -41,7 +41,8 @@ from ditserve.services.denoiser.cache.state import RequestCache, Slot, forward_b
 from ditserve.services.denoiser.parallel.attention import lse_kernel
 from ditserve.services.denoiser.parallel.mesh import SPConfig, SPMesh, init_sequence_parallel
 from ditserve.services.families import load_family
-from ditserve.services.families.base import BlockExecutor, ModelFamily
+from ditserve.services.families.base import BlockExecutor
+from ditserve.services.families.family import ModelFamily
 
 log = logging.getLogger(__name__)
 

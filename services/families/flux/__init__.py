@@ -8,21 +8,14 @@ and the VAE side (vae.py). FAMILY is what the registry (families/__init__.py) ha
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from ditserve.services.families.family import ModelFamily
 
 if TYPE_CHECKING:
     import torch
 
     from ditserve.services.common.model import ModelFolder
-    from ditserve.services.common.stage import StageContext
-    from ditserve.services.denoiser.attention.registry import BackendName
-    from ditserve.services.denoiser.facts import ModelFacts
-    from ditserve.services.denoiser.parallel.mesh import SPMesh
-    from ditserve.services.families.flux.blocks import FluxBlockExecutor
-    from ditserve.services.families.flux.encoder import FluxTextEncoder
-    from ditserve.services.families.flux.runner import FluxRunner
-    from ditserve.services.families.flux.vae import FluxVaeDecoder
     from ditserve.v1 import encoder_pb2
 
 # TeaCache4FLUX's coefficients for FLUX.1 (ali-vilab/TeaCache, TeaCache4FLUX/teacache_flux.py), highest
@@ -36,47 +29,18 @@ FLUX1_TEACACHE_COEFFICIENTS: tuple[float, ...] = (
 )
 
 
-class FluxFamily:
+class FluxFamily(ModelFamily):
     name = "flux"
     cfg_scale_field = "true_cfg_scale"  # classic CFG with a negative prompt; guidance_scale is distilled
     published_teacache_coefficients = FLUX1_TEACACHE_COEFFICIENTS
     sp_preload = ("diffusers.models.transformers.transformer_flux",)
-
-    def text_encoder(self, folder: ModelFolder, device: torch.device, dtype: torch.dtype) -> FluxTextEncoder:
-        from ditserve.services.families.flux.encoder import FluxTextEncoder
-
-        return FluxTextEncoder(folder, device, dtype)
-
-    def vae_decoder(self, stage: StageContext) -> FluxVaeDecoder:
-        from ditserve.services.families.flux.vae import FluxVaeDecoder
-
-        return FluxVaeDecoder(stage)
-
-    def load_transformer(self, folder: ModelFolder, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-        return folder.load("transformer", device, dtype)
-
-    def attention_head_dim(self, transformer: torch.nn.Module) -> int:
-        return transformer.config.attention_head_dim
-
-    def attention_heads(self, transformer: torch.nn.Module) -> int:
-        return transformer.config.num_attention_heads
-
-    def apply_attention_backend(self, transformer: torch.nn.Module, backend: BackendName) -> None:
-        from ditserve.services.families.flux.attention import apply_attention_backend
-
-        apply_attention_backend(transformer, backend)
-
-    def executor(self, transformer: torch.nn.Module) -> FluxBlockExecutor:
-        from ditserve.services.families.flux.blocks import FluxBlockExecutor
-
-        return FluxBlockExecutor(transformer)
-
-    def sequence_parallel_executor(
-        self, transformer: torch.nn.Module, mesh: SPMesh, backend: BackendName
-    ) -> FluxBlockExecutor:
-        from ditserve.services.families.flux.parallel import SequenceParallelFluxExecutor
-
-        return SequenceParallelFluxExecutor(transformer, mesh, backend)
+    package = __name__
+    text_encoder_class = "encoder.FluxTextEncoder"
+    vae_decoder_class = "vae.FluxVaeDecoder"
+    executor_class = "blocks.FluxBlockExecutor"
+    parallel_executor_class = "parallel.SequenceParallelFluxExecutor"
+    runner_class = "runner.FluxRunner"
+    attention_processor_class = "attention.DitserveFluxAttnProcessor"
 
     def profiled_blocks(self, transformer: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:
         return {
@@ -96,34 +60,14 @@ class FluxFamily:
             pooled_prompt_embeds=tensor_codec.encode(torch.randn(1, config.pooled_projection_dim)),
         )
 
-    def runner(
-        self,
-        transformer: torch.nn.Module,
-        executor: FluxBlockExecutor,
-        folder: ModelFolder,
-        device: torch.device,
-        dtype: torch.dtype,
-        facts: ModelFacts,
-        on_cache_step: Callable[[str, bool], None] | None = None,
-        mirror: Any = None,
-    ) -> FluxRunner:
+    def runner_options(self, transformer: torch.nn.Module, folder: ModelFolder) -> dict[str, Any]:
         from ditserve.services.families.flux import latents
-        from ditserve.services.families.flux.runner import FluxRunner
 
-        config = transformer.config
-        return FluxRunner(
-            executor,
-            folder.load("scheduler"),
-            facts,
-            device,
-            dtype,
-            on_cache_step=on_cache_step,
-            mirror=mirror,
-            vae_scale=latents.vae_scale_factor(folder.config("vae")),
-            latent_channels=config.in_channels // 4,
-            guidance_embeds=bool(config.guidance_embeds),
-            transformer_config=config,
-        )
+        return {
+            "vae_scale": latents.vae_scale_factor(folder.config("vae")),
+            "latent_channels": transformer.config.in_channels // 4,  # packed 2x2
+            "guidance_embeds": bool(transformer.config.guidance_embeds),
+        }
 
 
 FAMILY = FluxFamily()

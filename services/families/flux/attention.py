@@ -22,24 +22,16 @@ from diffusers.models.transformers.transformer_flux import (
     _get_qkv_projections,
 )
 
-from ditserve.services.denoiser.attention.registry import BackendName, attention
+from ditserve.services.denoiser.attention.processor import RegistryAttnProcessor
+from ditserve.services.denoiser.attention.registry import BackendName
 
 
-class DitserveFluxAttnProcessor:
+class DitserveFluxAttnProcessor(RegistryAttnProcessor):
     """diffusers' FluxAttnProcessor with the attention call routed through `attention(...)`.
 
     Double-stream blocks pass the text stream as `encoder_hidden_states`: text and image tokens attend
     jointly (text first) and come back split. Single-stream blocks pass the concatenated sequence alone.
     """
-
-    def __init__(self, backend: BackendName) -> None:
-        if backend is BackendName.AUTO:
-            raise ValueError("resolve 'auto' with resolve_backend() before building the processor")
-        self.backend = backend
-
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """The seam: sequence-parallel attention replaces this, everything around it stays."""
-        return attention(query, key, value, self.backend)
 
     def __call__(
         self,

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from diffusers import FluxTransformer2DModel
 
-from ditserve.services.denoiser.cache.state import relative_l1
+from ditserve.services.families.executor import StagedExecutor, Tensor
 
 
 @dataclass(frozen=True)
@@ -39,21 +39,13 @@ class FluxStepInputs:
     rotary_emb: tuple[torch.Tensor, torch.Tensor]
 
 
-class FluxBlockExecutor:
+class FluxBlockExecutor(StagedExecutor):
     """Stateless stages of one FLUX transformer (a BlockExecutor); per-request cache state lives in the
     denoiser's cache/state.py."""
 
     def __init__(self, transformer: FluxTransformer2DModel) -> None:
-        self.transformer = transformer
-        self.blocks: tuple[torch.nn.Module, ...] = (
-            *transformer.transformer_blocks,
-            *transformer.single_transformer_blocks,
-        )
+        super().__init__(transformer, (*transformer.transformer_blocks, *transformer.single_transformer_blocks))
         self.num_double_blocks = len(transformer.transformer_blocks)
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
 
     def embed(
         self,
@@ -81,45 +73,21 @@ class FluxBlockExecutor:
         image_rotary_emb = model.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
         return FluxStepInputs(hidden_states, encoder_hidden_states, temb, image_rotary_emb)
 
-    def relative_l1(self, current: torch.Tensor, previous: torch.Tensor) -> float:
-        """The distance cache policies decide on; a sequence-parallel executor reduces it over ranks."""
-        return relative_l1(current, previous)
-
     def cache_signal(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """TeaCache's indicator: the first double block's norm1 output, without running the block."""
         return self.transformer.transformer_blocks[0].norm1(hidden_states, emb=temb)[0]
 
-    def run_block(
-        self,
-        index: int,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        temb: torch.Tensor,
-        rotary_emb: tuple[torch.Tensor, torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_block(self, index: int, hidden: Tensor, text: Tensor, temb: Tensor, rotary: Any) -> tuple[Tensor, Tensor]:
         """Block `index` of the double-then-single sequence; returns (hidden, encoder) states."""
-        encoder_hidden_states, hidden_states = self.blocks[index](
-            hidden_states=hidden_states,
-            encoder_hidden_states=encoder_hidden_states,
+        text, hidden = self.blocks[index](
+            hidden_states=hidden,
+            encoder_hidden_states=text,
             temb=temb,
-            image_rotary_emb=rotary_emb,
+            image_rotary_emb=rotary,
             joint_attention_kwargs=None,
         )
-        return hidden_states, encoder_hidden_states
+        return hidden, text
 
     def finish(self, hidden_states: torch.Tensor, inputs: FluxStepInputs) -> torch.Tensor:
         """The forward's epilogue: only the image stream leaves the blocks."""
         return self.transformer.proj_out(self.transformer.norm_out(hidden_states, inputs.temb))
-
-    def forward(self, **transformer_kwargs: Any) -> torch.Tensor:
-        """The model's own forward, `transformer(**transformer_kwargs, return_dict=False)[0]`: uncached calls
-        go through it, so hooks on it (a calibration's, torch.compile's) see every one."""
-        return self.transformer(**transformer_kwargs, return_dict=False)[0]
-
-    def staged_forward(self, **transformer_kwargs: Any) -> torch.Tensor:
-        """embed, every block, finish: the model's own output bit for bit, in the stages a cache acts on."""
-        inputs = self.embed(**transformer_kwargs)
-        hidden, encoder = inputs.hidden_states, inputs.encoder_hidden_states
-        for index in range(self.num_blocks):
-            hidden, encoder = self.run_block(index, hidden, encoder, inputs.temb, inputs.rotary_emb)
-        return self.finish(hidden, inputs)

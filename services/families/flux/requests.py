@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from typing import Any
 
 from ditserve.services.common import tensor_codec
 from ditserve.services.common.errors import InvalidArgument
-from ditserve.services.common.limits import RequestLimits, check_generation, check_range
+from ditserve.services.common.limits import RequestLimits, check_range
 from ditserve.services.common.model import ModelDefaults
 from ditserve.services.denoiser.cache.policy import CacheConfig
+from ditserve.services.denoiser.requests import (
+    check_inputs,
+    common_inputs,
+    negative_conditioning,
+    require_prompt,
+    setting,
+)
 from ditserve.services.families.flux.runner import Conditioning, FluxInputs
 from ditserve.v1 import denoiser_pb2, encoder_pb2
 
@@ -22,46 +29,26 @@ def parse_request(
     transformer_config: Any,
 ) -> FluxInputs:
     """Validated FluxInputs; INVALID_ARGUMENT names the field of anything the model cannot take."""
-    if not request.HasField("prompt"):
-        raise InvalidArgument("prompt", "is missing: send the encoder's embedding")
+    require_prompt(request)
     if request.num_frames > 1:
         raise InvalidArgument("num_frames", f"{request.num_frames} frames asked of an image model (FLUX)")
-    prompt = conditioning(request.prompt, "prompt", limits, transformer_config)
-    true_cfg = request.true_cfg_scale if request.HasField("true_cfg_scale") else defaults.true_cfg_scale
-    guidance = request.guidance_scale if request.HasField("guidance_scale") else defaults.guidance_scale
+
+    def parse(message: encoder_pb2.PromptEmbedding, field: str) -> Conditioning:
+        return conditioning(message, field, limits, transformer_config)
+
+    prompt = parse(request.prompt, "prompt")
     inputs = FluxInputs(
         prompt=prompt,
         negative=None,
-        height=request.height or defaults.height,
-        width=request.width or defaults.width,
-        steps=request.num_inference_steps or defaults.steps,
-        guidance_scale=guidance,
-        true_cfg_scale=true_cfg,
-        seed=request.seed,
-        num_images=request.num_images or 1,
-        cache=cache,
+        guidance_scale=setting(request, "guidance_scale", defaults.guidance_scale),
+        true_cfg_scale=setting(request, "true_cfg_scale", defaults.true_cfg_scale),
+        **common_inputs(request, defaults, cache),
     )
-    check_generation(
-        limits,
-        height=inputs.height,
-        width=inputs.width,
-        steps=inputs.steps,
-        num_images=inputs.num_images,
-        true_cfg_scale=true_cfg,
+    check_inputs(limits, inputs, guidance_scale=inputs.guidance_scale, true_cfg_scale=inputs.true_cfg_scale)
+    negative = negative_conditioning(
+        request, "true_cfg_scale", inputs.true_cfg_scale, parse, prompt.embeds.shape, lambda c: c.embeds.shape
     )
-    if not (math.isfinite(guidance) and 0.0 <= guidance <= 100.0):
-        raise InvalidArgument("guidance_scale", f"{guidance} is outside [0, 100]")
-    if true_cfg <= 1.0:
-        return inputs
-    if not request.HasField("negative_prompt"):
-        raise InvalidArgument("negative_prompt", "is required when true_cfg_scale > 1")
-    negative = conditioning(request.negative_prompt, "negative_prompt", limits, transformer_config)
-    if negative.embeds.shape != prompt.embeds.shape:
-        raise InvalidArgument(
-            "negative_prompt.prompt_embeds",
-            f"shape {list(negative.embeds.shape)} differs from the prompt's {list(prompt.embeds.shape)}",
-        )
-    return FluxInputs(**{**inputs.__dict__, "negative": negative})
+    return dataclasses.replace(inputs, negative=negative)
 
 
 def conditioning(message: encoder_pb2.PromptEmbedding, field: str, limits: RequestLimits, config: Any) -> Conditioning:

@@ -8,21 +8,14 @@ request parsing (requests.py), the runner (runner.py), the encoder (encoder.py) 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from ditserve.services.families.family import ModelFamily
 
 if TYPE_CHECKING:
     import torch
 
     from ditserve.services.common.model import ModelFolder
-    from ditserve.services.common.stage import StageContext
-    from ditserve.services.denoiser.attention.registry import BackendName
-    from ditserve.services.denoiser.facts import ModelFacts
-    from ditserve.services.denoiser.parallel.mesh import SPMesh
-    from ditserve.services.families.wan.blocks import WanBlockExecutor
-    from ditserve.services.families.wan.encoder import WanTextEncoder
-    from ditserve.services.families.wan.runner import WanRunner
-    from ditserve.services.families.wan.vae import WanVaeDecoder
     from ditserve.v1 import encoder_pb2
 
 # TeaCache4Wan2.1's coefficients for Wan2.1-T2V-1.3B with its timestep-projection indicator (e0, the
@@ -37,47 +30,18 @@ WAN21_T2V_1_3B_TEACACHE_COEFFICIENTS: tuple[float, ...] = (
 )
 
 
-class WanFamily:
+class WanFamily(ModelFamily):
     name = "wan"
     cfg_scale_field = "guidance_scale"  # classic CFG with a negative prompt, as WanPipeline names it
     published_teacache_coefficients = WAN21_T2V_1_3B_TEACACHE_COEFFICIENTS
     sp_preload = ("diffusers.models.transformers.transformer_wan",)
-
-    def text_encoder(self, folder: ModelFolder, device: torch.device, dtype: torch.dtype) -> WanTextEncoder:
-        from ditserve.services.families.wan.encoder import WanTextEncoder
-
-        return WanTextEncoder(folder, device, dtype)
-
-    def vae_decoder(self, stage: StageContext) -> WanVaeDecoder:
-        from ditserve.services.families.wan.vae import WanVaeDecoder
-
-        return WanVaeDecoder(stage)
-
-    def load_transformer(self, folder: ModelFolder, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-        return folder.load("transformer", device, dtype)
-
-    def attention_head_dim(self, transformer: torch.nn.Module) -> int:
-        return transformer.config.attention_head_dim
-
-    def attention_heads(self, transformer: torch.nn.Module) -> int:
-        return transformer.config.num_attention_heads
-
-    def apply_attention_backend(self, transformer: torch.nn.Module, backend: BackendName) -> None:
-        from ditserve.services.families.wan.attention import apply_attention_backend
-
-        apply_attention_backend(transformer, backend)
-
-    def executor(self, transformer: torch.nn.Module) -> WanBlockExecutor:
-        from ditserve.services.families.wan.blocks import WanBlockExecutor
-
-        return WanBlockExecutor(transformer)
-
-    def sequence_parallel_executor(
-        self, transformer: torch.nn.Module, mesh: SPMesh, backend: BackendName
-    ) -> WanBlockExecutor:
-        from ditserve.services.families.wan.parallel import SequenceParallelWanExecutor
-
-        return SequenceParallelWanExecutor(transformer, mesh, backend)
+    package = __name__
+    text_encoder_class = "encoder.WanTextEncoder"
+    vae_decoder_class = "vae.WanVaeDecoder"
+    executor_class = "blocks.WanBlockExecutor"
+    parallel_executor_class = "parallel.SequenceParallelWanExecutor"
+    runner_class = "runner.WanRunner"
+    attention_processor_class = "attention.DitserveWanAttnProcessor"
 
     def profiled_blocks(self, transformer: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:
         return {"block": list(transformer.blocks)}
@@ -91,35 +55,14 @@ class WanFamily:
         embeds = torch.randn(1, text_tokens, transformer.config.text_dim)
         return encoder_pb2.PromptEmbedding(prompt_embeds=tensor_codec.encode(embeds))
 
-    def runner(
-        self,
-        transformer: torch.nn.Module,
-        executor: WanBlockExecutor,
-        folder: ModelFolder,
-        device: torch.device,
-        dtype: torch.dtype,
-        facts: ModelFacts,
-        on_cache_step: Callable[[str, bool], None] | None = None,
-        mirror: Any = None,
-    ) -> WanRunner:
-        from ditserve.services.families.wan.runner import WanRunner
-
-        config = transformer.config
+    def runner_options(self, transformer: torch.nn.Module, folder: ModelFolder) -> dict[str, Any]:
         vae = folder.config("vae")
-        return WanRunner(
-            executor,
-            folder.load("scheduler"),
-            facts,
-            device,
-            dtype,
-            on_cache_step=on_cache_step,
-            mirror=mirror,
-            latent_channels=config.in_channels,
-            spatial_factor=vae.get("scale_factor_spatial", 8),
-            temporal_factor=vae.get("scale_factor_temporal", 4),
-            patch_size=tuple(config.patch_size),
-            transformer_config=config,
-        )
+        return {
+            "latent_channels": transformer.config.in_channels,
+            "spatial_factor": vae.get("scale_factor_spatial", 8),
+            "temporal_factor": vae.get("scale_factor_temporal", 4),
+            "patch_size": tuple(transformer.config.patch_size),
+        }
 
 
 FAMILY = WanFamily()

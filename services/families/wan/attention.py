@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttention, WanTransformer3DModel, _get_qkv_projections
 
+from ditserve.services.denoiser.attention.processor import RegistryAttnProcessor
 from ditserve.services.denoiser.attention.registry import BackendName, attention
 
 
@@ -27,16 +28,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return out.type_as(x)
 
 
-class DitserveWanAttnProcessor:
-    def __init__(self, backend: BackendName) -> None:
-        if backend is BackendName.AUTO:
-            raise ValueError("resolve 'auto' with resolve_backend() before building the processor")
-        self.backend = backend
-
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """Self-attention over the video tokens: the seam sequence-parallel attention replaces."""
-        return attention(query, key, value, self.backend)
-
+class DitserveWanAttnProcessor(RegistryAttnProcessor):
     def attend_text(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Cross-attention to the text, whose keys every rank holds whole."""
         return attention(query, key, value, self.backend)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from diffusers import WanTransformer3DModel
 
-from ditserve.services.denoiser.cache.state import relative_l1
+from ditserve.services.families.executor import StagedExecutor, Tensor
 
 
 @dataclass(frozen=True)
@@ -35,17 +35,12 @@ class WanStepInputs:
     grid: tuple[int, int, int]  # tokens per axis after patching: frames', height', width'
 
 
-class WanBlockExecutor:
+class WanBlockExecutor(StagedExecutor):
     """Stateless stages of one Wan transformer (a BlockExecutor); per-request cache state lives in the
     denoiser's cache/state.py."""
 
     def __init__(self, transformer: WanTransformer3DModel) -> None:
-        self.transformer = transformer
-        self.blocks: tuple[torch.nn.Module, ...] = tuple(transformer.blocks)
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
+        super().__init__(transformer, tuple(transformer.blocks))
 
     def embed(
         self, *, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
@@ -63,22 +58,13 @@ class WanBlockExecutor:
         grid = (frames // p_t, height // p_h, width // p_w)
         return WanStepInputs(tokens, encoder_hidden_states, timestep_proj, rotary_emb, temb, grid)
 
-    def relative_l1(self, current: torch.Tensor, previous: torch.Tensor) -> float:
-        return relative_l1(current, previous)
-
     def cache_signal(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """TeaCache4Wan2.1's indicator: the timestep projection every block modulates with (its e0)."""
         return temb
 
-    def run_block(
-        self,
-        index: int,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        temb: torch.Tensor,
-        rotary_emb: tuple[torch.Tensor, torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.blocks[index](hidden_states, encoder_hidden_states, temb, rotary_emb), encoder_hidden_states
+    def run_block(self, index: int, hidden: Tensor, text: Tensor, temb: Tensor, rotary: Any) -> tuple[Tensor, Tensor]:
+        """Block `index`; the text stream passes through unchanged."""
+        return self.blocks[index](hidden, text, temb, rotary), text
 
     def finish(self, hidden_states: torch.Tensor, inputs: WanStepInputs) -> torch.Tensor:
         """The forward's epilogue: modulated output norm, projection, tokens back to [B, C, F, H, W]."""
@@ -92,15 +78,3 @@ class WanBlockExecutor:
         p_t, p_h, p_w = model.config.patch_size
         hidden_states = hidden_states.reshape(hidden_states.shape[0], frames, height, width, p_t, p_h, p_w, -1)
         return hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
-
-    def forward(self, **transformer_kwargs: Any) -> torch.Tensor:
-        """The model's own forward: uncached calls go through it, so hooks on it see every one."""
-        return self.transformer(**transformer_kwargs, return_dict=False)[0]
-
-    def staged_forward(self, **transformer_kwargs: Any) -> torch.Tensor:
-        """embed, every block, finish: the model's own output bit for bit, in the stages a cache acts on."""
-        inputs = self.embed(**transformer_kwargs)
-        hidden, encoder = inputs.hidden_states, inputs.encoder_hidden_states
-        for index in range(self.num_blocks):
-            hidden, encoder = self.run_block(index, hidden, encoder, inputs.temb, inputs.rotary_emb)
-        return self.finish(hidden, inputs)

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ditserve.services.common import tensor_codec
 from ditserve.services.common.errors import InvalidArgument
-from ditserve.services.common.limits import RequestLimits, check_frames, check_generation, check_range
+from ditserve.services.common.limits import RequestLimits, check_frames, check_range
 from ditserve.services.denoiser.cache.policy import CacheConfig
+from ditserve.services.denoiser.requests import (
+    check_inputs,
+    common_inputs,
+    negative_conditioning,
+    require_prompt,
+    setting,
+)
 from ditserve.services.families.wan.runner import WanInputs
 from ditserve.v1 import denoiser_pb2, encoder_pb2
 
@@ -23,52 +30,29 @@ def parse_request(
 ) -> WanInputs:
     """Validated WanInputs; INVALID_ARGUMENT names the field of anything the model cannot take."""
     defaults = runner.facts.defaults
-    if not request.HasField("prompt"):
-        raise InvalidArgument("prompt", "is missing: send the encoder's embedding")
+    require_prompt(request)
     if request.HasField("true_cfg_scale"):
         raise InvalidArgument("true_cfg_scale", "Wan has no true CFG: guidance_scale is its (classic) CFG scale")
-    prompt = embedding(request.prompt, "prompt", limits, runner.transformer_config)
-    guidance = request.guidance_scale if request.HasField("guidance_scale") else defaults.guidance_scale
+
+    def parse(message: encoder_pb2.PromptEmbedding, field: str) -> torch.Tensor:
+        return embedding(message, field, limits, runner.transformer_config)
+
+    prompt = parse(request.prompt, "prompt")
     inputs = WanInputs(
         prompt=prompt,
         negative=None,
-        height=request.height or defaults.height,
-        width=request.width or defaults.width,
         num_frames=request.num_frames or defaults.num_frames,
-        steps=request.num_inference_steps or defaults.steps,
-        guidance_scale=guidance,
-        seed=request.seed,
-        num_images=request.num_images or 1,
-        cache=cache,
+        guidance_scale=setting(request, "guidance_scale", defaults.guidance_scale),
+        **common_inputs(request, defaults, cache),
     )
-    check_generation(
-        limits,
-        height=inputs.height,
-        width=inputs.width,
-        steps=inputs.steps,
-        num_images=inputs.num_images,
-        true_cfg_scale=1.0,
-    )
-    check_frames(
-        limits,
-        height=inputs.height,
-        width=inputs.width,
-        num_frames=inputs.num_frames,
-        temporal_factor=runner.temporal_factor,
-    )
-    if not (math.isfinite(guidance) and 0.0 <= guidance <= 100.0):
-        raise InvalidArgument("guidance_scale", f"{guidance} is outside [0, 100]")
-    if guidance <= 1.0:
-        return inputs
-    if not request.HasField("negative_prompt"):
-        raise InvalidArgument("negative_prompt", "is required when guidance_scale > 1 (Wan's CFG)")
-    negative = embedding(request.negative_prompt, "negative_prompt", limits, runner.transformer_config)
-    if negative.shape != prompt.shape:
-        raise InvalidArgument(
-            "negative_prompt.prompt_embeds",
-            f"shape {list(negative.shape)} differs from the prompt's {list(prompt.shape)}",
-        )
-    return WanInputs(**{**inputs.__dict__, "negative": negative})
+    check_inputs(limits, inputs, guidance_scale=inputs.guidance_scale)
+    check_frames(limits, inputs.height, inputs.width, inputs.num_frames, runner.temporal_factor)
+    negative = negative_conditioning(request, "guidance_scale", inputs.guidance_scale, parse, prompt.shape, _shape)
+    return dataclasses.replace(inputs, negative=negative)
+
+
+def _shape(embeds: torch.Tensor) -> tuple[int, ...]:
+    return tuple(embeds.shape)
 
 
 def embedding(message: encoder_pb2.PromptEmbedding, field: str, limits: RequestLimits, config: Any) -> torch.Tensor:

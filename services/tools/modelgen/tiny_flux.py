@@ -179,22 +179,25 @@ def _clip_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     )
 
 
-def _t5_encoder(tokenizer: T5Tokenizer) -> T5EncoderModel:
-    # gated-gelu as in T5 v1.1, the family of FLUX's T5-XXL encoder.
-    return T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer),
-            d_model=32,
-            d_kv=16,
-            d_ff=64,
-            num_layers=2,
-            num_heads=2,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.pad_token_id,
-        )
+def tiny_t5_config(config_class: type[T5Config], tokenizer: T5Tokenizer) -> T5Config:
+    """A 2-layer, 32-wide T5-style encoder config for `tokenizer` (T5 for FLUX, UMT5 for Wan); gated-gelu
+    as in T5 v1.1, the family of both FLUX's T5-XXL and Wan's UMT5-XXL."""
+    return config_class(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_heads=2,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
     )
+
+
+def _t5_encoder(tokenizer: T5Tokenizer) -> T5EncoderModel:
+    return T5EncoderModel(tiny_t5_config(T5Config, tokenizer))
 
 
 def _clip_tokenizer() -> CLIPTokenizer:

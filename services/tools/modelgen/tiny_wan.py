@@ -15,7 +15,7 @@ from pathlib import Path
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from transformers import UMT5Config, UMT5EncoderModel
 
-from ditserve.services.tools.modelgen.tiny_flux import _seeded, _t5_tokenizer, ensure_empty_dir
+from ditserve.services.tools.modelgen.tiny_flux import _seeded, _t5_tokenizer, ensure_empty_dir, tiny_t5_config
 
 # Read by the services in place of Wan2.1's defaults (480x832, 81 frames, 50 steps, 512 tokens), which
 # would only cost time with a model this small.
@@ -71,23 +71,6 @@ def _vae() -> AutoencoderKLWan:
     )
 
 
-def _umt5_encoder(vocab_size: int, pad_token_id: int, eos_token_id: int) -> UMT5EncoderModel:
-    return UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=vocab_size,
-            d_model=32,
-            d_kv=16,
-            d_ff=64,
-            num_layers=2,
-            num_heads=2,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=pad_token_id,
-            eos_token_id=eos_token_id,
-            decoder_start_token_id=pad_token_id,
-        )
-    )
-
-
 def write_tiny_wan(out_dir: Path, seed: int = 0) -> Path:
     """Writes the model into out_dir, which must be absent or empty, and returns out_dir."""
     out_dir = Path(out_dir)
@@ -95,9 +78,7 @@ def write_tiny_wan(out_dir: Path, seed: int = 0) -> Path:
     tokenizer = _t5_tokenizer()
     pipe = WanPipeline(
         tokenizer=tokenizer,
-        text_encoder=_seeded(
-            seed, lambda: _umt5_encoder(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
-        ),
+        text_encoder=_seeded(seed, lambda: UMT5EncoderModel(tiny_t5_config(UMT5Config, tokenizer))),
         transformer=tiny_wan_transformer(seed),
         vae=_seeded(seed, _vae),
         scheduler=wan_scheduler(),
