@@ -34,3 +34,13 @@ def test_the_worker_runs_the_familys_pipeline_at_the_folders_defaults(tiny_wan: 
     assert seconds > 0 and frames.dtype == np.uint8 and frames.shape == (1, 9, 64, 64, 3)
     assert settings == {"height": 64, "width": 64, "num_frames": 9, "steps": 2, "video_format": "raw"}
     assert np.array_equal(frames, reference.reference_for(tiny_wan, 2)("a red circle", 1))
+
+
+def test_the_transport_breakdown_keeps_what_no_stage_accounts_for() -> None:
+    from ditserve.services.tools.bench.transport import stage_breakdown
+
+    rows = [
+        {"services_s": 0.1, "stage_ms": {"encode": 10.0, "denoise": 50.0}, "queue_ms": 1.0},
+        {"services_s": 0.2, "stage_ms": {"encode": 20.0}, "queue_ms": 0.0},
+    ]
+    assert stage_breakdown(rows) == {"denoise": 25.0, "encode": 15.0, "unaccounted": pytest.approx(109.5)}
