@@ -21,13 +21,10 @@ Rows (--rows narrows them by name pattern; the two uncached baselines and the co
   factors kept in the model's dtype rather than its bf16 default; computed every N-th step after a
   warmup of 3) at TAYLORSEER_INTERVALS; MagCache at
   MAGCACHE_THRESHOLDS with magnitude ratios from MagCache's own calibrate mode on the calibration prompts.
-TeaCache uses the model's calibrated coefficients (ditserve.json "teacache_coefficients", written by
-denoiser/cache/calibrate.py); a folder without them gets them fitted here, the same way, not saved. The
-bench's prompts (a seeded subset of the shapes evaluation prompts, seed i for prompt i) never include the
-calibration prompts. Settings are the model folder's defaults, true CFG with negative prompt "" above 1.
 
-Prompts. One seeded shuffle of the shapes evaluation prompts without the calibration ones, seed i for the
-i-th: the quality set is its first --quality-prompts (default: all of them), the timed set its first
+Prompts (for a model trained on the shapes prompts; cache.py says what --prompt-file changes). One
+seeded shuffle of the shapes evaluation prompts without the calibration ones, seed i for the i-th: the
+quality set is its first --quality-prompts (default: all of them), the timed set its first
 --prompts. Two sets because the two measures need different things: a timing needs repeats, which a few
 prompts give cheaply, while fidelity moves in whole prompts, and borderline shapes flip under changes far
 below what PSNR notices, so a few prompts cannot tell a cache's loss from that luck.
