@@ -42,6 +42,7 @@ from ditserve.v1 import cache_pb2, common_pb2, common_pb2_grpc, pipeline_pb2, pi
 log = logging.getLogger(__name__)
 
 TIMEOUT_HEADER = "x-ditserve-timeout"
+VIDEO_FAMILIES = ("wan",)  # their Generate answers clips, which the Images API cannot carry
 
 # gRPC status -> (HTTP status, OpenAI error type). Anything unlisted is a 500.
 HTTP_STATUS: dict[grpc.StatusCode, tuple[int, str]] = {
@@ -369,6 +370,7 @@ class HttpFrontend:
     max_message_mb: int = 256
     _channels: dict[str, grpc.aio.Channel] = field(default_factory=dict, repr=False)
     _model_id: str | None = field(default=None, repr=False)
+    _family: str = field(default="", repr=False)
 
     def app(self) -> Any:
         from contextlib import asynccontextmanager
@@ -397,6 +399,14 @@ class HttpFrontend:
         async def images_generations(request: Request) -> JSONResponse | StreamingResponse:
             body = await self._body(request)
             message = to_generate_request(body, request.headers.get("x-request-id", ""))
+            await self._served_model()
+            if self._family in VIDEO_FAMILIES:
+                raise HttpError(
+                    400,
+                    f"model: {self._model_id} is a {self._family} video model; POST /v1/videos is not served yet"
+                    " (use gRPC Pipeline.Generate with num_frames)",
+                    param="model",
+                )
             output_format = body.output_format or "png"
             call = self._pipeline().Generate(message, timeout=self._timeout(request), metadata=_forwarded_auth(request))
             wants_stream = body.stream or "text/event-stream" in request.headers.get("accept", "")
@@ -520,6 +530,7 @@ class HttpFrontend:
                 except grpc.aio.AioRpcError:
                     continue
                 self._model_id = info.model.rstrip("/").rsplit("/", 1)[-1] or "ditserve"
+                self._family = info.details.get("family", "")
                 break
             else:
                 raise HttpError(503, "no denoiser answered Info", "service_unavailable_error")

@@ -182,3 +182,16 @@ def test_a_full_queue_answers_429_at_once_while_admitted_requests_finish(stack: 
     assert all(elapsed < 1.0 for elapsed, _ in rejected), rejected
     assert all(answer["error"]["type"] == "rate_limit_error" for _, answer in rejected)
     assert all(len(answer["data"]) == 1 for status, _, answer in results if status == 200)
+
+
+def test_a_video_model_is_refused_by_the_images_api(stack: object, tmp_path: Path) -> None:
+    from ditserve.services.tools.modelgen.tiny_wan import write_tiny_wan
+
+    wan = write_tiny_wan(tmp_path / "tiny-wan")
+    with beside(stack, ("denoiser", "gateway"), tmp_path, denoiser=["--model", str(wan)]) as side:
+        side.wait_ready("denoiser", 180)
+        base = side.http_base.removesuffix("/v1")
+        wait_http(f"{base}/health", timeout=60)
+        status, answer = http_call(f"{base}/v1/images/generations", {"prompt": PROMPT})
+    assert status == 400, answer
+    assert answer["error"]["param"] == "model" and "/v1/videos" in answer["error"]["message"]
