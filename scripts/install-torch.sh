@@ -7,9 +7,11 @@
 #                                  torch==VERSION to a +cpu build (a local mirror or wheelhouse; asked
 #                                  with `pip install --dry-run --report`, which reads metadata only),
 #                                  else torch==VERSION+cpu from PyTorch's CPU index ($TORCH_CPU_INDEX).
-# Usage: scripts/install-torch.sh PIP   (DRY_RUN=1 prints the install command instead of running it)
+# Usage: scripts/install-torch.sh PIP [PIP INSTALL OPTIONS...]
+#        (DRY_RUN=1 prints the install command instead of running it)
 set -euo pipefail
-PIP=${1:?usage: install-torch.sh PATH/TO/pip}
+PIP=${1:?usage: install-torch.sh PATH/TO/pip [pip install options]}
+shift
 VERSION=${TORCH_VERSION:-2.13.0}
 CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
 PY="$(dirname "$PIP")/python"
@@ -20,7 +22,7 @@ run() {
 }
 
 if [ -n "${TORCH_INDEX:-}" ]; then
-    run "$PIP" install -q "torch==$VERSION" --extra-index-url "$TORCH_INDEX"
+    run "$PIP" install -q "$@" "torch==$VERSION" --extra-index-url "$TORCH_INDEX"
     exit 0
 fi
 installed=$("$PIP" show torch 2>/dev/null | sed -n 's/^Version: //p' || true)
@@ -29,17 +31,17 @@ if [ "${installed%%+*}" = "$VERSION" ]; then
     exit 0
 fi
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    run "$PIP" install -q "torch==$VERSION"
+    run "$PIP" install -q "$@" "torch==$VERSION"
     exit 0
 fi
 if [ "$(uname -s)" != Linux ]; then
-    run "$PIP" install -q "torch==$VERSION"
+    run "$PIP" install -q "$@" "torch==$VERSION"
     exit 0
 fi
 picked=$("$PIP" install --dry-run --no-deps --quiet --report - "torch==$VERSION" 2>/dev/null |
     "$PY" -c 'import json, sys; r = json.load(sys.stdin)["install"]; print(r[0]["metadata"]["version"] if r else "")' ||
     true)
 case "$picked" in
-*+cpu) run "$PIP" install -q "torch==$picked" ;;
-*) run "$PIP" install -q "torch==$VERSION+cpu" --extra-index-url "$CPU_INDEX" ;;
+*+cpu) run "$PIP" install -q "$@" "torch==$picked" ;;
+*) run "$PIP" install -q "$@" "torch==$VERSION+cpu" --extra-index-url "$CPU_INDEX" ;;
 esac

@@ -137,3 +137,17 @@ def test_unreachable_gateway_is_one_line_with_a_hint(command: list[str]) -> None
     assert "Traceback" not in result.stderr
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("ditserve ")]
     assert "UNAVAILABLE" in line and "ditserve up" in line and "--target" in line
+
+
+def test_up_names_the_missing_extra_or_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import importlib.util
+
+    from ditserve.client import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else real(name, *a))
+    with pytest.raises(SystemExit, match=r"pip install 'ditserve\[serve\]'\): missing diffusers"):
+        cli._check_can_serve("up", str(tmp_path))
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    with pytest.raises(SystemExit, match=f"no model at {tmp_path}.*--model DIR or set DITSERVE_MODEL"):
+        cli._check_can_serve("up", str(tmp_path))
