@@ -75,6 +75,32 @@ def test_the_shapes_prompts_are_the_default_only_for_shapes_models(tmp_path: Pat
     assert calibration == [f"prompt {seed}" for seed in range(cache.FILE_CALIBRATION_PROMPTS)]
 
 
+def test_a_peers_hooks_run_in_our_loop_and_leave_it_as_it_was(model_dir: Path) -> None:
+    """TaylorSeer-lite's hooks skip blocks in our loop; removed, our loop gives its own latents again."""
+    import torch
+
+    from ditserve.services.common.model import ModelFolder
+    from ditserve.services.tools.bench.cache_harness import OurHarness
+    from ditserve.services.tools.calibrate import LocalFlux
+
+    model = LocalFlux(ModelFolder(model_dir), torch.device("cpu"), torch.float32)
+    harness = OurHarness(model, steps=8)
+    rows = {row.name: row for row in cache_rows.all_rows(model.runner.executor.num_blocks)}
+    plain, peer = rows["ours/none"], rows[f"{cache_rows.PEER_IN_OURS}/taylorseer-lite i=2"]
+    prompt = model.encode("a red circle on a blue background")
+    _, before, _ = harness.run(plain, prompt, 1)
+    harness.install(peer)
+    try:
+        _, hooked, skipped = harness.run(peer, prompt, 1)
+        _, again, _ = harness.run(peer, prompt, 1)
+    finally:
+        harness.uninstall(peer)
+    _, after, _ = harness.run(plain, prompt, 1)
+    assert 0 < skipped < 1 and not torch.equal(hooked, before)
+    assert torch.equal(hooked, again)  # the hooks' state is reset between images
+    assert torch.equal(after, before)
+
+
 def test_psnr_and_ssim() -> None:
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
@@ -115,6 +141,7 @@ def test_summary_rule() -> None:
         _result("ours/fewer-steps 9", 2.9, 30.5, 90),  # a baseline, never the best cached row
         _result("ours/strict", 1.5, 36, 90, worst=26),
         _result("cache-dit/d", 2.0, 35, 90),
+        _result("diffusers@ours/e", 1.6, 34, 90),  # the peer's hooks in our loop
         {"name": "diffusers/e", "peer": "diffusers", "method": "x", "error": "boom"},
     ]
     summary = cache.summarize(results, baseline_identical=True)
@@ -123,9 +150,11 @@ def test_summary_rule() -> None:
     assert summary["ratio_vs_peer"] == pytest.approx(1.1)
     assert summary["fewer_steps_best_row"] == "ours/fewer-steps 9"
     assert summary["best_row_psnr35_worst25"] == "ours/strict"
+    assert summary["ratio_vs_peer_in_our_loop"] == pytest.approx(2.2 / 1.6)
     assert summary["targets_met"] == {
         "best_speedup_psnr30": True,
         "ratio_vs_peer": False,
+        "ratio_vs_peer_in_our_loop": True,
         "best_speedup_psnr35_worst25": False,
     }
     assert summary["errors"] == {"diffusers/e": "boom"}

@@ -22,10 +22,11 @@ is a shapes prompt; elsewhere PSNR, SSIM and the worst image against uncached de
 
 Summary: ours and the peers each get the highest speedup among cached rows with mean PSNR >= 30 dB, the
 worst image >= 20 dB and (where judged) fidelity at most 2 points below uncached; ratio_vs_peer divides
-the two. The same rule picks the best uncached fewer-steps row, the baseline any step cache must beat,
-and best_speedup_psnr35_worst25 is the fastest cached row with mean >= 35 dB and worst >= 25 dB. A row
-that fails keeps its error and stays out of the summary. A speedup-vs-PSNR scatter plot is written next
-to the JSON as <out>.png.
+the two, and ratio_vs_peer_in_our_loop divides ours by the peer's hooks timed in our loop (both against
+ours/none, so harness overhead cancels). The same rule picks the best uncached fewer-steps row, the
+baseline any step cache must beat, and best_speedup_psnr35_worst25 is the fastest cached row with mean
+>= 35 dB and worst >= 25 dB. A row that fails keeps its error and stays out of the summary. A
+speedup-vs-PSNR scatter plot is written next to the JSON as <out>.png.
 """
 
 from __future__ import annotations
@@ -50,7 +51,15 @@ from ditserve.services.denoiser.cache.policy import CacheConfig
 from ditserve.services.denoiser.cache.step_masks import resolve, stored_masks
 from ditserve.services.tools.bench.cache_harness import Decoder, OurHarness, PipelineHarness
 from ditserve.services.tools.bench.cache_plot import plot
-from ditserve.services.tools.bench.cache_rows import BASELINES, UNCACHED, Row, all_rows, bench_prompts, select_rows
+from ditserve.services.tools.bench.cache_rows import (
+    BASELINES,
+    PEER_IN_OURS,
+    UNCACHED,
+    Row,
+    all_rows,
+    bench_prompts,
+    select_rows,
+)
 from ditserve.services.tools.bench.common import median, result_document
 from ditserve.services.tools.bench.image_metrics import psnr, ssim
 from ditserve.services.tools.eval.fidelity import score_image
@@ -249,8 +258,10 @@ def summarize(results: list[dict[str, Any]], baseline_identical: bool) -> dict[s
     ours = _best(results, {"ours"}, fidelity_none)
     peer = _best(results, {"cache-dit", "diffusers"}, pipe_none["fidelity"])
     strict = _best(results, {"ours"}, fidelity_none, STRICT_RULE_DB)
+    in_ours = _best(results, {PEER_IN_OURS}, fidelity_none)
     fewer = _best(results, {"ours"}, fidelity_none, methods={"fewer-steps"})
     best = ours["speedup"] if ours else None
+    ratio_in_ours = best / in_ours["speedup"] if best is not None and in_ours is not None else None
     peer_best = peer["speedup"] if peer else None
     ratio = best / peer_best if best is not None and peer_best is not None else None
     baseline_ratio = ours_none["denoise_s"] / pipe_none["denoise_s"]
@@ -266,6 +277,9 @@ def summarize(results: list[dict[str, Any]], baseline_identical: bool) -> dict[s
         "peer_best_speedup_psnr30": peer_best,
         "peer_best_row": peer["name"] if peer else None,
         "ratio_vs_peer": ratio,
+        "peer_in_our_loop_best_speedup_psnr30": in_ours["speedup"] if in_ours else None,
+        "peer_in_our_loop_best_row": in_ours["name"] if in_ours else None,
+        "ratio_vs_peer_in_our_loop": ratio_in_ours,
         "best_speedup_psnr35_worst25": strict["speedup"] if strict else None,
         "best_row_psnr35_worst25": strict["name"] if strict else None,
         "fewer_steps_best_speedup_psnr30": fewer["speedup"] if fewer else None,
@@ -274,6 +288,7 @@ def summarize(results: list[dict[str, Any]], baseline_identical: bool) -> dict[s
         "targets_met": {
             "best_speedup_psnr30": best is not None and best >= TARGETS["best_speedup_psnr30"],
             "ratio_vs_peer": ratio is not None and ratio >= TARGETS["ratio_vs_peer"],
+            "ratio_vs_peer_in_our_loop": ratio_in_ours is not None and ratio_in_ours >= TARGETS["ratio_vs_peer"],
             "best_speedup_psnr35_worst25": strict is not None
             and strict["speedup"] >= TARGETS["best_speedup_psnr35_worst25"],
         },

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ditserve.services.tools.bench.cache_rows import CONTROL_NUDGE, Row
+from ditserve.services.tools.bench.cache_rows import CONTROL_NUDGE, PEER_IN_OURS, Row
 
 if TYPE_CHECKING:
     import torch
@@ -44,28 +44,71 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def diffusers_cache_config(row: Row, dtype: torch.dtype, steps: int, mag_ratios: list[float] | None) -> object:
+    """The diffusers hook config of a row, for FluxPipeline's transformer or our loop's."""
+    from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+
+    if row.method == "fbc":
+        return FirstBlockCacheConfig(threshold=row.hook["threshold"])
+    if row.method == "taylorseer-lite":
+        return TaylorSeerCacheConfig(
+            cache_interval=int(row.hook["cache_interval"]), use_lite_mode=True, taylor_factors_dtype=dtype
+        )
+    return MagCacheConfig(threshold=row.hook["threshold"], num_inference_steps=steps, mag_ratios=mag_ratios)
+
+
 class OurHarness:
     """Our rows: the denoiser's own loop, in this process."""
 
     def __init__(self, model: LocalFlux, steps: int) -> None:
         self.model = model
         self.steps = steps
+        self.counter: BlockCounter | None = None  # while a peer's hooks are installed
 
     def install(self, row: Row) -> None:
-        """Nothing to install: the cache policy travels with each request."""
+        """Our policies travel with each request; a peer's hooks go on our transformer, and every runner
+        call into a CFG branch's cache context, as FluxPipeline's loop does (the runner's _predict is one
+        branch's call)."""
+        if row.peer != PEER_IN_OURS:
+            return
+        runner = self.model.runner
+        transformer = runner.executor.transformer
+        transformer.enable_cache(diffusers_cache_config(row, runner.dtype, self.steps, None))
+        predict = runner._predict
+
+        def in_context(trajectories: list[Any], negative: bool) -> list[torch.Tensor]:
+            with transformer.cache_context("uncond" if negative else "cond"):
+                return predict(trajectories, negative)
+
+        runner._predict = in_context
+        self.counter = BlockCounter(transformer)
 
     def uninstall(self, row: Row) -> None:
-        """Nothing to remove."""
+        if row.peer != PEER_IN_OURS:
+            return
+        runner = self.model.runner
+        del runner._predict  # the instance attribute: the class's method again
+        runner.executor.transformer.disable_cache()
+        if self.counter is not None:
+            self.counter.remove()
+            self.counter = None
 
     def run(self, row: Row, prompt: Conditioning, seed: int) -> tuple[float, Any, float]:
         """A fewer-steps row skips, against the bench's step count, the steps it never runs."""
         steps = row.steps or self.steps
         inputs = self.model.inputs(prompt, seed, steps, row.cache)
         started = time.perf_counter()
+        if self.counter is not None:
+            self.counter.count = 0
         trajectory = self.model.denoise(inputs, nudge=CONTROL_NUDGE if row.method == "control" else 0.0)
         _synchronize(self.model.device)
+        seconds = time.perf_counter() - started
+        if self.counter is not None:  # a peer's hooks: what they skipped, then their state reset per image
+            self.model.runner.executor.transformer._reset_stateful_cache()
+            branches = 2 if self.model.negative is not None else 1
+            return seconds, trajectory.result(), 1.0 - self.counter.count / (steps * branches * self.counter.blocks)
         skipped = 1 - (1 - trajectory.cache.skipped_fraction) * steps / self.steps
-        return time.perf_counter() - started, trajectory.result(), skipped
+        return seconds, trajectory.result(), skipped
 
 
 class BlockCounter:
@@ -76,11 +119,14 @@ class BlockCounter:
         norms = [block.norm1 for block in transformer.transformer_blocks]
         norms += [block.norm for block in transformer.single_transformer_blocks]
         self.blocks = len(norms)
-        for norm in norms:
-            norm.register_forward_hook(self._hit)
+        self.handles = [norm.register_forward_hook(self._hit) for norm in norms]
 
     def _hit(self, *_: object) -> None:
         self.count += 1
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 class PipelineHarness:
@@ -142,22 +188,9 @@ class PipelineHarness:
                 ),
             )
         elif row.method != "none":
-            pipe.transformer.enable_cache(self._diffusers_config(row))
-
-    def _diffusers_config(self, row: Row) -> object:
-        from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
-
-        if row.method == "fbc":
-            return FirstBlockCacheConfig(threshold=row.hook["threshold"])
-        if row.method == "taylorseer-lite":
-            return TaylorSeerCacheConfig(
-                cache_interval=int(row.hook["cache_interval"]),
-                use_lite_mode=True,
-                taylor_factors_dtype=self.model.runner.dtype,
+            pipe.transformer.enable_cache(
+                diffusers_cache_config(row, self.model.runner.dtype, self.steps, self.mag_ratios)
             )
-        return MagCacheConfig(
-            threshold=row.hook["threshold"], num_inference_steps=self.steps, mag_ratios=self.mag_ratios
-        )
 
     def uninstall(self, row: Row) -> None:
         pipe, _ = self.pipe(row.peer)

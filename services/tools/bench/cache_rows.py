@@ -21,6 +21,9 @@ Rows (--rows narrows them by name pattern; the two uncached baselines and the co
   factors kept in the model's dtype rather than its bf16 default; computed every N-th step after a
   warmup of 3) at TAYLORSEER_INTERVALS; MagCache at
   MAGCACHE_THRESHOLDS with magnitude ratios from MagCache's own calibrate mode on the calibration prompts.
+- diffusers@ours: the TaylorSeerCache rows again, its hooks on our loop's transformer (uncached requests
+  call the model's own forward, which the hooks wrap), each CFG branch in its own cache context as
+  FluxPipeline sets them: the best peer timed without FluxPipeline's overhead, against ours/none.
 
 Prompts (for a model trained on the shapes prompts; cache.py says what --prompt-file changes). One
 seeded shuffle of the shapes evaluation prompts without the calibration ones, seed i for the i-th: the
@@ -69,7 +72,9 @@ MAGCACHE_THRESHOLDS = (0.06, 0.12, 0.24)
 CONTROL_NUDGE = 0.01
 UNCACHED = ("none", "control", "fewer-steps")  # never ours' best: the fewer-steps rows are its baseline
 PROMPT_SEED = 0
-HARNESS = {"ours": "ours", "cache-dit": "pipeline", "diffusers": "pipeline"}
+# The peers' hooks timed in our own loop too, so a ratio against them does not depend on harness overhead.
+PEER_IN_OURS = "diffusers@ours"
+HARNESS = {"ours": "ours", PEER_IN_OURS: "ours", "cache-dit": "pipeline", "diffusers": "pipeline"}
 BASELINES = {"ours": "ours/none", "pipeline": "diffusers/none"}
 
 
@@ -95,7 +100,7 @@ class Row:
 
     @property
     def params(self) -> dict[str, Any]:
-        if self.peer == "diffusers":
+        if self.peer in ("diffusers", PEER_IN_OURS):
             return dict(self.hook)
         if self.steps is not None:
             return {"steps": self.steps}
@@ -140,10 +145,11 @@ def all_rows(num_blocks: int) -> list[Row]:
     # Simply asking for fewer steps: the scheduler's own k-step schedule, the compute of the k-step rows.
     rows += [Row(f"ours/fewer-steps {k}", "ours", "fewer-steps", steps=k) for k in WHOLE_STEP_COMPUTED]
     rows += [Row(f"diffusers/fbc t={t}", "diffusers", "fbc", hook={"threshold": t}) for t in FBC_THRESHOLDS]
-    rows += [
-        Row(f"diffusers/taylorseer-lite i={i}", "diffusers", "taylorseer-lite", hook={"cache_interval": i})
-        for i in TAYLORSEER_INTERVALS
-    ]
+    for peer in ("diffusers", PEER_IN_OURS):
+        rows += [
+            Row(f"{peer}/taylorseer-lite i={i}", peer, "taylorseer-lite", hook={"cache_interval": i})
+            for i in TAYLORSEER_INTERVALS
+        ]
     rows += [
         Row(f"diffusers/magcache t={t}", "diffusers", "magcache", hook={"threshold": t}) for t in MAGCACHE_THRESHOLDS
     ]
