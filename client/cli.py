@@ -20,7 +20,7 @@ from ditserve.client.config import DEFAULT_HTTP_PORT, DEFAULT_PORTS, default_mod
 from ditserve.client.options import Parser, expand_config, rpc_error_line, token_default
 
 ROLES = ("gateway", "encoder", "denoiser", "vae")
-BENCHES = ("transport", "attention", "serving", "sp", "soak", "cache", "fidelity", "optimize")
+BENCHES = ("transport", "attention", "serving", "sp", "soak", "cache", "fidelity", "optimize", "real_scale")
 # services/tools/modelgen/presets.py PRESETS, named here so the parser needs no torch.
 MODEL_PRESETS = ("flux.1-dev", "flux.1-schnell", "wan2.1-t2v-1.3b", "tiny-flux", "tiny-wan")
 

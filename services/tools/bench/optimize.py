@@ -88,6 +88,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "fidelity_all": report["all"],
             }
         )
-    summary = {row["variant"]: {k: v for k, v in row.items() if k != "variant"} for row in rows}
+    summary = summarize(rows)
     config = {"steps": steps, "prompts": len(prompts), "dtype": "fp32", "device": "cpu", "variants": names}
     return result_document("optimize", folder.name, config, rows, summary)
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Flat scalars per variant (the bench report's table shows scalar summaries)."""
+    summary: dict[str, Any] = {}
+    for row in rows:
+        name = row["variant"]
+        summary[f"{name} s/image"] = round(row["seconds_per_image"], 4)
+        if name != "eager":
+            summary[f"{name} PSNR dB"] = round(row["psnr_db_vs_eager"], 2)
+        summary[f"{name} fidelity"] = round(row["fidelity_all"], 3)
+    return summary
