@@ -29,22 +29,12 @@ from ditserve.services.denoiser.attention import (
 )
 from ditserve.services.families.flux.attention import apply_attention_backend
 from ditserve.services.tools.bench.common import median, result_document
+from ditserve.services.tools.modelgen.presets import FLUX1_TRANSFORMER
 
 log = logging.getLogger(__name__)
 
 # The transformer configs (FluxTransformer2DModel arguments) of the models whose shapes we measure.
-FLUX_DEV = {
-    "patch_size": 1,
-    "in_channels": 64,
-    "num_layers": 19,
-    "num_single_layers": 38,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "pooled_projection_dim": 768,
-    "guidance_embeds": True,
-    "axes_dims_rope": (16, 56, 56),
-}
+FLUX_DEV = FLUX1_TRANSFORMER
 MODELS = {
     "black-forest-labs/FLUX.1-dev": FLUX_DEV,
     "black-forest-labs/FLUX.1-schnell": {**FLUX_DEV, "guidance_embeds": False},
