@@ -56,6 +56,8 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             cfg_scale_field=self.runtime.family.cfg_scale_field,
             default_cfg_scale=getattr(defaults, self.runtime.family.cfg_scale_field),
             default_num_frames=defaults.num_frames,
+            default_fps=defaults.fps,
+            video=self.runtime.family.video,
             batching=self.options.batching.mode,
             cache_policy=self.runtime.default_cache.mode,
             max_batch_size=self.options.batching.max_batch_size,

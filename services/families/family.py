@@ -32,6 +32,7 @@ class ModelFamily(ABC):
     cfg_scale_field: str  # the request field that is its classic-CFG scale (needs a negative prompt above 1)
     published_teacache_coefficients: tuple[float, ...] | None  # until `ditserve calibrate teacache` fits the model's
     sp_preload: tuple[str, ...]  # modules a sequence-parallel forkserver imports once
+    video: bool  # answers clips (num_frames, fps) rather than images
     package: str  # e.g. "ditserve.services.families.flux"
     text_encoder_class: str  # "encoder.FluxTextEncoder"
     vae_decoder_class: str

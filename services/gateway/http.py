@@ -1,4 +1,4 @@
-"""The gateway's OpenAI-compatible HTTP front end: POST /v1/images/generations, GET /v1/models, GET /health.
+"""The gateway's OpenAI-compatible HTTP front end: images, videos (videos.py), models and health.
 
 It runs inside the gateway process and reaches Pipeline.Generate over a loopback gRPC channel with
 our own client stub, so every validation, limit, bearer-token check and status code stays in one
@@ -15,223 +15,45 @@ and `Request` is imported inside app() so that the CLI's parser never imports Fa
 
 import argparse
 import asyncio
-import base64
 import json
 import logging
-import re
 import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import Counter, Gauge, Histogram
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ditserve.client.config import DEFAULT_HTTP_PORT
 from ditserve.client.security import NO_SECURITY, ClientSecurity
-from ditserve.client.stub import channel_options, generate_request
+from ditserve.client.stub import channel_options
 from ditserve.services.common.errors import StartupError
 from ditserve.services.common.metrics import LATENCY_BUCKETS, ServiceMetrics
-from ditserve.v1 import cache_pb2, common_pb2, common_pb2_grpc, pipeline_pb2, pipeline_pb2_grpc
+from ditserve.services.gateway import videos
+from ditserve.services.gateway.openai_api import (
+    HttpError,
+    ImageGenerationRequest,
+    VideoGenerationRequest,
+    error_from_rpc,
+    images_body,
+    openai_error,
+    sse,
+    to_generate_request,
+    to_video_request,
+    validation_error,
+)
+from ditserve.services.gateway.videos import VideoJobs
+from ditserve.v1 import common_pb2, common_pb2_grpc, pipeline_pb2, pipeline_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 TIMEOUT_HEADER = "x-ditserve-timeout"
-VIDEO_FAMILIES = ("wan",)  # their Generate answers clips, which the Images API cannot carry
-
-# gRPC status -> (HTTP status, OpenAI error type). Anything unlisted is a 500.
-HTTP_STATUS: dict[grpc.StatusCode, tuple[int, str]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
-    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
-    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
-    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
-    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
-    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
-    grpc.StatusCode.CANCELLED: (499, "cancelled"),
-    grpc.StatusCode.UNIMPLEMENTED: (501, "server_error"),
-    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
-}
-
-# GenerateRequest field (as the gateway's INVALID_ARGUMENT names it) -> the HTTP body's field.
-GRPC_TO_HTTP_FIELD = {
-    "num_images": "n",
-    "width": "size",
-    "height": "size",
-    "quality": "output_compression",
-    "output_format": "output_format",
-    "cache": "cache_policy",
-}
-STAGE_NAMES = ("encoder", "denoiser", "vae")
-_FIELD_MESSAGE = re.compile(r"^([A-Za-z_][\w.\[\]]*): (.*)$", re.DOTALL)
-
-
-def http_param(grpc_field: str) -> str:
-    """The request-body field a gRPC field path stands for (`cache.dbcache.fn` -> `cache_policy.dbcache.fn`)."""
-    head, dot, rest = grpc_field.partition(".")
-    mapped = GRPC_TO_HTTP_FIELD.get(head, head)
-    return f"{mapped}{dot}{rest}"
-
-
-def openai_error(status: int, message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
-    """The body OpenAI's API answers with on an error (what the `openai` SDK parses)."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": code or str(status)}}
-
-
-def error_from_rpc(code: grpc.StatusCode, details: str) -> tuple[int, dict]:
-    """HTTP status and OpenAI error body for a gRPC status; INVALID_ARGUMENT's field becomes `param`."""
-    status, kind = HTTP_STATUS.get(code, (500, "server_error"))
-    param = None
-    message = details or code.name
-    # A stage's own complaint reaches us as "denoiser: cache.dbcache.fn: ..." through the gateway.
-    stage, sep, rest = (details or "").partition(": ")
-    match = _FIELD_MESSAGE.match(rest if sep and stage in STAGE_NAMES else details or "")
-    if match and status == 400:
-        grpc_field, reason = match.groups()
-        param = http_param(grpc_field)
-        message = f"{param}: {reason}" if param == grpc_field else f"{param} ({grpc_field}): {reason}"
-    return status, openai_error(status, message, kind, param, code.name.lower())
-
-
-class HttpError(Exception):
-    """An error this layer answers itself (schema, size, body) before any gRPC call."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        kind: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = openai_error(status, message, kind, param, code)
-
-
-class ImageGenerationRequest(BaseModel):
-    """OpenAI's Images API body, plus the extras SGLang's users send and our cache_policy."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: str
-    model: str | None = Field(None, description="accepted and ignored: a gateway serves one model")
-    n: int = Field(1, ge=1, description="images for this prompt")
-    size: str | None = Field(None, description="'WIDTHxHEIGHT' in pixels, multiples of 16; 'auto' = the model's")
-    response_format: Literal["b64_json", "url"] | None = Field(None, description="only b64_json (no storage)")
-    output_format: Literal["png", "jpeg", "webp"] | None = None
-    output_compression: int | None = Field(None, ge=0, le=100, description="JPEG/WebP quality; 0 = 90")
-    stream: bool = Field(False, description="server-sent progress events, then the images")
-    quality: str | None = Field(None, description="OpenAI's; accepted and ignored")
-    style: str | None = Field(None, description="OpenAI's; accepted and ignored")
-    background: str | None = Field(None, description="OpenAI's; accepted and ignored")
-    moderation: str | None = Field(None, description="OpenAI's; accepted and ignored")
-    partial_images: int | None = Field(None, description="OpenAI's; accepted and ignored")
-    user: str | None = Field(None, description="OpenAI's; accepted and ignored")
-    seed: int | None = Field(None, ge=0, lt=2**64, description="unset = random, reported back as `seed`")
-    num_inference_steps: int | None = Field(None, ge=1, description="unset = the model's")
-    guidance_scale: float | None = Field(None, description="distilled guidance (FLUX.1-dev)")
-    true_cfg_scale: float | None = Field(None, description="true CFG; > 1 also runs negative_prompt")
-    negative_prompt: str | None = None
-    max_sequence_length: int | None = Field(None, ge=1)
-    cache_policy: str | dict[str, Any] | None = Field(
-        None, description="none, teacache, dbcache, or a CachePolicy as JSON (the same as --cache-policy)"
-    )
-
-
-CACHE_SHORTHANDS = {"none": {"none": {}}, "teacache": {"teacache": {}}, "dbcache": {"dbcache": {}}}
-
-
-def parse_cache_policy(value: str | dict[str, Any] | None) -> cache_pb2.CachePolicy | None:
-    """--cache-policy's shorthand, a JSON string or an object, as a CachePolicy (ValueError names the problem)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if value in CACHE_SHORTHANDS:
-            value = CACHE_SHORTHANDS[value]
-        else:
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                raise ValueError(f"{value!r} is none, teacache, dbcache or a CachePolicy as JSON") from None
-    try:
-        return json_format.ParseDict(value, cache_pb2.CachePolicy())
-    except json_format.ParseError as error:
-        raise ValueError(str(error)) from None
-
-
-def parse_size(size: str | None) -> tuple[int, int]:
-    """'WxH' -> (width, height); None or 'auto' -> (0, 0), the model's default."""
-    if size is None or size == "auto":
-        return 0, 0
-    match = re.fullmatch(r"(\d+)x(\d+)", size)
-    if not match:
-        raise HttpError(400, f"size: {size!r} is not WIDTHxHEIGHT (e.g. 1024x1024) or auto", param="size")
-    return int(match.group(1)), int(match.group(2))
-
-
-def to_generate_request(body: ImageGenerationRequest, request_id: str = "") -> pipeline_pb2.GenerateRequest:
-    """The OpenAI body as the gateway's GenerateRequest; the gateway validates values and limits."""
-    if body.response_format == "url":
-        raise HttpError(
-            400,
-            "response_format: 'url' needs image storage, which this server does not keep; use b64_json",
-            param="response_format",
-        )
-    width, height = parse_size(body.size)
-    try:
-        cache = parse_cache_policy(body.cache_policy)
-    except ValueError as error:
-        raise HttpError(400, f"cache_policy: {error}", param="cache_policy") from None
-    return generate_request(
-        body.prompt,
-        negative_prompt=body.negative_prompt or "",
-        width=width,
-        height=height,
-        steps=body.num_inference_steps or 0,
-        guidance_scale=body.guidance_scale,
-        true_cfg_scale=body.true_cfg_scale,
-        seed=body.seed,
-        num_images=body.n,
-        output_format=body.output_format or "png",
-        quality=body.output_compression or 0,
-        max_sequence_length=body.max_sequence_length or 0,
-        request_id=request_id,
-        cache=cache,
-    )
-
-
-def validation_error(error: ValidationError) -> HttpError:
-    """pydantic's first complaint as a 400 naming the field (`param`)."""
-    first = error.errors()[0]
-    param = ".".join(str(part) for part in first["loc"]) or None
-    message = first["msg"] if first["type"] != "extra_forbidden" else "unknown field"
-    return HttpError(400, f"{param}: {message}" if param else message, param=param, code=first["type"])
-
-
-def images_body(result: pipeline_pb2.GenerateResult, output_format: str) -> dict:
-    """OpenAI's ImagesResponse, plus the seed and request id actually used."""
-    first = result.images[0] if result.images else None
-    return {
-        "created": int(time.time()),
-        "data": [{"b64_json": base64.b64encode(image.data).decode("ascii")} for image in result.images],
-        "output_format": output_format,
-        "size": f"{first.width}x{first.height}" if first else None,
-        "seed": result.seed,
-        "request_id": result.request_id,
-        "timing": {"total_ms": result.timing.total_ms, "stage_ms": dict(result.timing.stage_ms)},
-    }
-
-
-def sse(event: str, data: dict | str) -> bytes:
-    payload = data if isinstance(data, str) else json.dumps(data)
-    return f"event: {event}\ndata: {payload}\n\n".encode()
 
 
 @dataclass(frozen=True)
@@ -242,6 +64,7 @@ class HttpOptions:
     port: int | None = DEFAULT_HTTP_PORT
     max_body_kb: int = 256
     timeout_s: float = 600.0
+    max_video_jobs: int = 16
     grace_s: float = 30.0
 
     @staticmethod
@@ -256,6 +79,12 @@ class HttpOptions:
         group.add_argument("--no-http", action="store_true", help="serve gRPC only (default: HTTP on)")
         group.add_argument(
             "--http-max-body-kb", type=int, default=256, help="larger request bodies answer 413 (default: 256)"
+        )
+        group.add_argument(
+            "--http-max-video-jobs",
+            type=int,
+            default=16,
+            help="video jobs kept (POST /v1/videos); the oldest finished one makes room, else 429 (default: 16)",
         )
         group.add_argument(
             "--http-timeout",
@@ -279,6 +108,7 @@ class HttpOptions:
             port=None if args.no_http else port,
             max_body_kb=args.http_max_body_kb,
             timeout_s=args.http_timeout,
+            max_video_jobs=args.http_max_video_jobs,
             grace_s=args.grace_seconds,
         )
 
@@ -286,7 +116,7 @@ class HttpOptions:
 class HttpMetrics:
     """HTTP requests beside the gRPC families, on the gateway's registry (route templates only)."""
 
-    ROUTES = ("/v1/images/generations", "/v1/models", "/health")
+    ROUTES = ("/v1/images/generations", "/v1/videos", "/v1/models", "/health")
 
     def __init__(self, metrics: ServiceMetrics) -> None:
         registry = metrics.registry
@@ -306,6 +136,9 @@ class HttpMetrics:
         ).labels(self.service)
 
     def route(self, path: str) -> str:
+        """The route template: a video's id is not a label value (unbounded cardinality)."""
+        if path.startswith("/v1/videos/"):
+            return "/v1/videos/{id}/content" if path.endswith("/content") else "/v1/videos/{id}"
         return path if path in self.ROUTES else "other"
 
 
@@ -370,13 +203,14 @@ class HttpFrontend:
     max_message_mb: int = 256
     _channels: dict[str, grpc.aio.Channel] = field(default_factory=dict, repr=False)
     _model_id: str | None = field(default=None, repr=False)
-    _family: str = field(default="", repr=False)
+    _details: dict[str, str] = field(default_factory=dict, repr=False)
+    _videos: VideoJobs | None = field(default=None, repr=False)
 
     def app(self) -> Any:
         from contextlib import asynccontextmanager
 
         from fastapi import FastAPI, Request
-        from fastapi.responses import JSONResponse, StreamingResponse
+        from fastapi.responses import JSONResponse, Response, StreamingResponse
 
         @asynccontextmanager
         async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -400,13 +234,7 @@ class HttpFrontend:
             body = await self._body(request)
             message = to_generate_request(body, request.headers.get("x-request-id", ""))
             await self._served_model()
-            if self._family in VIDEO_FAMILIES:
-                raise HttpError(
-                    400,
-                    f"model: {self._model_id} is a {self._family} video model; POST /v1/videos is not served yet"
-                    " (use gRPC Pipeline.Generate with num_frames)",
-                    param="model",
-                )
+            self._check_kind(video=False)
             output_format = body.output_format or "png"
             call = self._pipeline().Generate(message, timeout=self._timeout(request), metadata=_forwarded_auth(request))
             wants_stream = body.stream or "text/event-stream" in request.headers.get("accept", "")
@@ -423,6 +251,37 @@ class HttpFrontend:
                 media_type="text/event-stream",
                 headers={"cache-control": "no-cache"},
             )
+
+        @api.post("/v1/videos", response_model=None)
+        async def create_video(request: Request) -> JSONResponse:
+            body = await self._body(request, VideoGenerationRequest)
+            model = await self._served_model()
+            self._check_kind(video=True)
+            message = to_video_request(
+                body, float(self._details.get("default_fps") or 16.0), request.headers.get("x-request-id", "")
+            )
+            job = self._video_jobs().add(model, message)
+            call = self._pipeline().Generate(message, timeout=self._timeout(request), metadata=_forwarded_auth(request))
+            try:
+                await videos.start(job, call)
+            except BaseException:
+                self._video_jobs().delete(job.id)
+                raise
+            return JSONResponse(job.body())
+
+        @api.get("/v1/videos/{video_id}")
+        async def get_video(video_id: str) -> JSONResponse:
+            return JSONResponse(self._video_jobs().get(video_id).body())
+
+        @api.get("/v1/videos/{video_id}/content", response_model=None)
+        async def video_content(video_id: str) -> Response:
+            data, media_type = videos.content(self._video_jobs().get(video_id))
+            return Response(content=data, media_type=media_type)
+
+        @api.delete("/v1/videos/{video_id}")
+        async def delete_video(video_id: str) -> JSONResponse:
+            job = self._video_jobs().delete(video_id)
+            return JSONResponse({"id": job.id, "object": "video.deleted", "deleted": True})
 
         @api.get("/v1/models")
         async def models(request: Request) -> JSONResponse:
@@ -445,7 +304,7 @@ class HttpFrontend:
 
         return HttpEdge(api, HttpMetrics(self.metrics), self.options.max_body_kb * 1024)
 
-    async def _body(self, request: Any) -> ImageGenerationRequest:
+    async def _body(self, request: Any, schema: type[BaseModel] = ImageGenerationRequest) -> Any:
         limit = self.options.max_body_kb * 1024
         chunks, size = [], 0
         async for chunk in request.stream():  # a chunked body has no content-length to check up front
@@ -460,7 +319,7 @@ class HttpFrontend:
         if not isinstance(data, dict):
             raise HttpError(400, "the body must be a JSON object with at least `prompt`")
         try:
-            return ImageGenerationRequest.model_validate(data)
+            return schema.model_validate(data)
         except ValidationError as error:
             raise validation_error(error) from None
 
@@ -519,6 +378,20 @@ class HttpFrontend:
                 break
         return state
 
+    def _check_kind(self, video: bool) -> None:
+        """Images from an image family, clips from a video family: the other route is a 400 naming model."""
+        served_video = self._details.get("video") == "True"
+        if served_video != video:
+            kind, route = (
+                ("a video", "POST /v1/videos") if served_video else ("an image", "POST /v1/images/generations")
+            )
+            raise HttpError(400, f"model: {self._model_id} is {kind} model; use {route}", param="model")
+
+    def _video_jobs(self) -> VideoJobs:
+        if self._videos is None:
+            self._videos = VideoJobs(self.options.max_video_jobs)
+        return self._videos
+
     async def _served_model(self) -> str:
         """The denoiser's model folder name, asked once (the gateway holds no model)."""
         if self._model_id is None:
@@ -530,7 +403,7 @@ class HttpFrontend:
                 except grpc.aio.AioRpcError:
                     continue
                 self._model_id = info.model.rstrip("/").rsplit("/", 1)[-1] or "ditserve"
-                self._family = info.details.get("family", "")
+                self._details = dict(info.details)
                 break
             else:
                 raise HttpError(503, "no denoiser answered Info", "service_unavailable_error")

@@ -8,8 +8,11 @@ request its solo latents; the CLI writes a playable MP4; bad input is refused na
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from google.protobuf import json_format
-from helpers import TOLERANCE_BATCHED
+from helpers import TOLERANCE_BATCHED, http_call, wait_http
 
 from ditserve.client.launcher import Ports, Stack
 from ditserve.client.stub import PipelineClient, StageClient
@@ -190,3 +193,43 @@ def test_vae_tiling_is_reported_and_a_clip_within_one_tile_decodes_alike(wan_sta
     assert tiled.info().details["tiling"] == "True"
     frames = [tensor_codec.decode(vae.Decode(message, None).videos[0].frames) for vae in (tiled, plain)]
     assert torch.equal(*frames)  # 64x64 is one tile: tiling changes nothing below its tile size
+
+
+def test_http_videos_create_poll_and_download_an_mp4(wan_stack: Stack, tmp_path: Path) -> None:
+    """OpenAI's video API shape on the gateway's HTTP port: create, poll, content, delete."""
+    base = f"http://127.0.0.1:{wan_stack.ports.http}"
+    wait_http(f"{base}/health")
+    status, created = http_call(f"{base}/v1/videos", {"prompt": PROMPT, "num_frames": FRAMES, "fps": 8, "seed": 4})
+    assert status == 200 and created["object"] == "video" and created["status"] in ("in_progress", "completed")
+    deadline = time.monotonic() + 120
+    while (job := http_call(f"{base}/v1/videos/{created['id']}")[1])["status"] != "completed":
+        assert job["status"] == "in_progress" and time.monotonic() < deadline, job
+        time.sleep(0.2)
+    assert (job["size"], job["num_frames"], job["progress"], job["seed"]) == (f"{SIZE}x{SIZE}", FRAMES, 100, 4)
+    with urllib.request.urlopen(f"{base}/v1/videos/{created['id']}/content", timeout=30) as response:
+        assert response.headers["content-type"] == "video/mp4"
+        (tmp_path / "clip.mp4").write_bytes(response.read())
+    with av.open(str(tmp_path / "clip.mp4")) as container:
+        assert sum(1 for _ in container.decode(video=0)) == FRAMES
+    delete = urllib.request.Request(f"{base}/v1/videos/{created['id']}", method="DELETE")
+    with urllib.request.urlopen(delete, timeout=10) as response:
+        assert json.loads(response.read())["deleted"] is True
+    assert http_call(f"{base}/v1/videos/{created['id']}")[0] == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"prompt": PROMPT, "num_frames": 8}, 400, "num_frames"),  # refused at create, not as a failed job
+        ({"prompt": PROMPT, "seconds": "soon"}, 400, "seconds"),
+        ({"prompt": PROMPT, "frames": 9}, 400, "frames"),
+    ],
+)
+def test_http_video_errors_name_the_field(wan_stack: Stack, body: dict, status: int, param: str) -> None:
+    answer_status, answer = http_call(f"http://127.0.0.1:{wan_stack.ports.http}/v1/videos", body)
+    assert answer_status == status and answer["error"]["param"] == param, answer
+
+
+def test_http_images_route_refuses_a_video_model(wan_stack: Stack) -> None:
+    status, answer = http_call(f"http://127.0.0.1:{wan_stack.ports.http}/v1/images/generations", {"prompt": PROMPT})
+    assert status == 400 and answer["error"]["param"] == "model" and "/v1/videos" in answer["error"]["message"]

@@ -6,11 +6,11 @@ import grpc
 import pytest
 from pydantic import ValidationError
 
-from ditserve.services.gateway.http import (
+from ditserve.client.cache_policy import parse_cache_policy
+from ditserve.services.gateway.openai_api import (
     HttpError,
     ImageGenerationRequest,
     error_from_rpc,
-    parse_cache_policy,
     parse_size,
     to_generate_request,
     validation_error,
@@ -78,7 +78,6 @@ def test_size_parses_or_names_the_field() -> None:
 
 
 def test_cache_policy_takes_the_cli_forms() -> None:
-    assert parse_cache_policy(None) is None
     assert parse_cache_policy("teacache").HasField("teacache")
     assert parse_cache_policy({"dbcache": {"fn": 1}}).dbcache.fn == 1
     assert parse_cache_policy('{"teacache": {"threshold": 0.2}}').teacache.threshold == pytest.approx(0.2)

@@ -31,6 +31,7 @@ FLUX1_TEACACHE_COEFFICIENTS: tuple[float, ...] = (
 
 class FluxFamily(ModelFamily):
     name = "flux"
+    video = False
     cfg_scale_field = "true_cfg_scale"  # classic CFG with a negative prompt; guidance_scale is distilled
     published_teacache_coefficients = FLUX1_TEACACHE_COEFFICIENTS
     sp_preload = ("diffusers.models.transformers.transformer_flux",)

@@ -32,6 +32,7 @@ WAN21_T2V_1_3B_TEACACHE_COEFFICIENTS: tuple[float, ...] = (
 
 class WanFamily(ModelFamily):
     name = "wan"
+    video = True
     cfg_scale_field = "guidance_scale"  # classic CFG with a negative prompt, as WanPipeline names it
     published_teacache_coefficients = WAN21_T2V_1_3B_TEACACHE_COEFFICIENTS
     sp_preload = ("diffusers.models.transformers.transformer_wan",)
