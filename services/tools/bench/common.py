@@ -23,6 +23,9 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        # over the last 1, 5 and 15 minutes when the result was written: other work on a shared machine
+        # skews timings (most of all a side whose OpenMP threads spin), so a reader can see it did
+        "load_average": list(os.getloadavg()),
         "ditserve": ditserve.__version__,
     }
     if torch.cuda.is_available():
@@ -38,7 +41,7 @@ def median(values: list[float]) -> float:
 def result_document(
     bench: str, model: str, config: dict[str, Any], rows: list[dict[str, Any]], summary: dict[str, Any]
 ) -> dict[str, Any]:
-    """The DESIGN.md shape: bench, machine, model, config, rows, summary."""
+    """Every bench result has one shape: bench, machine, model, config, rows, summary."""
     return {
         "bench": bench,
         "machine": machine_info(),

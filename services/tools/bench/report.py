@@ -109,8 +109,12 @@ def headline(document: dict[str, Any]) -> str:
 
 
 def machine(document: dict[str, Any]) -> str:
+    """The card, or the cores and the machine's 5-minute load when the result was written (when known)."""
     info = document.get("machine", {})
-    return info.get("gpu") or f"{info.get('cpu_count')} CPU cores"
+    if info.get("gpu"):
+        return info["gpu"]
+    load = info.get("load_average")
+    return f"{info.get('cpu_count')} CPU cores" + (f", load {load[1]:.1f}" if load else "")
 
 
 def in_repository(document: dict[str, Any], models: Path) -> bool:
