@@ -121,6 +121,13 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
             default=1,
             help="ring degree (> 1 needs torch_sdpa, sdpa_flash or sdpa_math)",
         )
+        group.add_argument(
+            "--sp-timeout",
+            type=float,
+            default=120.0,
+            help="seconds a collective inside a call may wait for the other ranks before the group is declared"
+            " broken (the denoiser then answers NOT_SERVING) (default: 120)",
+        )
     if role == "encoder":
         parser.add_argument(
             "--embedding-cache-mb",
@@ -224,6 +231,7 @@ def build_service(role: str, args: argparse.Namespace) -> Service:
             cache=cache,
             progress_interval_ms=args.progress_interval_ms,
             sequence_parallel=sequence_parallel,
+            sp_timeout_s=args.sp_timeout,
             compile=args.compile,
             quantize=args.quantize,
         )

@@ -36,6 +36,7 @@ class DenoiserOptions:
     cache: CacheConfig = field(default_factory=CacheConfig)
     progress_interval_ms: float = 50.0
     sequence_parallel: SPConfig = field(default_factory=SPConfig)
+    sp_timeout_s: float = 120.0  # a collective inside a call: longer than any rank lags behind another
     compile: bool = False  # --compile: regional torch.compile of the blocks, warmed up before SERVING
     quantize: str = "none"  # --quantize: none, int8-weight or fp8 (torchao), the blocks' Linears
 
@@ -88,7 +89,9 @@ def build_runtime(stage: StageContext, options: DenoiserOptions) -> DenoiserRunt
             stage.dtype,
             backend,
             facts.teacache_coefficients,
+            timeout_s=options.sp_timeout_s,
         )
+        sp.watch()
         executor = sp.executor
     cache_steps = Counter(
         "ditserve_cache_steps",

@@ -8,9 +8,10 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
+from prometheus_client import Gauge
 
 from ditserve.services.common import tensor_codec
 from ditserve.services.common.errors import Cancelled, FailedPrecondition, InvalidArgument
@@ -37,6 +38,28 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
         self.runtime = build_runtime(stage, self.options)
         self.engine = self.runtime.engine
         self.progress_interval_s = self.options.progress_interval_ms / 1000.0
+
+    def watch_health(self, report: Callable[[bool, str], None]) -> None:
+        """SERVING once built; NOT_SERVING, with the reason in the log and a metric, when a
+        sequence-parallel group breaks (every request would fail until the denoiser restarts)."""
+        report(True, "")
+        sp = self.runtime.sp
+        if sp is None:
+            return
+        group_up = Gauge(
+            "ditserve_sequence_parallel_up",
+            "1 while the sequence-parallel group serves, 0 once it broke (restart the denoiser)",
+            registry=self.metrics.registry,
+        )
+        group_up.set(1)
+
+        def broken(why: str) -> None:
+            group_up.set(0)
+            report(False, f"sequence-parallel group broken: {why}")
+
+        sp.on_broken = broken
+        if sp.broken is not None:
+            broken(sp.broken)
 
     def grpc_service_names(self) -> list[str]:
         return ["ditserve.v1.Denoiser"]

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 from factories import cpu_denoiser, stop_process
 from google.protobuf import json_format
+from grpc_health.v1 import health_pb2
 from helpers import TOLERANCE_BATCHED, latents_of, request
 
 from ditserve.client.launcher import free_port
@@ -131,10 +132,17 @@ def test_sp_matches_single_process(world: str, model_dir: Path, single: Denoiser
     assert "height/width" in uneven.value.details()
 
 
+def health(stage: StageClient) -> str:
+    answer = stage.health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+
+
 def test_dead_follower_makes_requests_unavailable(model_dir: Path, tmp_path: Path) -> None:
-    """A follower killed mid-request: that request and the next end UNAVAILABLE within seconds."""
+    """A follower killed mid-request: that request and the next end UNAVAILABLE within seconds, and the
+    denoiser's health says NOT_SERVING (with the reason in its log) so a gateway stops sending it work."""
     log = tmp_path / "denoiser.log"
     with sp_denoiser(model_dir, 2, 1, log) as stage:
+        assert health(stage) == "SERVING"
         follower = int(re.search(r"follower pids \[(\d+)\]", log.read_text()).group(1))
         stream = stage.denoiser.Denoise(request(4, steps=200, height=256, width=256), timeout=60)
         next(stream)  # the request is running
@@ -145,9 +153,25 @@ def test_dead_follower_makes_requests_unavailable(model_dir: Path, tmp_path: Pat
         with pytest.raises(grpc.RpcError) as after:
             latents_of(stage, request(5, STEPS))
         elapsed = time.monotonic() - started
+        while health(stage) != "NOT_SERVING" and time.monotonic() - started < 10:
+            time.sleep(0.2)
+        assert health(stage) == "NOT_SERVING"
+    assert "sequence-parallel group broken" in log.read_text()
     assert running.value.code() == grpc.StatusCode.UNAVAILABLE, running.value.details()
     assert after.value.code() == grpc.StatusCode.UNAVAILABLE
     assert elapsed < 10
+
+
+def test_a_follower_dying_while_idle_flips_health_without_a_request(model_dir: Path, tmp_path: Path) -> None:
+    log = tmp_path / "denoiser.log"
+    with sp_denoiser(model_dir, 2, 1, log) as stage:
+        follower = int(re.search(r"follower pids \[(\d+)\]", log.read_text()).group(1))
+        os.kill(follower, signal.SIGKILL)
+        started = time.monotonic()
+        while health(stage) != "NOT_SERVING" and time.monotonic() - started < 10:
+            time.sleep(0.2)
+        assert health(stage) == "NOT_SERVING"
+        assert time.monotonic() - started < 10
 
 
 def test_layout_the_model_cannot_take_fails_startup(model_dir: Path) -> None:

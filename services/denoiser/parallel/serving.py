@@ -25,6 +25,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -123,6 +124,7 @@ class SPDriver:
         self.mesh, self.headers = spec.join(0)
         self.executor: BlockExecutor = family.sequence_parallel_executor(transformer, self.mesh, spec.backend)
         self.broken: str | None = None
+        self.on_broken: Callable[[str], None] | None = None  # the service's health: NOT_SERVING, and why
         self._jobs: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self._ids = itertools.count()
         self._released: deque[int] = deque()
@@ -189,6 +191,24 @@ class SPDriver:
                 raise StartupError(f"sequence parallel {self.spec.config}: ranks {sorted(pending)} did not start")
             time.sleep(0.05)
 
+    def watch(self, interval_s: float = 1.0) -> None:
+        """Notices a follower that exited while the service idles (a request would only find out later)."""
+
+        def loop() -> None:
+            while self.broken is None:
+                if dead := self._dead():
+                    self._break(f"{', '.join(dead)} exited")
+                time.sleep(interval_s)
+
+        threading.Thread(target=loop, name="sp-watch", daemon=True).start()
+
+    def _break(self, why: str) -> None:
+        if self.broken is None:
+            log.error("the sequence-parallel group is lost: %s", why)
+            self.broken = why
+            if self.on_broken is not None:
+                self.on_broken(why)
+
     def _dead(self) -> list[str]:
         return [process.name for process in self.processes if not process.is_alive()]
 
@@ -212,7 +232,7 @@ class SPDriver:
 
     def check_available(self) -> None:
         if self.broken is None and (dead := self._dead()):
-            self.broken = f"{', '.join(dead)} exited"
+            self._break(f"{', '.join(dead)} exited")
         if self.broken is not None:
             raise Unavailable(f"the sequence-parallel group is down ({self.broken}); restart the denoiser")
 
@@ -238,14 +258,13 @@ class SPDriver:
 
     def fail(self, error: Exception) -> Unavailable:
         """A call raised: the other ranks may be stuck in a collective, so the whole group is lost."""
-        if self.broken is None:
-            log.error("sequence-parallel call failed, the group is lost: %s: %s", type(error).__name__, error)
-            self.broken = f"{type(error).__name__}: {error}"
+        self._break(f"a call failed: {type(error).__name__}: {error}")
         return Unavailable(f"the sequence-parallel group is down ({self.broken}); restart the denoiser")
 
     def stop(self) -> None:
         """Ends the followers (a stop header if the group still works) and leaves the process group."""
         if self.broken is None and not self._dead():
+            self.broken = "stopped"  # the watcher ends; a stopping service is not a broken one
             dist.broadcast_object_list([None], src=0, group=self.headers)
             for process in self.processes:
                 process.join(timeout=10)
