@@ -27,6 +27,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import torch
 from factories import cpu_denoiser, stop_process
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2
@@ -39,7 +40,7 @@ from ditserve.services.common.errors import StartupError
 from ditserve.services.denoiser.batching import BatchingConfig
 from ditserve.services.denoiser.parallel.mesh import SPConfig
 from ditserve.services.denoiser.service import DenoiserService
-from ditserve.v1 import cache_pb2, common_pb2, denoiser_pb2
+from ditserve.v1 import cache_pb2, common_pb2, denoiser_pb2, encoder_pb2
 
 STEPS = 4
 BACKEND = "torch_sdpa"
@@ -135,6 +136,39 @@ def test_sp_matches_single_process(world: str, model_dir: Path, single: Denoiser
 def health(stage: StageClient) -> str:
     answer = stage.health.Check(health_pb2.HealthCheckRequest(), timeout=5)
     return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+
+
+def wan_request(seed: int, policy_text: str | None = None) -> denoiser_pb2.DenoiseRequest:
+    """A Wan request on random UMT5-shaped embeddings (the tiny folder's 32 wide), CFG with a negative."""
+    generator = torch.Generator().manual_seed(seed)
+    prompt, negative = (torch.randn(1, 16, 32, generator=generator) for _ in range(2))
+    message = denoiser_pb2.DenoiseRequest(
+        request_id=f"wan-{seed}",
+        prompt=encoder_pb2.PromptEmbedding(prompt_embeds=tensor_codec.encode(prompt)),
+        negative_prompt=encoder_pb2.PromptEmbedding(prompt_embeds=tensor_codec.encode(negative)),
+        num_inference_steps=STEPS,
+        seed=seed,
+    )
+    if policy_text is not None:
+        message.cache.CopyFrom(policy(policy_text))
+    return message
+
+
+def test_wan_sp_matches_single_process_alone_and_batched(wan_model: Path, tmp_path: Path) -> None:
+    """U=2xR=2 over the video tokens (text replicated for cross-attention), plain and step-cached."""
+    single = cpu_denoiser(wan_model, batching=BatchingConfig(mode="off"), attention_backend=BACKEND)
+    messages = [wan_request(1), wan_request(2, DBCACHE)]
+    flags = ("--batching", "continuous", "--max-batch-size", "4")
+    with sp_denoiser(wan_model, 2, 2, tmp_path / "denoiser.log", *flags) as stage:
+        alone = latents_of(stage, messages[0])
+        with ThreadPoolExecutor(len(messages)) as pool:
+            together = list(pool.map(lambda message: list(stage.denoiser.Denoise(message, timeout=60)), messages))
+    assert np.abs(alone - latents(reference(single, messages[0]))).max() <= TOLERANCE_BATCHED
+    for message, events in zip(messages, together, strict=True):
+        result, expected = events[-1].result, reference(single, message)
+        assert np.abs(latents(result) - latents(expected)).max() <= TOLERANCE_BATCHED
+        assert dict(result.timing.computed_steps) == dict(expected.timing.computed_steps)
+    single.close()
 
 
 def test_dead_follower_makes_requests_unavailable(model_dir: Path, tmp_path: Path) -> None:

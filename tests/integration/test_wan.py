@@ -35,13 +35,6 @@ FRAMES, SIZE, STEPS, SEED = 9, 64, 4, 3
 
 
 @pytest.fixture(scope="module")
-def wan_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ditserve.services.tools.modelgen.tiny_wan import write_tiny_wan
-
-    return write_tiny_wan(tmp_path_factory.mktemp("models") / "tiny-wan")
-
-
-@pytest.fixture(scope="module")
 def wan_stack(wan_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     batching = ["--batching", "continuous", "--max-batch-size", "4"]
     running = Stack(
