@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from helpers import sample, scrape
 
@@ -15,7 +17,9 @@ LOOKUPS = "ditserve_embedding_cache_lookups_total"
 def test_a_repeated_prompt_is_answered_from_the_cache_with_the_models_bytes(stack: object) -> None:
     encoder = StageClient(stack.ports.address("encoder")).encoder
     port = stack.ports.metrics["encoder"]
-    request = encoder_pb2.EncodeRequest(prompts=["a purple cross on a white background", ""], allow_empty=True)
+    # A prompt no other test of the session's stack sends, so its first lookup is a miss.
+    prompt = f"a purple cross on a white background {uuid.uuid4().hex}"
+    request = encoder_pb2.EncodeRequest(prompts=[prompt, ""], allow_empty=True)
     before = scrape(port)
     first = encoder.Encode(request, timeout=60)  # the new prompt is a miss: the model's own embedding
     second = encoder.Encode(request, timeout=60)

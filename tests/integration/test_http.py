@@ -165,6 +165,7 @@ def test_bearer_tokens_are_the_gateways(stack: object, tmp_path: Path) -> None:
 def test_a_full_queue_answers_429_at_once_while_admitted_requests_finish(stack: object, tmp_path: Path) -> None:
     with beside(stack, ("denoiser", "gateway"), tmp_path, denoiser=["--max-queue", "1", "--batching", "off"]) as side:
         side.wait_ready("denoiser", 180)
+        side.wait_ready("gateway", 180)  # SERVING once its first stage probes answer
         base = side.http_base.removesuffix("/v1")
         assert wait_http(f"{base}/health", timeout=60) == 200
 

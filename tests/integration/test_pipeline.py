@@ -190,7 +190,10 @@ def test_deadline_stops_the_denoiser(stack: object, client: PipelineClient) -> N
         # 1024x1024 makes each step slow enough that 200 of them cannot beat the deadline.
         client.generate(PROMPT, steps=200, height=1024, width=1024, seed=5, timeout=1.5)
     assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-    time.sleep(1.0)  # let the engine reach its next step boundary
+    # The request leaves at the engine's next step boundary (a 1024^2 step can take seconds on a busy CPU).
+    deadline = time.monotonic() + 60
+    while sample(scrape(port), "ditserve_running_requests") and time.monotonic() < deadline:
+        time.sleep(0.1)
     stopped_at = sample(scrape(port), "ditserve_denoise_step_duration_seconds_count")
     time.sleep(1.0)
     assert sample(scrape(port), "ditserve_denoise_step_duration_seconds_count") == stopped_at
