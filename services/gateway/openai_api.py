@@ -136,27 +136,34 @@ def to_generate_request(body: ImageGenerationRequest, request_id: str = "") -> p
             "response_format: 'url' needs image storage, which this server does not keep; use b64_json",
             param="response_format",
         )
+    return generate_request(
+        body.prompt,
+        true_cfg_scale=body.true_cfg_scale,
+        num_images=body.n,
+        output_format=body.output_format or "png",
+        request_id=request_id,
+        **_shared_settings(body),
+    )
+
+
+def _shared_settings(body: "ImageGenerationRequest | VideoGenerationRequest") -> dict[str, Any]:
+    """What the image and video bodies name alike, as generate_request's keywords (0 = the model's)."""
     width, height = parse_size(body.size)
     try:
         cache = None if body.cache_policy is None else parse_cache_policy(body.cache_policy)
     except ValueError as error:
         raise HttpError(400, f"cache_policy: {error}", param="cache_policy") from None
-    return generate_request(
-        body.prompt,
-        negative_prompt=body.negative_prompt or "",
-        width=width,
-        height=height,
-        steps=body.num_inference_steps or 0,
-        guidance_scale=body.guidance_scale,
-        true_cfg_scale=body.true_cfg_scale,
-        seed=body.seed,
-        num_images=body.n,
-        output_format=body.output_format or "png",
-        quality=body.output_compression or 0,
-        max_sequence_length=body.max_sequence_length or 0,
-        request_id=request_id,
-        cache=cache,
-    )
+    return {
+        "negative_prompt": body.negative_prompt or "",
+        "width": width,
+        "height": height,
+        "steps": body.num_inference_steps or 0,
+        "guidance_scale": body.guidance_scale,
+        "seed": body.seed,
+        "quality": body.output_compression or 0,
+        "max_sequence_length": body.max_sequence_length or 0,
+        "cache": cache,
+    }
 
 
 def validation_error(error: ValidationError) -> HttpError:
@@ -222,25 +229,12 @@ def to_video_request(
     body: VideoGenerationRequest, default_fps: float, request_id: str = ""
 ) -> pipeline_pb2.GenerateRequest:
     """The video body as the gateway's GenerateRequest; the gateway and the stages validate the values."""
-    width, height = parse_size(body.size)
-    try:
-        cache = None if body.cache_policy is None else parse_cache_policy(body.cache_policy)
-    except ValueError as error:
-        raise HttpError(400, f"cache_policy: {error}", param="cache_policy") from None
     fps = body.fps or default_fps
     num_frames = body.num_frames or (frames_for(body.seconds, fps) if body.seconds is not None else 0)
     return generate_request(
         body.prompt,
-        negative_prompt=body.negative_prompt or "",
-        width=width,
-        height=height,
-        steps=body.num_inference_steps or 0,
-        guidance_scale=body.guidance_scale,
-        seed=body.seed,
-        quality=body.output_compression or 0,
-        max_sequence_length=body.max_sequence_length or 0,
         request_id=request_id,
-        cache=cache,
+        **_shared_settings(body),
         num_frames=num_frames,
         fps=body.fps or 0.0,
         video_format=body.output_format,

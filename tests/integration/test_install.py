@@ -24,7 +24,7 @@ from PIL import Image
 
 from ditserve.client.config import repo_root
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = repo_root()
 PINNED = ("grpcio", "grpcio-health-checking", "grpcio-reflection", "protobuf")
