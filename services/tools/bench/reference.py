@@ -43,19 +43,27 @@ class Reference(Protocol):
         ...
 
 
-class FluxReference:
-    """FluxPipeline.from_pretrained as a user calls it, true CFG with negative prompt "" when the defaults use it."""
+class _PipelineReference:
+    """The family's diffusers pipeline loaded as a user loads it, with the folder's request defaults."""
+
+    pipeline_class: str  # in diffusers
 
     def __init__(self, model: Path, steps: int) -> None:
-        from diffusers import FluxPipeline
+        import diffusers
 
         from ditserve.services.common.model import ModelFolder
 
         self.defaults = ModelFolder(model).defaults
         self.steps = steps
-        self.pipe = FluxPipeline.from_pretrained(model, local_files_only=True)
+        self.pipe = getattr(diffusers, self.pipeline_class).from_pretrained(model, local_files_only=True)
         self.pipe.set_progress_bar_config(disable=True)
-        self.settings = {"height": self.defaults.height, "width": self.defaults.width, "steps": steps}
+        self.settings: dict[str, Any] = {"height": self.defaults.height, "width": self.defaults.width, "steps": steps}
+
+
+class FluxReference(_PipelineReference):
+    """FluxPipeline.from_pretrained as a user calls it, true CFG with negative prompt "" when the defaults use it."""
+
+    pipeline_class = "FluxPipeline"
 
     def __call__(self, prompt: str, seed: int, num_images: int = 1) -> np.ndarray:
         import torch
@@ -81,25 +89,15 @@ class FluxReference:
         return np.stack([np.asarray(image) for image in output.images])
 
 
-class WanReference:
+class WanReference(_PipelineReference):
     """WanPipeline.from_pretrained as a user calls it: classic CFG with negative prompt "", raw frames."""
 
+    pipeline_class = "WanPipeline"
+
     def __init__(self, model: Path, steps: int) -> None:
-        from diffusers import WanPipeline
-
-        from ditserve.services.common.model import ModelFolder
-
-        self.defaults = ModelFolder(model).defaults
-        self.steps = steps
-        self.pipe = WanPipeline.from_pretrained(model, local_files_only=True)
-        self.pipe.set_progress_bar_config(disable=True)
-        self.settings = {
-            "height": self.defaults.height,
-            "width": self.defaults.width,
-            "num_frames": self.defaults.num_frames,
-            "steps": steps,
-            "video_format": "raw",  # the frames themselves: an MP4 is lossy and would differ from them
-        }
+        super().__init__(model, steps)
+        # the frames themselves: an MP4 is lossy and would differ from them
+        self.settings.update(num_frames=self.defaults.num_frames, video_format="raw")
 
     def __call__(self, prompt: str, seed: int, num_images: int = 1) -> np.ndarray:
         import torch
