@@ -149,6 +149,7 @@ def test_bearer_tokens_are_the_gateways(stack: object, tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("# accepted\nhttp-s3cret\n")
     with beside(stack, ("gateway",), tmp_path, gateway=["--auth-token-file", str(tokens)]) as side:
+        side.wait_ready("gateway", 180)  # SERVING once its first stage probes answer (health needs no token)
         base = side.http_base.removesuffix("/v1")
         assert wait_http(f"{base}/health") == 200  # probes need no token, as in gRPC
         for headers in ({}, {"authorization": "Bearer wrong"}):
