@@ -52,6 +52,16 @@ class Ports:
         return f"{host}:{self.grpc[role]}"
 
 
+def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+    """Sends `sig` and gives the process `timeout` seconds to exit, then kills it; its exit code."""
+    process.send_signal(sig)
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
 @dataclass
 class Stack:
     """Four `ditserve serve` processes on loopback."""
@@ -112,13 +122,7 @@ class Stack:
         """Stops one role and starts it again on the same ports, with `extra_args` in place of its flags when
         given: one stack serves several denoiser configurations (restart the gateway after a stage, so its
         channel does not wait out a reconnect backoff)."""
-        process = self.processes.pop(role)
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(self.processes.pop(role), signal.SIGTERM, timeout=30)
         if extra_args is not None:
             self.extra_args[role] = extra_args
         self.start_role(role)

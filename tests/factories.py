@@ -6,8 +6,6 @@ sys.path); torch and the services load on first use, so a torch-free test can st
 
 from __future__ import annotations
 
-import signal
-import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,13 +71,3 @@ def cached_forward(
 
     slot = Slot(cache.branch(branch), step, total_steps, rows=transformer_kwargs["hidden_states"].shape[0])
     return forward_batch(executor, [slot], **transformer_kwargs)
-
-
-def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-    """Sends `sig` and gives the process `timeout` seconds to exit, then kills it; its exit code."""
-    process.send_signal(sig)
-    try:
-        return process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        return process.wait()

@@ -23,12 +23,17 @@ def setting(request: Any, field: str, default: float) -> float:
     return getattr(request, field) if request.HasField(field) else default
 
 
+def request_steps(request: Any, defaults: ModelDefaults) -> int:
+    """The request's step count, else the model's: known before parsing, as accepting a cache policy needs it."""
+    return request.num_inference_steps or defaults.steps
+
+
 def common_inputs(request: Any, defaults: ModelDefaults, cache: CacheConfig) -> dict[str, Any]:
     """The settings every family reads alike: size, steps, seed and count (the model's defaults for 0)."""
     return {
         "height": request.height or defaults.height,
         "width": request.width or defaults.width,
-        "steps": request.num_inference_steps or defaults.steps,
+        "steps": request_steps(request, defaults),
         "seed": request.seed,
         "num_images": request.num_images or 1,
         "cache": cache,

@@ -47,11 +47,6 @@ class Trajectory:
     def rows(self) -> int:
         return self.latents.shape[0]
 
-    @property
-    def timestep(self) -> torch.Tensor:
-        """This sample's current timestep, one per row, as the pipelines broadcast it."""
-        return self.timesteps[self.index].expand(self.rows).to(self.latents.dtype)
-
     def advance(self, noise: torch.Tensor, negative_noise: torch.Tensor | None) -> None:
         """Applies classic CFG (if any) and this trajectory's own scheduler step."""
         if negative_noise is not None:
@@ -112,10 +107,6 @@ class TransformerRunner(ABC):
     @abstractmethod
     def parse(self, request: Any, cache: CacheConfig, limits: Any) -> Any:
         """The family's inputs from a DenoiseRequest (cache already accepted); InvalidArgument names fields."""
-
-    def steps(self, request: Any) -> int:
-        """The request's step count (its own, else the model's default), needed before parsing the cache."""
-        return request.num_inference_steps or self.facts.defaults.steps
 
     @abstractmethod
     def token_counts(self, inputs: Any) -> dict[str, int]:

@@ -21,6 +21,7 @@ from ditserve.services.common.stage import StageContext
 from ditserve.services.denoiser import job as events
 from ditserve.services.denoiser.cache.wire import cache_config
 from ditserve.services.denoiser.job import DenoiseJob
+from ditserve.services.denoiser.requests import request_steps
 from ditserve.services.denoiser.runtime import DenoiserOptions, accept_cache, build_runtime
 from ditserve.v1 import common_pb2, denoiser_pb2, denoiser_pb2_grpc
 
@@ -93,7 +94,7 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
     def parse(self, request: denoiser_pb2.DenoiseRequest) -> object:
         """The family's validated inputs, with the request's cache policy (else the default) accepted."""
         runner = self.runtime.runner
-        steps = runner.steps(request)
+        steps = request_steps(request, self.runtime.facts.defaults)
         if request.HasField("cache"):
             cache = accept_cache(self.runtime.facts, cache_config(request.cache), steps, "cache")
         else:  # accepted at start-up; only a calibrated mask depends on the request's steps

@@ -23,6 +23,7 @@ from helpers import http_call
 from PIL import Image
 
 from ditserve.client.config import repo_root
+from ditserve.client.launcher import stop_process
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -115,10 +116,5 @@ def test_fresh_venv_non_editable_install_at_the_floors_serves(tmp_path: Path) ->
         assert base64.b64decode(answer["data"][0]["b64_json"]) == out.read_bytes()  # HTTP = gRPC, byte for byte
         assert Image.open(io.BytesIO(out.read_bytes())).format == "PNG"
     finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            up.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            up.kill()
-            up.wait()
+        stop_process(up, signal.SIGINT, timeout=90)
     assert up.returncode == 0, "".join(lines) + (up.stdout.read() if up.stdout else "")

@@ -28,12 +28,12 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from factories import cpu_denoiser, stop_process
+from factories import cpu_denoiser
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2
 from helpers import TOLERANCE_BATCHED, latents_of, request
 
-from ditserve.client.launcher import free_port
+from ditserve.client.launcher import free_port, stop_process
 from ditserve.client.stub import StageClient
 from ditserve.services.common import tensor_codec
 from ditserve.services.common.errors import StartupError

@@ -81,6 +81,11 @@ class FluxTrajectory(Trajectory):
         if runner.guidance_embeds:
             self.guidance = torch.full([1], inputs.guidance_scale, device=device, dtype=torch.float32).expand(n)
 
+    @property
+    def timestep(self) -> torch.Tensor:
+        """This sample's current timestep, one per image, as FluxPipeline broadcasts it."""
+        return self.timesteps[self.index].expand(self.rows).to(self.latents.dtype)
+
 
 class FluxRunner(TransformerRunner):
     """TransformerRunner for FluxTransformer2DModel: packed latents, true CFG, guidance embedding."""

@@ -59,6 +59,21 @@ class _PipelineReference:
         self.pipe.set_progress_bar_config(disable=True)
         self.settings: dict[str, Any] = {"height": self.defaults.height, "width": self.defaults.width, "steps": steps}
 
+    def call_settings(self, seed: int) -> dict[str, Any]:
+        """The pipeline call's keywords both families take alike: the folder's defaults, the job's own noise."""
+        import torch
+
+        defaults = self.defaults
+        return {
+            "height": defaults.height,
+            "width": defaults.width,
+            "num_inference_steps": self.steps,
+            "guidance_scale": defaults.guidance_scale,
+            "max_sequence_length": defaults.max_sequence_length,
+            "generator": torch.Generator("cpu").manual_seed(seed),
+            "output_type": "np",
+        }
+
 
 class FluxReference(_PipelineReference):
     """FluxPipeline.from_pretrained as a user calls it, true CFG with negative prompt "" when the defaults use it."""
@@ -66,21 +81,13 @@ class FluxReference(_PipelineReference):
     pipeline_class = "FluxPipeline"
 
     def __call__(self, prompt: str, seed: int, num_images: int = 1) -> np.ndarray:
-        import torch
-
-        defaults = self.defaults
+        true_cfg = self.defaults.true_cfg_scale
         images = self.pipe(
             prompt,
-            negative_prompt="" if defaults.true_cfg_scale > 1 else None,
-            true_cfg_scale=defaults.true_cfg_scale,
-            height=defaults.height,
-            width=defaults.width,
-            num_inference_steps=self.steps,
-            guidance_scale=defaults.guidance_scale,
-            max_sequence_length=defaults.max_sequence_length,
+            negative_prompt="" if true_cfg > 1 else None,
+            true_cfg_scale=true_cfg,
             num_images_per_prompt=num_images,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            output_type="np",
+            **self.call_settings(seed),
         ).images
         return (images * 255).round().astype(np.uint8)
 
@@ -100,21 +107,12 @@ class WanReference(_PipelineReference):
         self.settings.update(num_frames=self.defaults.num_frames, video_format="raw")
 
     def __call__(self, prompt: str, seed: int, num_images: int = 1) -> np.ndarray:
-        import torch
-
-        defaults = self.defaults
         frames = self.pipe(
             prompt,
             negative_prompt="",
-            height=defaults.height,
-            width=defaults.width,
-            num_frames=defaults.num_frames,
-            num_inference_steps=self.steps,
-            guidance_scale=defaults.guidance_scale,
-            max_sequence_length=defaults.max_sequence_length,
+            num_frames=self.defaults.num_frames,
             num_videos_per_prompt=num_images,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            output_type="np",
+            **self.call_settings(seed),
         ).frames
         return (np.asarray(frames) * 255).round().astype(np.uint8)
 
