@@ -57,6 +57,21 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
             " (default: $DITSERVE_ATTENTION_BACKEND, else auto)",
         )
         parser.add_argument(
+            "--attention-benchmark",
+            default="auto",
+            choices=["auto", "on", "off"],
+            help="how `auto` picks: auto times each exact backend on the model's attention shape on a CUDA"
+            " device (fixed rules elsewhere); on times them on any device; off keeps the rules (default: auto)",
+        )
+        parser.add_argument(
+            "--attention-cache",
+            type=Path,
+            default=None,
+            help="JSON file remembering `auto`'s measured choice per GPU, torch version, backends and shape, so a"
+            " restart does not measure again (default: $DITSERVE_ATTENTION_CACHE, else"
+            " $XDG_CACHE_HOME/ditserve/attention-auto.json)",
+        )
+        parser.add_argument(
             "--cache-policy",
             default="none",
             help="default step caching for requests that name none: none, teacache, dbcache (their"
@@ -228,6 +243,8 @@ def build_service(role: str, args: argparse.Namespace) -> Service:
         options = DenoiserOptions(
             batching=batching,
             attention_backend=backend,
+            attention_benchmark=args.attention_benchmark,
+            attention_cache=args.attention_cache,
             cache=cache,
             progress_interval_ms=args.progress_interval_ms,
             sequence_parallel=sequence_parallel,

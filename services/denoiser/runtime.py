@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from prometheus_client import Counter
 
+from ditserve.services.common.device import dtype_name
 from ditserve.services.common.errors import InvalidArgument, StartupError
 from ditserve.services.common.profiling import add_block_ranges
 from ditserve.services.common.stage import StageContext
 from ditserve.services.denoiser.attention import AttentionBackendUnavailable, resolve_backend
+from ditserve.services.denoiser.attention.choice import AttentionShape, AutoTune
 from ditserve.services.denoiser.batching import BatchingConfig
 from ditserve.services.denoiser.cache.policy import CacheConfig
 from ditserve.services.denoiser.engine import Engine
@@ -33,6 +36,8 @@ class DenoiserOptions:
 
     batching: BatchingConfig = field(default_factory=lambda: BatchingConfig(mode="off"))
     attention_backend: str = "auto"
+    attention_benchmark: str = "auto"  # how `auto` decides: measure on CUDA (auto), anywhere (on), rules (off)
+    attention_cache: Path | None = None  # where `auto` keeps its measured decision (None: choice.cache_path())
     cache: CacheConfig = field(default_factory=CacheConfig)
     progress_interval_ms: float = 50.0
     sequence_parallel: SPConfig = field(default_factory=SPConfig)
@@ -61,13 +66,21 @@ def build_runtime(stage: StageContext, options: DenoiserOptions) -> DenoiserRunt
     folder = stage.folder
     family = load_family(folder)
     transformer = family.load_transformer(folder, stage.device, stage.dtype)
+    head_dim = family.attention_head_dim(transformer)
+    shape = AttentionShape(
+        batch=1,
+        tokens=family.attention_tokens(transformer, folder),
+        heads=family.attention_heads(transformer),
+        head_dim=head_dim,
+        dtype=dtype_name(stage.dtype),
+    )
+    autotune = AutoTune(shape, options.attention_benchmark, options.attention_cache)
     try:
-        backend, reason = resolve_backend(
-            options.attention_backend, stage.device, stage.dtype, family.attention_head_dim(transformer)
-        )
+        backend, reason = resolve_backend(options.attention_backend, stage.device, stage.dtype, head_dim, autotune)
     except AttentionBackendUnavailable as error:
         raise StartupError(str(error)) from None
     log.info("attention: %s", reason)
+    stage.details["attention"] = reason
     family.apply_attention_backend(transformer, backend)
     optimize_transformer(stage, options, transformer)
     executor = family.executor(transformer)

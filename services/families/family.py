@@ -2,9 +2,9 @@
 
 A family package (families/flux/, families/wan/) holds encoder.py, vae.py, attention.py, blocks.py,
 parallel.py, runner.py and requests.py; its FAMILY subclasses ModelFamily, sets the facts below, names
-the class each role needs as "module.Class" relative to the package, and implements the three
-family-specific methods (profiled_blocks, warmup_prompt, runner_options). Modules are imported on first
-use, so the encoder never loads the transformer's code and the registry stays torch-free.
+the class each role needs as "module.Class" relative to the package, and implements the family-specific
+methods (the abstract ones below). Modules are imported on first use, so the encoder never loads the
+transformer's code and the registry stays torch-free.
 """
 
 from __future__ import annotations
@@ -82,8 +82,31 @@ class ModelFamily(ABC):
         """A random embedding shaped like the encoder's at `text_tokens`: `--compile` warms up on it."""
 
     @abstractmethod
+    def attention_tokens(self, transformer: torch.nn.Module, folder: ModelFolder) -> int:
+        """Self-attention's sequence length at the folder's default request: the shape `auto` measures."""
+
+    @abstractmethod
     def runner_options(self, transformer: torch.nn.Module, folder: ModelFolder) -> dict[str, Any]:
         """The family runner's own keyword arguments (latent layout, VAE factors), from the configs."""
+
+    @abstractmethod
+    def pipeline_conditioning(self, inputs: Any) -> dict[str, Any]:
+        """The diffusers pipeline's keywords for a parsed request's own settings: embeddings (the negative
+        prompt's too), guidance and CFG scales, the count (and the frames of a video family)."""
+
+    def pipeline_arguments(self, inputs: Any) -> dict[str, Any]:
+        """The family's diffusers pipeline call that does the work of `inputs` (its runner's parse): the same
+        embeddings, size, steps and guidance, the same noise from a CPU generator at the request's seed; a
+        bench gives a peer library exactly what the denoiser was asked."""
+        import torch
+
+        return {
+            "height": inputs.height,
+            "width": inputs.width,
+            "num_inference_steps": inputs.steps,
+            "generator": torch.Generator("cpu").manual_seed(inputs.seed),
+            **self.pipeline_conditioning(inputs),
+        }
 
     def runner(
         self,

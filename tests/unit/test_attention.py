@@ -9,6 +9,8 @@ differs by 4.8e-7 at most (outputs up to 2.0), held to 1e-6.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -23,10 +25,12 @@ from ditserve.services.denoiser.attention import (
     BackendName,
     attention,
     available_backends,
+    benchmark,
     default_backend_name,
     registry,
     resolve_backend,
 )
+from ditserve.services.denoiser.attention.choice import AttentionShape, AutoTune
 from ditserve.services.families.flux.attention import DitserveFluxAttnProcessor, apply_attention_backend
 
 CPU = torch.device("cpu")
@@ -179,3 +183,36 @@ def test_processor_with_sdpa_math_matches_diffusers(
         assert torch.equal(ours, _run(diffusers_math, flux_inputs))
     finally:  # set_attention_backend also sets a process-wide default; later tests must not inherit it
         _AttentionBackendRegistry.set_active_backend(active)
+
+
+def test_forced_benchmark_on_cpu_chooses_caches_and_then_reads_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`auto` measured on the CPU's exact backends (--attention-benchmark on): it picks one of them and writes
+    the cache; the second resolve reads it and times nothing (timing would raise)."""
+    cache = tmp_path / "attention-auto.json"
+    autotune = AutoTune(AttentionShape(1, TEXT_TOKENS + IMAGE_TOKENS, HEADS, HEAD_DIM, "fp32"), "on", cache)
+    chosen, reason = resolve_backend("auto", CPU, torch.float32, HEAD_DIM, autotune)
+    timed = benchmark.candidates(available_backends(CPU, torch.float32, HEAD_DIM))
+    assert {BackendName.TORCH_SDPA, BackendName.SDPA_FLASH} <= set(timed)
+    assert BackendName.SDPA_MATH not in timed
+    assert chosen in timed
+    assert all(f"{name.value} " in reason for name in timed), reason  # every backend's time
+    assert "fastest within 0.0001 of torch_sdpa" in reason
+    assert json.loads(cache.read_text())  # one decision written
+
+    def no_timing(*args: object) -> None:
+        raise AssertionError("timed again despite the cache")
+
+    monkeypatch.setattr(benchmark, "time_backends", no_timing)
+    again, cached_reason = resolve_backend("auto", CPU, torch.float32, HEAD_DIM, autotune)
+    assert again is chosen
+    assert cached_reason.startswith(reason) and f"cached in {cache}" in cached_reason
+
+
+def test_auto_on_cpu_keeps_the_rules_unless_forced(tmp_path: Path) -> None:
+    cache = tmp_path / "attention-auto.json"
+    autotune = AutoTune(AttentionShape(1, IMAGE_TOKENS, HEADS, HEAD_DIM, "fp32"), "auto", cache)
+    chosen, reason = resolve_backend("auto", CPU, torch.float32, HEAD_DIM, autotune)
+    assert chosen is BackendName.TORCH_SDPA and "off CUDA" in reason
+    assert not cache.exists()

@@ -2,7 +2,8 @@
 
 The denoiser calls resolve_backend(default_backend_name() or --attention-backend, ...), logs the reason,
 then the model family routes its attention layers through `attention(q, k, v, backend)` (e.g.
-families/flux/attention.py). See registry.py for the rules.
+families/flux/attention.py). See registry.py for the rules, benchmark.py and choice.py for `auto` by
+measurement (on CUDA, cached per GPU, torch version, backend set and shape).
 """
 
 from ditserve.services.denoiser.attention.registry import (

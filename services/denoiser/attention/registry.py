@@ -9,7 +9,11 @@ head size changes from one torch release to the next; the probe also captures to
 flash-attn and sageattention are optional extras: they are imported lazily, the first time a
 constraint or kernel needs them, so a machine without them (every CPU machine) loses nothing.
 
-`auto` rules, first match wins (the reason string says which rule fired):
+`auto` on a CUDA device measures (benchmark.py, choice.py): the exact backends that can run are timed on
+the model's own attention shape and the fastest within tolerance of torch SDPA wins, cached per GPU,
+torch version, backend set and shape. Off CUDA (unless --attention-benchmark on), with
+--attention-benchmark off, or where the caller gives no shape, these rules decide, first match wins (the
+reason string says which rule fired):
   1. Not a CUDA device -> `torch_sdpa`: PyTorch's dispatch already picks its fused flash kernel on CPU,
      and any kernel we force is one it could have picked itself, so `auto` is never slower than it.
   2. CUDA with FP32 -> `torch_sdpa`: only PyTorch's own kernels take FP32 inputs.
@@ -40,6 +44,8 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ditserve.services.denoiser.attention.choice import AutoTune
 
 ENV_VAR = "DITSERVE_ATTENTION_BACKEND"
 
@@ -282,8 +288,11 @@ def default_backend_name() -> str:
     return os.environ.get(ENV_VAR, "").strip() or BackendName.AUTO.value
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[BackendName, str]:
-    """The backend to run and why (for the log); an explicit backend that cannot run raises."""
+def resolve_backend(
+    name: str, device: torch.device, dtype: torch.dtype, head_dim: int, autotune: AutoTune | None = None
+) -> tuple[BackendName, str]:
+    """The backend to run and why (for the log and Info); an explicit backend that cannot run raises.
+    `auto` measures on `autotune.shape` where autotune.measures(device), else follows the rules."""
     availability = available_backends(device, dtype, head_dim)
     where = f"{device} {str(dtype).removeprefix('torch.')} head_dim={head_dim}"
     try:
@@ -294,7 +303,12 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, head_di
             f"unknown attention backend {name!r} (known: {known}); on {where}:", availability
         ) from None
     if requested is BackendName.AUTO:
-        chosen, rule = _auto(device, dtype, availability)
+        if autotune is not None and autotune.measures(device.type):
+            from ditserve.services.denoiser.attention.benchmark import measured_auto  # imports this module
+
+            chosen, rule = measured_auto(device, dtype, availability, autotune)
+        else:
+            chosen, rule = _auto(device, dtype, availability)
         return chosen, f"auto chose {chosen.value} on {where}: {rule}"
     reason = availability[requested]
     if reason is not None:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import torch
 
     from ditserve.services.common.model import ModelFolder
+    from ditserve.services.families.flux.runner import FluxInputs
     from ditserve.v1 import encoder_pb2
 
 # TeaCache4FLUX's coefficients for FLUX.1 (ali-vilab/TeaCache, TeaCache4FLUX/teacache_flux.py), highest
@@ -61,6 +62,13 @@ class FluxFamily(ModelFamily):
             pooled_prompt_embeds=tensor_codec.encode(torch.randn(1, config.pooled_projection_dim)),
         )
 
+    def attention_tokens(self, transformer: torch.nn.Module, folder: ModelFolder) -> int:
+        """Joint attention runs over the text tokens (padded to max_sequence_length) and the image tokens."""
+        from ditserve.services.families.flux import latents
+
+        defaults, scale = folder.defaults, latents.vae_scale_factor(folder.config("vae"))
+        return defaults.max_sequence_length + latents.image_tokens(defaults.height, defaults.width, scale)
+
     def runner_options(self, transformer: torch.nn.Module, folder: ModelFolder) -> dict[str, Any]:
         from ditserve.services.families.flux import latents
 
@@ -68,6 +76,18 @@ class FluxFamily(ModelFamily):
             "vae_scale": latents.vae_scale_factor(folder.config("vae")),
             "latent_channels": transformer.config.in_channels // 4,  # packed 2x2
             "guidance_embeds": bool(transformer.config.guidance_embeds),
+        }
+
+    def pipeline_conditioning(self, inputs: FluxInputs) -> dict[str, Any]:
+        negative = inputs.negative
+        return {
+            "prompt_embeds": inputs.prompt.embeds,
+            "pooled_prompt_embeds": inputs.prompt.pooled,
+            "negative_prompt_embeds": None if negative is None else negative.embeds,
+            "negative_pooled_prompt_embeds": None if negative is None else negative.pooled,
+            "true_cfg_scale": inputs.true_cfg_scale,
+            "guidance_scale": inputs.guidance_scale,
+            "num_images_per_prompt": inputs.num_images,
         }
 
 

@@ -24,6 +24,11 @@ def latent_size(pixels: int, scale: int) -> int:
     return 2 * (pixels // (scale * 2))
 
 
+def image_tokens(height: int, width: int, scale: int) -> int:
+    """Tokens of one image: 2x2 patches of the latent."""
+    return latent_size(height, scale) * latent_size(width, scale) // 4
+
+
 def initial_latents(
     *,
     num_images: int,

@@ -125,8 +125,7 @@ class FluxRunner(TransformerRunner):
         return self.image_tokens(inputs.height, inputs.width) * inputs.num_images * branches
 
     def image_tokens(self, height: int, width: int) -> int:
-        """Tokens of one image: 2x2 patches of the latent."""
-        return flux.latent_size(height, self.vae_scale) * flux.latent_size(width, self.vae_scale) // 4
+        return flux.image_tokens(height, width, self.vae_scale)
 
     def start(self, job: DenoiseJob) -> FluxTrajectory:
         return FluxTrajectory(self, job.inputs)

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import torch
 
     from ditserve.services.common.model import ModelFolder
+    from ditserve.services.families.wan.runner import WanInputs
     from ditserve.v1 import encoder_pb2
 
 # TeaCache4Wan2.1's coefficients for Wan2.1-T2V-1.3B with its timestep-projection indicator (e0, the
@@ -56,6 +57,16 @@ class WanFamily(ModelFamily):
         embeds = torch.randn(1, text_tokens, transformer.config.text_dim)
         return encoder_pb2.PromptEmbedding(prompt_embeds=tensor_codec.encode(embeds))
 
+    def attention_tokens(self, transformer: torch.nn.Module, folder: ModelFolder) -> int:
+        """Self-attention runs over the clip's video tokens (the text only in cross-attention)."""
+        from ditserve.services.families.wan.runner import clip_tokens, latent_grid
+
+        options, defaults = self.runner_options(transformer, folder), folder.defaults
+        grid = (defaults.num_frames, defaults.height, defaults.width)
+        return clip_tokens(
+            latent_grid(*grid, options["temporal_factor"], options["spatial_factor"]), options["patch_size"]
+        )
+
     def runner_options(self, transformer: torch.nn.Module, folder: ModelFolder) -> dict[str, Any]:
         vae = folder.config("vae")
         return {
@@ -63,6 +74,15 @@ class WanFamily(ModelFamily):
             "spatial_factor": vae.get("scale_factor_spatial", 8),
             "temporal_factor": vae.get("scale_factor_temporal", 4),
             "patch_size": tuple(transformer.config.patch_size),
+        }
+
+    def pipeline_conditioning(self, inputs: WanInputs) -> dict[str, Any]:
+        return {
+            "prompt_embeds": inputs.prompt,
+            "negative_prompt_embeds": inputs.negative,
+            "guidance_scale": inputs.guidance_scale,
+            "num_frames": inputs.num_frames,
+            "num_videos_per_prompt": inputs.num_images,
         }
 
 

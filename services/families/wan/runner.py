@@ -60,6 +60,18 @@ def _repeated(embeds: torch.Tensor, n: int) -> torch.Tensor:
     return embeds.repeat(1, n, 1).view(n, seq, dim)
 
 
+def latent_grid(
+    num_frames: int, height: int, width: int, temporal_factor: int, spatial_factor: int
+) -> tuple[int, int, int]:
+    """The VAE's latent frames, height and width for a clip."""
+    return (num_frames - 1) // temporal_factor + 1, height // spatial_factor, width // spatial_factor
+
+
+def clip_tokens(grid: tuple[int, int, int], patch_size: tuple[int, int, int]) -> int:
+    """Tokens of one clip's latent grid after the transformer's 3D patching."""
+    return (grid[0] // patch_size[0]) * (grid[1] // patch_size[1]) * (grid[2] // patch_size[2])
+
+
 class WanRunner(TransformerRunner):
     """TransformerRunner for WanTransformer3DModel: unpacked 5-D latents, classic CFG."""
 
@@ -81,18 +93,10 @@ class WanRunner(TransformerRunner):
         self.transformer_config = transformer_config
 
     def latent_grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
-        """The VAE's latent frames, height and width for a clip."""
-        return (
-            (num_frames - 1) // self.temporal_factor + 1,
-            height // self.spatial_factor,
-            width // self.spatial_factor,
-        )
+        return latent_grid(num_frames, height, width, self.temporal_factor, self.spatial_factor)
 
     def video_tokens(self, num_frames: int, height: int, width: int) -> int:
-        """Tokens of one clip after the transformer's 3D patching."""
-        frames, h, w = self.latent_grid(num_frames, height, width)
-        p_t, p_h, p_w = self.patch_size
-        return (frames // p_t) * (h // p_h) * (w // p_w)
+        return clip_tokens(self.latent_grid(num_frames, height, width), self.patch_size)
 
     def parse(self, request: Any, cache: CacheConfig, limits: RequestLimits) -> WanInputs:
         from ditserve.services.families.wan.requests import parse_request
