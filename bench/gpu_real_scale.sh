@@ -6,8 +6,9 @@
 # the system site-packages), writes the FLUX.1-dev random-weights folder (configs only: each service builds
 # its weights on the GPU at load), then measures through `ditserve bench real_scale` (a: four services vs
 # FluxPipeline in-process, f: memory per service, d: step caching, e: continuous batching, b: attention
-# backends, c: compile and fp8) and writes OUTDIR/gpu-real-scale.json. Sections past --budget-s are skipped
-# and listed in summary.skipped. Wan2.1-1.3B at 480p x 33 frames is not in it yet.
+# backends, c: compile and fp8), then, with the time left, Wan2.1-T2V-1.3B at 480x832 x 33 frames, 10 steps
+# (g: four services vs WanPipeline in-process, h: attention backends), and writes OUTDIR/gpu-real-scale.json.
+# Sections past --budget-s are skipped and listed in summary.skipped.
 set -euo pipefail
 
 OUTDIR=${1:?usage: bash bench/gpu_real_scale.sh OUTDIR}
@@ -17,7 +18,8 @@ mkdir -p "$OUTDIR"
 if [ -n "${DITSERVE_REAL_SCALE_TINY:-}" ]; then
     PY=${PYTHON:-python3}
     ARGS=(--preset tiny-flux --device cpu --dtype fp32 --size 64 --steps 4 --batch-size 64 --clients 1,2
-          --repeats 1 --no-compile --budget-s "${DITSERVE_REAL_SCALE_BUDGET_S:-600}")
+          --repeats 1 --no-compile --budget-s "${DITSERVE_REAL_SCALE_BUDGET_S:-600}"
+          --wan-preset tiny-wan --wan-size 64x64 --wan-frames 5 --wan-steps 2)
 else
     PY=python3
     SITE=/tmp/site

@@ -42,7 +42,11 @@ def test_tiny_preset_run_writes_every_section(tmp_path: Path) -> None:
         assert summary["memory_bytes"][role]["host_rss"] > 0
     rows = document["rows"]
     sections = {row["section"] for row in rows}
-    assert sections == {"a", "b", "c", "d", "e"}
+    assert sections == {"a", "b", "c", "d", "e", "g", "h"}
+    wan = summary["wan"]  # the tiny Wan preset's clip, served vs WanPipeline in-process
+    assert wan["identical_outputs"], f"Wan served vs in-process differ by {wan['max_abs_pixel_diff']}/255"
+    assert {row["what"] for row in rows if row["section"] == "g"} == {"four services", "WanPipeline in-process"}
+    assert "attention torch_sdpa" in {row["what"] for row in rows if row["section"] == "h"}
     assert {row["clients"] for row in rows if row["section"] == "e"} == {1, 2}
     assert all("errors" not in row for row in rows), rows
     assert {row["what"] for row in rows if row["section"] == "c"} == {"eager", "int8-weight"}

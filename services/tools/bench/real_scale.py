@@ -9,8 +9,12 @@ section skipped once --budget-s is spent:
   d. step caching through the services: whole-step caching computing 8 steps, DBCache F8B0;
   e. continuous batching at --batch-size px: images per second with 1, 4 and 8 concurrent clients;
   b. one denoising step (both CFG branches as configured) per attention backend, in process;
-  c. that step with --compile off/on and --quantize off/on (fp8 on CUDA sm89+, int8-weight elsewhere).
-Random weights time the shapes; they never stand for image quality.
+  c. that step with --compile off/on and --quantize off/on (fp8 on CUDA sm89+, int8-weight elsewhere);
+then, with what is left of the budget, --wan-preset (Wan2.1-T2V-1.3B, 480x832 x 33 frames, --wan-steps):
+  g. its four services against WanPipeline in-process: seconds per video, overhead ratio, identical frames;
+  h. its denoising step per attention backend, in process.
+Every size is written into the preset folder's defaults, so the services, the in-process pipeline and the
+step rows run one request shape. Random weights time the shapes; they never stand for image quality.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import statistics
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed images per measurement after a warm-up")
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip the sections left after this long")
     parser.add_argument("--no-compile", action="store_true", help="(c) leave out the compiled rows (slow on CPU)")
+    parser.add_argument("--wan-preset", default="wan2.1-t2v-1.3b", help="(g, h) a Wan make-model preset; '' skips")
+    parser.add_argument("--wan-size", default="480x832", help="(g, h) HEIGHTxWIDTH of the clip")
+    parser.add_argument("--wan-frames", type=int, default=33, help="(g, h) frames per clip")
+    parser.add_argument(
+        "--wan-steps", type=int, default=10, help="(g) steps per clip: the overhead is per step, 10 fit the budget"
+    )
 
 
 class Budget:
@@ -66,16 +77,52 @@ def _timed(repeats: int, call: Any) -> tuple[float, Any]:
     return statistics.median(times), result
 
 
-def _in_process_pipeline(folder: Any, device: Any, dtype: Any) -> Any:
-    """FluxPipeline from the folder's components, random weights seeded as the services seed them."""
-    from diffusers import FluxPipeline
+def _preset_folder(name: str, path: Path, **defaults: int) -> Any:
+    """The preset written to `path` with `defaults` (height, width, steps, num_frames) as its request defaults."""
+    from ditserve.services.common.model import SIDECAR, ModelFolder
+    from ditserve.services.tools.modelgen.presets import write_preset
 
-    parts = ("transformer", "vae", "text_encoder", "text_encoder_2")
-    models = {name: folder.load(name, device, dtype) for name in parts}
-    tokenizers = {name: folder.load(name) for name in ("tokenizer", "tokenizer_2", "scheduler")}
-    pipe = FluxPipeline(**models, **tokenizers)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    write_preset(name, path)
+    sidecar = json.loads((path / SIDECAR).read_text())
+    sidecar.update({f"default_{key}": value for key, value in defaults.items()})
+    (path / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
+    return ModelFolder(path)
+
+
+def _in_process_pipeline(folder: Any, device: Any, dtype: Any) -> Any:
+    """The folder's diffusers pipeline from its components, random weights seeded as the services seed them."""
+    import diffusers
+
+    parts = [name for name, entry in folder.index.items() if not name.startswith("_") and entry and entry[0]]
+    return getattr(diffusers, folder.index["_class_name"])(**{name: folder.load(name, device, dtype) for name in parts})
+
+
+def _served_vs_in_process(
+    client: Any, folder: Any, device: Any, dtype: Any, repeats: int, section: Any, name: str
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The services' request at the folder's defaults, then (budget allowing) the family's pipeline in-process
+    doing the same work: seconds per output each, overhead ratio, identical pixels."""
+    from ditserve.services.families import family_name
+    from ditserve.services.tools.bench.reference import REFERENCES
+
+    reference_class = REFERENCES[family_name(folder)]
+    settings = reference_class.served_settings(folder.defaults, folder.defaults.steps)
+    served_s, served = _timed(repeats, lambda: client.generate(PROMPT, seed=1, **settings))
+    rows = [{"section": name, "what": "four services", "seconds_per_image": served_s}]
+    summary: dict[str, Any] = {}
+    if section(f"{name}: in-process"):
+        pipe = _in_process_pipeline(folder, device, dtype)
+        reference = reference_class(folder.path, folder.defaults.steps, pipe=pipe)
+        local_s, local = _timed(repeats, lambda: reference(PROMPT, seed=1))
+        del reference, pipe
+        served_pixels = reference_class.served(served)
+        rows.append(
+            {"section": name, "what": f"{reference_class.pipeline_class} in-process", "seconds_per_image": local_s}
+        )
+        summary["overhead_ratio"] = served_s / local_s
+        summary["identical_outputs"] = bool(np.array_equal(local, served_pixels))
+        summary["max_abs_pixel_diff"] = int(np.abs(local.astype(int) - served_pixels.astype(int)).max())
+    return rows, summary
 
 
 def _memory(port: int) -> dict[str, float]:
@@ -107,22 +154,17 @@ def _cache_policies(steps: int, blocks: int) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
     from ditserve.client import PipelineClient
     from ditserve.client.cache_policy import parse_cache_policy
-    from ditserve.client.launcher import Ports, Stack
     from ditserve.services.common.device import dtype_name, resolve_device, resolve_dtype
-    from ditserve.services.common.model import ModelFolder
-    from ditserve.services.tools.modelgen.presets import write_preset
 
     budget = Budget(args.budget_s)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     work = Path(tempfile.mkdtemp(prefix="real-scale-"))
-    folder = ModelFolder(write_preset(args.preset, args.folder or work / args.preset))
-    device_flags = ["--device", str(device), "--dtype", dtype_name(dtype)]
     size = {"height": args.size, "width": args.size}
+    folder = _preset_folder(args.preset, args.folder or work / args.preset, **size, steps=args.steps)
+    device_flags = ["--device", str(device), "--dtype", dtype_name(dtype)]
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {"skipped": []}
 
@@ -133,40 +175,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         summary["skipped"].append(name)
         return False
 
-    stack = Stack(
-        model=folder.path,
-        ports=Ports.free(),
-        log_dir=work / "logs",
-        extra_args={role: list(device_flags) for role in ("encoder", "denoiser", "vae")},
-    )
-    stack.start(timeout=600)
+    stack = _stack(folder, device_flags, work / "logs")
     try:
         client = PipelineClient(stack.gateway)
-        served_s, served = _timed(args.repeats, lambda: client.generate(PROMPT, steps=args.steps, seed=1, **size))
-        served_pixels = np.asarray(served.images[0])
-        rows.append({"section": "a", "what": "four services", "seconds_per_image": served_s})
-        if section("a: in-process"):
-            pipe = _in_process_pipeline(folder, device, dtype)
-            defaults = folder.defaults
-
-            def in_process() -> Any:
-                generator = torch.Generator().manual_seed(1)
-                return pipe(
-                    PROMPT,
-                    num_inference_steps=args.steps,
-                    guidance_scale=defaults.guidance_scale,
-                    max_sequence_length=defaults.max_sequence_length,
-                    generator=generator,
-                    **size,
-                ).images[0]
-
-            local_s, image = _timed(args.repeats, in_process)
-            local = np.asarray(image)
-            del pipe
-            rows.append({"section": "a", "what": "FluxPipeline in-process", "seconds_per_image": local_s})
-            summary["overhead_ratio"] = served_s / local_s
-            summary["identical_outputs"] = bool(np.array_equal(local, served_pixels))
-            summary["max_abs_pixel_diff"] = int(np.abs(local.astype(int) - served_pixels.astype(int)).max())
+        served_rows, served_summary = _served_vs_in_process(client, folder, device, dtype, args.repeats, section, "a")
+        rows += served_rows
+        summary.update(served_summary)
+        served_s = served_rows[0]["seconds_per_image"]
         if section("f"):
             roles = ("encoder", "denoiser", "vae")
             summary["memory_bytes"] = {role: _memory(stack.ports.metrics[role]) for role in roles}
@@ -189,7 +204,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rows.append({"section": "e", **_throughput(stack.gateway, clients, args.batch_size, args.steps)})
     finally:
         stack.stop()
-    _step_rows(rows, section, folder, device, dtype, args)
+    step_seconds = StepTimer(folder, device, dtype, args.repeats)
+    _attention_rows(rows, section, "b", step_seconds)
+    _optimize_rows(rows, section, args.no_compile, step_seconds)
+    if args.wan_preset and section("g"):
+        _wan_sections(args, section, work, device, dtype, rows, summary)
     config = {
         "preset": args.preset,
         "device": str(device),
@@ -198,8 +217,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "steps": args.steps,
         "batch_size": args.batch_size,
         "weights": "random (timing and memory only)",
+        "wan": {"preset": args.wan_preset, "size": args.wan_size, "frames": args.wan_frames, "steps": args.wan_steps},
     }
     return result_document("real_scale", args.preset, config, rows, summary)
+
+
+def _wan_sections(
+    args: argparse.Namespace, section: Any, work: Path, device: Any, dtype: Any, rows: list, summary: dict[str, Any]
+) -> None:
+    """(g, h) on the Wan preset at --wan-size x --wan-frames, on the device and dtype of the FLUX rows."""
+    from ditserve.client import PipelineClient
+    from ditserve.services.common.device import dtype_name
+
+    height, width = (int(side) for side in args.wan_size.split("x"))
+    clip = {"height": height, "width": width, "num_frames": args.wan_frames, "steps": args.wan_steps}
+    wan = _preset_folder(args.wan_preset, work / args.wan_preset, **clip)
+    stack = _stack(wan, ["--device", str(device), "--dtype", dtype_name(dtype)], work / "wan-logs")
+    try:
+        with PipelineClient(stack.gateway) as client:
+            wan_rows, summary["wan"] = _served_vs_in_process(client, wan, device, dtype, args.repeats, section, "g")
+    finally:
+        stack.stop()
+    rows += wan_rows
+    _attention_rows(rows, section, "h", StepTimer(wan, device, dtype, args.repeats))
 
 
 def _throughput(gateway: str, clients: int, side: int, steps: int) -> dict[str, Any]:
@@ -229,34 +269,65 @@ def _throughput(gateway: str, clients: int, side: int, steps: int) -> dict[str, 
     return row
 
 
-def _step_rows(rows: list, section: Any, folder: Any, device: Any, dtype: Any, args: argparse.Namespace) -> None:
-    """(b) and (c): one step at the folder's default request through an in-process denoiser runtime."""
-    import torch
+def _stack(folder: Any, device_flags: list[str], log_dir: Path) -> Any:
+    """The four services on free loopback ports, SERVING."""
+    from ditserve.client.launcher import Ports, Stack
 
-    from ditserve.services.common.stage import StageContext
-    from ditserve.services.denoiser.attention import available_backends
-    from ditserve.services.denoiser.compile import warm_up
-    from ditserve.services.denoiser.runtime import DenoiserOptions, build_runtime
+    roles = ("encoder", "denoiser", "vae")
+    stack = Stack(folder.path, Ports.free(), log_dir=log_dir, extra_args={role: list(device_flags) for role in roles})
+    stack.start(timeout=600)
+    return stack
 
-    def step_seconds(options: DenoiserOptions) -> float:
-        stage = StageContext(role="denoiser", folder=folder, device=device, dtype=dtype)
+
+@dataclass(frozen=True)
+class StepTimer:
+    """One step at the folder's default request through an in-process denoiser runtime: median seconds."""
+
+    folder: Any
+    device: Any
+    dtype: Any
+    repeats: int
+
+    def __call__(self, options: Any) -> float:
+        import torch
+
+        from ditserve.services.common.stage import StageContext
+        from ditserve.services.denoiser.compile import warm_up
+        from ditserve.services.denoiser.runtime import build_runtime
+
+        stage = StageContext(role="denoiser", folder=self.folder, device=self.device, dtype=self.dtype)
         runtime = build_runtime(stage, options)
         try:
             args_ = (runtime.family, runtime.runner.executor.transformer, runtime.runner, stage.limits, (1,))
-            times = [warm_up(*args_) for _ in range(args.repeats + 1)][1:]
+            times = [warm_up(*args_) for _ in range(self.repeats + 1)][1:]
         finally:
             runtime.close()
-            if device.type == "cuda":
+            if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         return statistics.median(times)
 
-    head_dim = folder.config("transformer")["attention_head_dim"]
-    for name, reason in available_backends(device, dtype, head_dim).items():
-        backend = getattr(name, "value", name)  # sdpa_math: the reference kernel, 27-30x slower on GPUs
-        if reason is not None or backend == "sdpa_math" or not section(f"b: {backend}"):
+
+def _attention_rows(rows: list, section: Any, name: str, step_seconds: StepTimer) -> None:
+    """(b, h) the step per attention backend that can run here."""
+    from ditserve.services.denoiser.attention import available_backends
+    from ditserve.services.denoiser.runtime import DenoiserOptions
+
+    head_dim = step_seconds.folder.config("transformer")["attention_head_dim"]
+    for backend_name, reason in available_backends(step_seconds.device, step_seconds.dtype, head_dim).items():
+        backend = backend_name.value  # sdpa_math: the reference kernel, 27-30x slower on GPUs
+        if reason is not None or backend == "sdpa_math" or not section(f"{name}: {backend}"):
             continue
         seconds = step_seconds(DenoiserOptions(attention_backend=backend))
-        rows.append({"section": "b", "what": f"attention {backend}", "step_seconds": seconds})
+        rows.append({"section": name, "what": f"attention {backend}", "step_seconds": seconds})
+
+
+def _optimize_rows(rows: list, section: Any, no_compile: bool, step_seconds: StepTimer) -> None:
+    """(c) the step with --compile off/on and --quantize off/on (fp8 on CUDA sm89+, int8-weight elsewhere)."""
+    import torch
+
+    from ditserve.services.denoiser.runtime import DenoiserOptions
+
+    device = step_seconds.device
     quantize = "fp8" if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9) else "int8-weight"
     for name, options in (
         ("eager", DenoiserOptions()),
@@ -264,7 +335,7 @@ def _step_rows(rows: list, section: Any, folder: Any, device: Any, dtype: Any, a
         (quantize, DenoiserOptions(quantize=quantize)),
         (f"{quantize}+compile", DenoiserOptions(quantize=quantize, compile=True)),
     ):
-        if options.compile and args.no_compile:
+        if options.compile and no_compile:
             continue
         if section(f"c: {name}"):
             rows.append({"section": "c", "what": name, "step_seconds": step_seconds(options)})

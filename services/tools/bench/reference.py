@@ -48,16 +48,25 @@ class _PipelineReference:
 
     pipeline_class: str  # in diffusers
 
-    def __init__(self, model: Path, steps: int) -> None:
+    def __init__(self, model: Path, steps: int, pipe: Any = None) -> None:
+        """`pipe`: an already built pipeline of the folder's components (bench real_scale builds random-weight
+        ones on the device); by default the folder's own, loaded with from_pretrained."""
         import diffusers
 
         from ditserve.services.common.model import ModelFolder
 
         self.defaults = ModelFolder(model).defaults
         self.steps = steps
-        self.pipe = getattr(diffusers, self.pipeline_class).from_pretrained(model, local_files_only=True)
+        if pipe is None:
+            pipe = getattr(diffusers, self.pipeline_class).from_pretrained(model, local_files_only=True)
+        self.pipe = pipe
         self.pipe.set_progress_bar_config(disable=True)
-        self.settings: dict[str, Any] = {"height": self.defaults.height, "width": self.defaults.width, "steps": steps}
+        self.settings = self.served_settings(self.defaults, steps)
+
+    @classmethod
+    def served_settings(cls, defaults: Any, steps: int) -> dict[str, Any]:
+        """PipelineClient.generate keywords asking the services for this reference's work."""
+        return {"height": defaults.height, "width": defaults.width, "steps": steps}
 
     def call_settings(self, seed: int) -> dict[str, Any]:
         """The pipeline call's keywords both families take alike: the folder's defaults, the job's own noise."""
@@ -101,10 +110,10 @@ class WanReference(_PipelineReference):
 
     pipeline_class = "WanPipeline"
 
-    def __init__(self, model: Path, steps: int) -> None:
-        super().__init__(model, steps)
+    @classmethod
+    def served_settings(cls, defaults: Any, steps: int) -> dict[str, Any]:
         # the frames themselves: an MP4 is lossy and would differ from them
-        self.settings.update(num_frames=self.defaults.num_frames, video_format="raw")
+        return {**super().served_settings(defaults, steps), "num_frames": defaults.num_frames, "video_format": "raw"}
 
     def __call__(self, prompt: str, seed: int, num_images: int = 1) -> np.ndarray:
         frames = self.pipe(
