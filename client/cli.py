@@ -186,6 +186,19 @@ def _wait_for_interrupt() -> None:
         pass
 
 
+# `up`'s denoiser flags that take a value, passed on as given; unset ones leave the denoiser's own default.
+DENOISER_PASSTHROUGH = (
+    "batching",
+    "max_batch_size",
+    "attention_backend",
+    "attention_benchmark",
+    "cache_policy",
+    "quantize",
+    "sp_ulysses",
+    "sp_ring",
+)
+
+
 def _stack(args: argparse.Namespace) -> object:
     from ditserve.client.launcher import Ports, Stack
 
@@ -195,10 +208,12 @@ def _stack(args: argparse.Namespace) -> object:
     if getattr(args, "no_http", False):
         ports.http = None
     extra = {role: ["--device", args.device, "--dtype", args.dtype] for role in ("encoder", "denoiser", "vae")}
-    for flag in ("batching", "max_batch_size", "attention_backend", "cache_policy", "sp_ulysses", "sp_ring"):
+    for flag in DENOISER_PASSTHROUGH:
         value = getattr(args, flag, None)
         if value is not None:
             extra["denoiser"] += ["--" + flag.replace("_", "-"), str(value)]
+    if getattr(args, "compile", False):
+        extra["denoiser"].append("--compile")
     return Stack(model=Path(args.model), ports=ports, host=args.host, extra_args=extra)
 
 
@@ -403,6 +418,23 @@ def _stack_arguments(parser: argparse.ArgumentParser, up: bool = False) -> None:
     group.add_argument("--batching", choices=["off", "dynamic", "continuous"], default=None, help="batching mode")
     group.add_argument("--max-batch-size", type=int, default=None, help="requests per batch")
     group.add_argument("--attention-backend", default=None, help="auto, torch_sdpa, sdpa_cudnn, fa, ...")
+    group.add_argument(
+        "--attention-benchmark",
+        choices=["auto", "on", "off"],
+        default=None,
+        help="how `auto` picks: times the backends on the model's shape on CUDA (auto), anywhere (on), or rules (off)",
+    )
+    group.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the transformer's repeated blocks, warmed up before SERVING (faster steps on a GPU)",
+    )
+    group.add_argument(
+        "--quantize",
+        choices=["none", "int8-weight", "fp8"],
+        default=None,
+        help="the blocks' Linears through torchao: int8-weight (any device) or fp8 (CUDA sm89+); Info reports it",
+    )
     group.add_argument("--cache-policy", default=None, help="default step caching: none, teacache, dbcache or JSON")
     group.add_argument("--sp-ulysses", "--ulysses-degree", dest="sp_ulysses", type=int, default=None, help="Ulysses SP")
     group.add_argument("--sp-ring", "--ring-degree", dest="sp_ring", type=int, default=None, help="ring SP degree")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -116,3 +117,14 @@ def beside(base: Stack, roles: tuple[str, ...], log_dir: Path, **extra_args: lis
         yield side
     finally:
         side.stop()
+
+
+def read_until_ready(process: subprocess.Popen, timeout: float) -> list[str]:
+    """`ditserve up`'s output lines up to its "ready:" line (the last one returned when it came)."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (line := process.stdout.readline()):
+        lines.append(line)
+        if line.startswith("ready:"):
+            break
+    return lines

@@ -15,11 +15,10 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from helpers import http_call
+from helpers import http_call, read_until_ready
 from PIL import Image
 
 from ditserve.client.config import repo_root
@@ -85,14 +84,7 @@ def test_fresh_venv_non_editable_install_at_the_floors_serves(tmp_path: Path) ->
     )
     lines: list[str] = []
     try:
-        deadline = time.monotonic() + 360
-        while time.monotonic() < deadline:
-            line = up.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("ready:"):
-                break
+        lines = read_until_ready(up, 360)
         output = "".join(lines)
         assert lines and lines[-1].startswith("ready:"), output
         target = re.search(r"--target (\S+)", lines[-1]).group(1)

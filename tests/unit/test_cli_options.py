@@ -35,6 +35,7 @@ def test_up_passes_denoiser_options_through() -> None:
     args = parse(
         "up", "--batching", "continuous", "--max-batch-size", "4", "--attention-backend", "torch_sdpa",
         "--cache-policy", "teacache", "--dtype", "fp32", "--ulysses-degree", "2", "--http-port", "8123",
+        "--quantize", "int8-weight", "--compile", "--attention-benchmark", "off",
     )  # fmt: skip
     stack = _stack(args)
     denoiser = stack.command("denoiser")
@@ -45,14 +46,18 @@ def test_up_passes_denoiser_options_through() -> None:
         ("--cache-policy", "teacache"),
         ("--dtype", "fp32"),
         ("--sp-ulysses", "2"),
+        ("--quantize", "int8-weight"),
+        ("--attention-benchmark", "off"),
     ]:
         assert denoiser[denoiser.index(flag) + 1] == value
+    assert "--compile" in denoiser
     assert "--batching" not in stack.command("encoder")
     gateway = stack.command("gateway")
     assert gateway[gateway.index("--http-port") + 1] == "8123"
     assert "--no-http" in _stack(parse("up", "--no-http")).command("gateway")
     # Unset denoiser flags stay the denoiser's own defaults.
-    assert "--batching" not in _stack(parse("up")).command("denoiser")
+    plain = _stack(parse("up")).command("denoiser")
+    assert not {"--batching", "--compile", "--quantize", "--attention-benchmark"} & set(plain)
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
