@@ -1,4 +1,4 @@
-"""Shared fixtures: the shipped default model and a real four-process stack on loopback."""
+"""Shared fixtures: the shipped default model, the tiny random Wan folder and a real four-process stack on loopback."""
 
 from __future__ import annotations
 
@@ -18,6 +18,14 @@ def model_dir() -> Path:
     path = default_model_dir()
     assert (path / "model_index.json").is_file(), f"the shipped model is missing at {path}"
     return path
+
+
+@pytest.fixture(scope="session")
+def wan_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`ditserve make-tiny-model --family wan`'s folder: 64x64, 9 frames at 8 fps, 2 heads, random weights."""
+    from ditserve.services.tools.modelgen.tiny_wan import write_tiny_wan
+
+    return write_tiny_wan(tmp_path_factory.mktemp("models") / "tiny-wan")
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
-"""Shared by the integration modules: in-process denoisers behind real gRPC servers, one per batching mode,
-and the tiny random-weight Wan2.1 folder the video tests serve."""
+"""Shared by the integration modules: in-process denoisers behind real gRPC servers, one per batching mode
+(the tiny Wan folder the video tests serve is tests/conftest.py's wan_model)."""
 
 from __future__ import annotations
 
@@ -36,11 +36,3 @@ def denoisers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     for server, client in running.values():
         client.close()
         server.stop(grace=1)
-
-
-@pytest.fixture(scope="session")
-def wan_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`ditserve make-tiny-model --family wan`'s folder: 64x64, 9 frames at 8 fps, 2 heads, random weights."""
-    from ditserve.services.tools.modelgen.tiny_wan import write_tiny_wan
-
-    return write_tiny_wan(tmp_path_factory.mktemp("models") / "tiny-wan")
