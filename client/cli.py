@@ -331,8 +331,8 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser, prompts_help: st
     parser.add_argument("--prompts", type=int, default=4, help=prompts_help)
     parser.add_argument(
         "--prompt-file",
-        help="calibrate on prompts like yours: one per line, optionally 'SEED<TAB>PROMPT' (default, for models"
-        " trained on them only: --prompts of the shapes prompts)",
+        help="calibrate on prompts like yours: one per line, optionally 'SEED<TAB>PROMPT' (default, for a model"
+        " whose ditserve.json names its prompt_vocabulary only: --prompts of that vocabulary's prompts)",
     )
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--device", default="auto")

@@ -1,22 +1,24 @@
 """Per-model cache constants, fitted on calibration prompts and stored in the model folder's ditserve.json:
-TeaCache's rescale polynomial, and the searched step masks of whole-step caching.
+TeaCache's rescale polynomial, and the searched step masks of whole-step caching. Any family: the model is
+a LocalModel (local_model.py), the roles' own code paths in this process.
 
-TeaCache skips a step while the accumulated change of a cheap indicator (the first double block's
-modulated input) predicts little change in the transformer's output. The polynomial turns the indicator's
-relative L1 change into the output change it predicts, and only FLUX.1's is published: a model of another
-depth, width or training needs its own, or the thresholds mean nothing for it.
+TeaCache skips a step while the accumulated change of a cheap indicator (the family's cache_signal: FLUX's
+first double block's modulated input, Wan's timestep projection) predicts little change in the
+transformer's output. The polynomial turns the indicator's relative L1 change into the output change it
+predicts, and only the family's flagship's is published: a model of another depth, width or training
+needs its own, or the thresholds mean nothing for it.
 
-Method: run a few prompts uncached through our own runner (so exactly what the denoiser serves, true CFG
-included when the model's defaults use it), and at every transformer call record the relative L1 change,
-since the previous step of the same CFG branch, of (x) the indicator, computed as BranchCache.signal
-computes it at serve time, and (y) the noise prediction. Fit y = f(x) with a 4th-order polynomial
-(numpy.polyfit: highest power first, the order of TEACACHE_COEFFICIENTS in policy.py). Prompts are a
-fixed, seeded subset of the shapes evaluation prompts (calibration_prompts), each with its own seed.
+Method: run a few prompts uncached through the family's own runner (so exactly what the denoiser serves,
+classic CFG included when the model's defaults use it), and at every transformer call record the relative
+L1 change, since the previous step of the same CFG branch, of (x) the indicator, computed as
+BranchCache.signal computes it at serve time, and (y) the noise prediction. Fit y = f(x) with a 4th-order
+polynomial (numpy.polyfit: highest power first, the order of TEACACHE_COEFFICIENTS in policy.py). Prompts
+are a fixed, seeded subset of the evaluation prompts of the vocabulary the model was trained on
+(calibration_prompts; prompt_file.py), each with its own seed, or a prompt file's.
 
 The result is stored as "teacache_coefficients" in ditserve.json, next to the model's other defaults, with
 "teacache_calibration" saying what it was fitted on, including the range of x seen: like TeaCache's own
-polynomials, the fit means nothing far outside it. LocalFlux, the in-process encoder + runner used here,
-is also what `ditserve bench cache` runs our rows with.
+polynomials, the fit means nothing far outside it.
 
 Step masks (step_masks.py has the search): the objective is the final latents' relative squared error
 against the uncached run, averaged over the calibration prompts (MASK_SEEDS seeds each, all denoised as
@@ -37,7 +39,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ditserve.services.common.device import resolve_device, resolve_dtype
 from ditserve.services.common.model import SIDECAR, ModelFolder
 from ditserve.services.denoiser.cache.policy import (
     COEFFICIENTS_KEY,
@@ -54,15 +55,13 @@ from ditserve.services.denoiser.cache.step_masks import (
     mask_text,
     search_masks,
 )
-from ditserve.services.denoiser.facts import ModelFacts
-from ditserve.services.families.flux import FAMILY
-from ditserve.services.families.flux.runner import Conditioning, FluxInputs, FluxRunner, FluxTrajectory
-from ditserve.services.tools.training.shapes import all_combinations
+from ditserve.services.denoiser.job import DenoiseJob
+from ditserve.services.tools.local_model import LocalModel
+from ditserve.services.tools.prompt_file import SHAPES, VOCABULARIES, read_prompts, vocabulary_prompts
 
 CALIBRATION_KEY = "teacache_calibration"
 MASK_CALIBRATION_KEY = "step_mask_calibration"
 MASK_SEEDS = (10_000, 10_001)  # per calibration prompt; the cache bench's seeds count from 0
-NUDGE_SEED = 1_000_003  # offsets a request's seed for LocalFlux.denoise's nudge
 CALIBRATION_SEED = 1234  # picks the calibration prompts; the cache bench picks its prompts from the rest
 DEFAULT_PROMPTS = 4
 DEGREE = 4  # TeaCacheConfig takes the 5 coefficients of a 4th-order polynomial
@@ -82,85 +81,19 @@ def _seeded(prompts: Sequence[Prompt], bare_seeds: Sequence[int] | None) -> list
     return runs
 
 
-def calibration_prompts(count: int = DEFAULT_PROMPTS) -> list[str]:
-    """A fixed, seeded subset of the shapes evaluation prompts."""
-    prompts = [spec.prompt for spec in all_combinations()]
+def calibration_prompts(count: int = DEFAULT_PROMPTS, vocabulary: Sequence[str] | None = None) -> list[str]:
+    """A fixed, seeded subset of a vocabulary's evaluation prompts (default: the shapes prompts)."""
+    prompts = list(vocabulary) if vocabulary is not None else VOCABULARIES[SHAPES]()
     chosen = np.random.default_rng(CALIBRATION_SEED).choice(len(prompts), size=count, replace=False)
     return [prompts[index] for index in sorted(chosen)]
 
 
 def calibrate_prompts(model_dir: str | Path, prompt_file: str | None, count: int) -> list[Prompt]:
-    """What `ditserve calibrate` runs: the prompt file's (prompt, seed) pairs, else `count` shapes prompts,
-    which only a model trained on them may default to (prompt_file.py)."""
-    from ditserve.services.tools.prompt_file import read_prompts, trained_on_shapes
-
+    """What `ditserve calibrate` runs: the prompt file's (prompt, seed) pairs, else `count` prompts of the
+    vocabulary the model was trained on, which only such a model may default to (prompt_file.py)."""
     if prompt_file:
         return list(read_prompts(prompt_file))
-    if not trained_on_shapes(ModelFolder(model_dir).sidecar):
-        raise SystemExit(f"{model_dir} was not trained on the shapes prompts: calibrate on yours with --prompt-file")
-    return list(calibration_prompts(count))
-
-
-class LocalFlux:
-    """The encoder's prompt encoding and the denoiser's FluxRunner in one process, from one model folder.
-
-    Requests take the folder's defaults (size, guidance, true CFG with negative prompt "" above 1), as a
-    served request that sets none of them would.
-    """
-
-    def __init__(self, folder: ModelFolder, device: torch.device, dtype: torch.dtype) -> None:
-        self.folder = folder
-        self.defaults = folder.defaults
-        self.device = device
-        # The encoder's and the denoiser's own code paths, as the services build them.
-        self.text = FAMILY.text_encoder(folder, device, dtype)
-        self.max_sequence_length = min(self.defaults.max_sequence_length, self.text.max_sequence_length)
-        executor = FAMILY.executor(FAMILY.load_transformer(folder, device, dtype))
-        facts = ModelFacts.load(folder, FAMILY.published_teacache_coefficients, executor.num_blocks)
-        self.runner: FluxRunner = FAMILY.runner(executor.transformer, executor, folder, device, dtype, facts)
-        self.true_cfg = self.defaults.true_cfg_scale > 1
-        self.negative = self.encode("") if self.true_cfg else None
-
-    @classmethod
-    def open(cls, folder: ModelFolder, device: str, dtype: str) -> LocalFlux:
-        """From the --device and --dtype flags' values ("auto" included)."""
-        torch_device = resolve_device(device)
-        return cls(folder, torch_device, resolve_dtype(dtype, torch_device))
-
-    def encode(self, prompt: str) -> Conditioning:
-        return self.text.conditioning(prompt, self.max_sequence_length)
-
-    def inputs(self, prompt: Conditioning, seed: int, steps: int, cache: CacheConfig | None = None) -> FluxInputs:
-        defaults = self.defaults
-        return FluxInputs(
-            prompt=prompt,
-            negative=self.negative,
-            height=defaults.height,
-            width=defaults.width,
-            steps=steps,
-            guidance_scale=defaults.guidance_scale,
-            true_cfg_scale=defaults.true_cfg_scale,
-            seed=seed,
-            num_images=1,
-            cache=cache or CacheConfig(),
-        )
-
-    def denoise(self, inputs: FluxInputs, nudge: float = 0.0) -> FluxTrajectory:
-        """All steps of one request; the trajectory holds the latents and its cache's statistics.
-
-        nudge: the standard deviation of Gaussian noise (seeded by the request's seed) added to the initial
-        latents, a change that is no caching at all, to see what a quality measure makes of a tiny one.
-        """
-        trajectory = FluxTrajectory(self.runner, inputs)
-        if nudge:
-            generator = torch.Generator().manual_seed(NUDGE_SEED + inputs.seed)
-            noise = torch.randn(trajectory.latents.shape, generator=generator)
-            trajectory.latents = trajectory.latents + nudge * noise.to(trajectory.latents)
-        for _ in range(inputs.steps):
-            (error,) = self.runner.step([trajectory])
-            if error is not None:
-                raise error
-        return trajectory
+    return list(calibration_prompts(count, vocabulary_prompts(ModelFolder(model_dir).sidecar, model_dir)))
 
 
 @dataclass(frozen=True)
@@ -170,13 +103,13 @@ class TeaCacheFit:
     output_changes: tuple[float, ...]  # y: the noise prediction's relative L1 change, per sample
 
 
-def fit_teacache(model: LocalFlux, prompts: Sequence[Prompt], steps: int) -> TeaCacheFit:
+def fit_teacache(model: LocalModel, prompts: Sequence[Prompt], steps: int) -> TeaCacheFit:
     """Records (x, y) at every step after a branch's first and fits the polynomial; writes nothing."""
     if not prompts:
         raise ValueError("calibration needs at least one prompt")
     executor = model.runner.executor
-    # runner.step calls the transformer for the cond branch, then (true CFG) the uncond one: calls alternate.
-    branches = 2 if model.true_cfg else 1
+    # runner.step calls the transformer for the cond branch, then (CFG) the uncond one: calls alternate.
+    branches = 2 if model.uses_cfg else 1
     previous: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     xs: list[float] = []
     ys: list[float] = []
@@ -202,8 +135,11 @@ def fit_teacache(model: LocalFlux, prompts: Sequence[Prompt], steps: int) -> Tea
             model.denoise(model.inputs(model.encode(prompt), seed, steps))
     finally:
         handle.remove()
-    if len(xs) <= DEGREE:
-        raise ValueError(f"{len(xs)} samples cannot fit a degree-{DEGREE} polynomial: give more prompts or steps")
+    if len(set(xs)) <= DEGREE:  # Wan's indicator depends on the timestep alone: one x per step
+        raise ValueError(
+            f"{len(set(xs))} distinct indicator changes cannot fit a degree-{DEGREE} polynomial:"
+            " give more steps or prompts"
+        )
     if not all(math.isfinite(value) for value in (*xs, *ys)):
         raise ValueError("a relative change is NaN or Inf: the model's output is not finite")
     coefficients = tuple(float(c) for c in np.polyfit(xs, ys, DEGREE))
@@ -230,18 +166,19 @@ def calibrate_teacache(
 ) -> tuple[float, ...]:
     """Fits the model's TeaCache coefficients and stores them in its ditserve.json; returns them.
 
-    prompts: default calibration_prompts(); steps: default the model's default_steps.
+    prompts: default calibrate_prompts' (the model's vocabulary); steps: default the model's default_steps.
     """
     folder = ModelFolder(model_dir)
-    prompts = list(prompts) if prompts is not None else calibration_prompts()
+    prompts = list(prompts) if prompts is not None else calibrate_prompts(model_dir, None, DEFAULT_PROMPTS)
     steps = steps or folder.defaults.steps
-    fit = fit_teacache(LocalFlux.open(folder, device, dtype), prompts, steps)
+    model = LocalModel.open(folder, device, dtype)
+    fit = fit_teacache(model, prompts, steps)
     provenance = {
         "prompts": len(prompts),
         "steps": steps,
         "samples": len(fit.input_changes),
         "input_change_range": [min(fit.input_changes), max(fit.input_changes)],  # where the fit holds
-        "true_cfg_scale": folder.defaults.true_cfg_scale,
+        **model.cfg_scale,
     }
     store_in_sidecar(folder.path, {COEFFICIENTS_KEY: list(fit.coefficients), CALIBRATION_KEY: provenance})
     return fit.coefficients
@@ -250,7 +187,7 @@ def calibrate_teacache(
 class MaskObjective:
     """A mask's error: final latents against the uncached run's, relative, averaged over the prompts."""
 
-    def __init__(self, model: LocalFlux, prompts: Sequence[Prompt], steps: int, order: int) -> None:
+    def __init__(self, model: LocalModel, prompts: Sequence[Prompt], steps: int, order: int) -> None:
         self.model = model
         self.steps = steps
         self.order = order
@@ -266,7 +203,7 @@ class MaskObjective:
             scm = SCMConfig(compute_bins=compute, cache_bins=cached, policy="static")
             cache = CacheConfig(dbcache=DBCacheConfig.whole_step(scm, self.order))
         trajectories = [
-            FluxTrajectory(self.model.runner, self.model.inputs(prompt, seed, self.steps, cache))
+            self.model.runner.start(DenoiseJob("mask", self.model.inputs(prompt, seed, self.steps, cache), self.steps))
             for prompt, seed in self.requests
         ]
         for _ in range(self.steps):  # one batch: every trajectory shares the mask, so the same steps compute
@@ -303,12 +240,13 @@ def calibrate_step_masks(
     Masks for other step counts already stored are kept; this step count's are replaced.
     """
     folder = ModelFolder(model_dir)
-    prompts = list(prompts) if prompts is not None else calibration_prompts()
+    prompts = list(prompts) if prompts is not None else calibrate_prompts(model_dir, None, DEFAULT_PROMPTS)
     steps = steps or folder.defaults.steps
     fewest = fewest or fewest_computed_default(steps)
     if not 2 <= fewest < steps:  # refused before minutes of model work, not after
         raise ValueError(f"--fewest must be in [2, {steps - 1}] for {steps} steps, got {fewest}")
-    objective = MaskObjective(LocalFlux.open(folder, device, dtype), prompts, steps, order)
+    model = LocalModel.open(folder, device, dtype)
+    objective = MaskObjective(model, prompts, steps, order)
     with tqdm(total=steps - fewest, desc=f"step masks, {steps} steps", unit="mask") as bar:
 
         def report(computed: int, found: SearchedMask) -> None:
@@ -323,7 +261,7 @@ def calibrate_step_masks(
         "prompts": len(prompts),
         "seeds": sorted({seed for _, seed in _seeded(prompts, MASK_SEEDS)}),
         "taylorseer_order": order,
-        "true_cfg_scale": folder.defaults.true_cfg_scale,
+        **model.cfg_scale,
         "objective": "final latents' relative squared error vs uncached, mean over prompts and seeds",
         "latent_snr_db": {str(count): round(snr_db(searched.error), 2) for count, searched in sorted(found.items())},
         "evaluations": objective.evaluations,

@@ -3,19 +3,30 @@
 One prompt per line; a line may start with its seed and a tab (`42<TAB>a cat on a sofa`), else the seed
 is the prompt's index in the file. Blank lines and lines starting with `#` are skipped. Torch-free.
 
-The shapes evaluation prompts stay the default only for models trained on them: a folder whose
-ditserve.json says `"prompt_vocabulary": "shapes"`. The fidelity judge (eval/fidelity.py) reads that
-vocabulary only, so a bench scores fidelity only when every prompt is a shapes prompt.
+A vocabulary's evaluation prompts are the default only for models trained on it: a folder whose
+ditserve.json says e.g. `"prompt_vocabulary": "shapes"` (VOCABULARIES lists the ones known here); any
+other model needs a prompt file. The fidelity judge (eval/fidelity.py) reads the shapes vocabulary only,
+so a bench scores fidelity only when every prompt is a shapes prompt.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 VOCABULARY_KEY = "prompt_vocabulary"
 SHAPES = "shapes"
+
+
+def _shapes_prompts() -> list[str]:
+    from ditserve.services.tools.training.shapes import all_combinations
+
+    return [spec.prompt for spec in all_combinations()]
+
+
+# A model's prompt_vocabulary -> its evaluation prompts, in a fixed order (imported when asked for).
+VOCABULARIES: dict[str, Callable[[], list[str]]] = {SHAPES: _shapes_prompts}
 
 
 def parse_prompts(text: str) -> list[tuple[str, int]]:
@@ -45,9 +56,17 @@ def read_prompts(path: str | Path) -> list[tuple[str, int]]:
         raise SystemExit(f"prompt file {path}: {error}") from None
 
 
-def trained_on_shapes(sidecar: Mapping[str, Any]) -> bool:
-    """Whether the model's own prompts are the shapes vocabulary (its ditserve.json says so)."""
-    return sidecar.get(VOCABULARY_KEY) == SHAPES
+def vocabulary_prompts(sidecar: Mapping[str, Any], model: str | Path) -> list[str]:
+    """The evaluation prompts of the vocabulary the model was trained on (its ditserve.json says which);
+    SystemExit asking for --prompt-file when it names none known here."""
+    vocabulary = sidecar.get(VOCABULARY_KEY)
+    if vocabulary not in VOCABULARIES:
+        said = f"prompt_vocabulary {vocabulary!r}" if vocabulary else "no prompt_vocabulary"
+        raise SystemExit(
+            f"{model}: its ditserve.json names {said} (default prompts exist for: {', '.join(sorted(VOCABULARIES))}):"
+            " give prompts like yours with --prompt-file"
+        )
+    return VOCABULARIES[vocabulary]()
 
 
 def shapes_vocabulary(prompts: Sequence[str]) -> bool:

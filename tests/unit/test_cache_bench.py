@@ -1,10 +1,11 @@
-"""`ditserve bench cache`: its row grid, its metrics, and one minimal run on the shipped tiny model."""
+"""`ditserve bench cache`: its row grid, its metrics, and minimal runs on the shipped tiny model and the tiny Wan."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from ditserve.services.denoiser.cache.policy import mask_bins
 from ditserve.services.denoiser.cache.step_masks import stored_masks
 from ditserve.services.tools.bench import cache, cache_rows, image_metrics
 from ditserve.services.tools.calibrate import calibration_prompts
+from ditserve.services.tools.prompt_file import SHAPES, VOCABULARIES
 
 CACHE_DIT = importlib.util.find_spec("cache_dit") is not None
 
@@ -50,27 +52,30 @@ def test_row_patterns_keep_both_baselines_and_reject_typos() -> None:
 
 
 def test_bench_prompts_are_fixed_and_never_calibration_prompts() -> None:
-    excluded = calibration_prompts()
-    chosen = cache_rows.bench_prompts(12, excluded)
-    assert chosen == cache_rows.bench_prompts(12, excluded)
+    excluded, vocabulary = calibration_prompts(), VOCABULARIES[SHAPES]()
+    chosen = cache_rows.bench_prompts(12, excluded, vocabulary)
+    assert chosen == cache_rows.bench_prompts(12, excluded, vocabulary)
     assert [seed for _, seed in chosen] == list(range(12))
-    everything = cache_rows.bench_prompts(None, excluded)
+    everything = cache_rows.bench_prompts(None, excluded, vocabulary)
     assert everything[:12] == chosen  # the timed prompts are the start of the quality prompts
     assert len({prompt for prompt, _ in everything}) == len(everything) == 140 - len(excluded)
     assert not {prompt for prompt, _ in everything} & set(excluded)
     with pytest.raises(SystemExit, match="bench prompts"):
-        cache_rows.bench_prompts(len(everything) + 1, excluded)
+        cache_rows.bench_prompts(len(everything) + 1, excluded, vocabulary)
 
 
 def test_the_shapes_prompts_are_the_default_only_for_shapes_models(tmp_path: Path) -> None:
     shapes = {"prompt_vocabulary": "shapes"}
-    chosen, calibration = cache.prompt_sets(None, 5, shapes, calibration_prompts)
-    assert chosen == cache_rows.bench_prompts(5, calibration_prompts())
+    chosen, calibration = cache.prompt_sets(None, 5, shapes, tmp_path)
+    assert calibration == calibration_prompts()
+    assert chosen == cache_rows.bench_prompts(5, calibration_prompts(), VOCABULARIES[SHAPES]())
     with pytest.raises(SystemExit, match="--prompt-file"):
-        cache.prompt_sets(None, 5, {"family": "flux"}, calibration_prompts)
+        cache.prompt_sets(None, 5, {"family": "flux"}, tmp_path)
+    with pytest.raises(SystemExit, match=r"'unheard-of'.*--prompt-file"):  # a vocabulary no table row knows
+        cache.prompt_sets(None, 5, {"family": "wan", "prompt_vocabulary": "unheard-of"}, tmp_path)
     file = tmp_path / "mine.txt"
     file.write_text("".join(f"{seed}\tprompt {seed}\n" for seed in range(6)))
-    chosen, calibration = cache.prompt_sets(str(file), 5, {"family": "flux"}, calibration_prompts)
+    chosen, calibration = cache.prompt_sets(str(file), 5, {"family": "flux"}, tmp_path)
     assert chosen == [(f"prompt {seed}", seed) for seed in range(5)]
     assert calibration == [f"prompt {seed}" for seed in range(cache.FILE_CALIBRATION_PROMPTS)]
 
@@ -81,9 +86,9 @@ def test_a_peers_hooks_run_in_our_loop_and_leave_it_as_it_was(model_dir: Path) -
 
     from ditserve.services.common.model import ModelFolder
     from ditserve.services.tools.bench.cache_harness import OurHarness
-    from ditserve.services.tools.calibrate import LocalFlux
+    from ditserve.services.tools.local_model import LocalModel
 
-    model = LocalFlux(ModelFolder(model_dir), torch.device("cpu"), torch.float32)
+    model = LocalModel(ModelFolder(model_dir), torch.device("cpu"), torch.float32)
     harness = OurHarness(model, steps=8)
     rows = {row.name: row for row in cache_rows.all_rows(model.runner.executor.num_blocks)}
     plain, peer = rows["ours/none"], rows[f"{cache_rows.PEER_IN_OURS}/taylorseer-lite i=2"]
@@ -230,3 +235,75 @@ def test_minimal_run_has_a_cache_dit_row(minimal_run: tuple[Path, dict[str, Any]
     row = next(row for row in minimal_run[1]["rows"] if row["peer"] == "cache-dit")
     assert "error" not in row and row["psnr_db"] > 0
     assert row["params"]["fn"] == 1 and row["params"]["residual_diff_threshold"] == 0.24
+
+
+WAN_STEPS = 8  # one more than the fewest fewer-steps row (7)
+WAN_ROWS = [
+    "ours/teacache t=0.4",
+    "ours/fewer-steps 7",
+    "ours/whole-step calibrated k=7 +taylorseer",
+    "diffusers/fbc t=0.2",
+    f"{cache_rows.PEER_IN_OURS}/taylorseer-lite i=2",
+    "diffusers/magcache t=0.12",
+] + (["cache-dit/dbcache F1B0 r=0.24"] if CACHE_DIT else [])
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """The tiny Wan's ops are too small to split: one thread runs them in seconds where an OpenMP team on a
+    loaded 2-core machine waits for its members for minutes (both harnesses alike)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_minimal_run_on_tiny_wan_compares_clips(wan_model: Path, tmp_path: Path) -> None:
+    """Our rows, the fewer-steps baseline and the peers on WanPipeline, clips against uncached clips."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving right on a blue background\n7\ta green square moving up on a black one\n")
+    args = argparse.Namespace(
+        model=str(wan_model),
+        prompts=1,
+        quality_prompts=1,
+        prompt_file=str(prompts),
+        steps=WAN_STEPS,
+        repeats=1,
+        rows=",".join(WAN_ROWS),
+        device="cpu",
+        dtype="fp32",
+        out=None,
+    )
+    document = cache.run(args)
+
+    json.dumps(document, allow_nan=False)
+    results = {row["name"]: row for row in document["rows"]}
+    summary = document["summary"]
+    assert summary["baselines_identical"]  # our loop is WanPipeline's, bit for bit
+    # a model without calibrated masks: its whole-step row says so, and the bench goes on
+    assert set(summary["errors"]) == {"ours/whole-step calibrated k=7 +taylorseer"}
+    assert "calibrate step-mask" in summary["errors"]["ours/whole-step calibrated k=7 +taylorseer"]
+    for name in set(WAN_ROWS) - set(summary["errors"]):
+        row = results[name]
+        assert row["denoise_s"] > 0 and 0 <= row["skipped_fraction"] < 1
+        assert 0 < row["psnr_db"] <= image_metrics.PSNR_CAP_DB and 0 < row["ssim"] <= 1
+        assert row["fidelity"] is None  # clips are not judged
+    assert results["ours/fewer-steps 7"]["skipped_fraction"] == pytest.approx(1 / WAN_STEPS)
+    assert results["diffusers/magcache t=0.12"]["skipped_fraction"] > 0 and len(summary["magcache_ratios"]) == WAN_STEPS
+    assert summary["teacache_coefficients_source"] == "fitted in the bench"  # the tiny Wan has none stored
+    assert set(summary) >= {"best_speedup_psnr30", "peer_best_speedup_psnr30", "ratio_vs_peer", "fewer_steps_best_row"}
+    config = document["config"]
+    assert config["family"] == "wan" and config["num_frames"] == 9 and not config["fidelity_judged"]
+
+
+def test_a_clip_is_compared_as_its_frames() -> None:
+    rng = np.random.default_rng(1)
+    clip = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    other = clip.copy()
+    other[1] = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)  # one frame of three differs
+    frames = [image_metrics.ssim(a, b) for a, b in zip(other, clip, strict=True)]
+    assert image_metrics.ssim(other, clip) == pytest.approx(np.mean(frames)) and frames[0] == pytest.approx(1.0)
+    assert image_metrics.psnr(other, clip) == pytest.approx(image_metrics.psnr(other[1], clip[1]) + 10 * np.log10(3))

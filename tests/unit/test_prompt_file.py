@@ -30,8 +30,10 @@ def test_unusable_files_are_refused_naming_the_file(tmp_path: Path) -> None:
 def test_shapes_prompts_are_the_default_only_for_shapes_models(model_dir: Path) -> None:
     import json
 
-    assert prompt_file.trained_on_shapes(json.loads((model_dir / "ditserve.json").read_text()))
-    assert not prompt_file.trained_on_shapes({"family": "flux"})
+    shipped = json.loads((model_dir / "ditserve.json").read_text())
+    assert prompt_file.vocabulary_prompts(shipped, model_dir) == prompt_file.VOCABULARIES["shapes"]()
+    with pytest.raises(SystemExit, match=r"no prompt_vocabulary.*--prompt-file"):
+        prompt_file.vocabulary_prompts({"family": "flux"}, model_dir)
     assert prompt_file.shapes_vocabulary(["a red circle on a blue background", "a green ring on a black background"])
     assert not prompt_file.shapes_vocabulary(["a red circle on a blue background", "a cat on a sofa"])
 

@@ -1,24 +1,27 @@
 """`ditserve bench cache`: our step caching beside its peers, on one model, one prompt set, the same seeds.
 
-
-Rows, their names and prompts: cache_rows.py. Harnesses and timing: cache_harness.py. PSNR and SSIM:
-image_metrics.py. The plot: cache_plot.py.
+Any family (FLUX images, Wan clips): the model is a LocalModel (local_model.py), the roles' own code
+paths in this process. Rows, their names and prompts: cache_rows.py. Harnesses and timing:
+cache_harness.py. PSNR and SSIM: image_metrics.py. The plot: cache_plot.py.
 
 TeaCache uses the model's calibrated coefficients (ditserve.json "teacache_coefficients", written by
-denoiser/cache/calibrate.py); a folder without them gets them fitted here, the same way, not saved. The
-bench's prompts (a seeded subset of the shapes evaluation prompts, seed i for prompt i) never include the
-calibration prompts. Settings are the model folder's defaults, true CFG with negative prompt "" above 1.
+`ditserve calibrate teacache`, tools/calibrate.py); a folder without them gets them fitted here, the same
+way, not saved. The bench's prompts (a seeded subset of the model's evaluation prompts, seed i for prompt
+i) never include the calibration prompts. Settings are the model folder's defaults, classic CFG (FLUX's
+true CFG, Wan's guidance) with negative prompt "" above 1, as the gateway sends it.
 
-Quality, over the quality set: the timed prompts' first-round images, then one untimed pass of every
-row over the other prompts. Images are decoded by one VAE as the VAE service decodes: PSNR and SSIM
-(Gaussian 11x11 window, sigma 1.5, per RGB channel) against the uncached image of the same prompt and seed
-in the same harness, and prompt fidelity (eval/fidelity.py: all attributes right, in points, with the
-prompts it loses and gains against that uncached image). A row's
-PSNR is the mean of its per-image PSNRs, each capped at PSNR_CAP_DB (identical images).
+Quality, over the quality set: the timed prompts' first-round outputs, then one untimed pass of every
+row over the other prompts. Outputs are decoded by the family's VAE decoder as the VAE service decodes:
+PSNR and SSIM (Gaussian 11x11 window, sigma 1.5, per RGB channel) against the uncached image or clip of
+the same prompt and seed in the same harness (a clip is its frames: PSNR over all of them, SSIM their
+mean), and, for images, prompt fidelity (eval/fidelity.py: all attributes right, in points, with the
+prompts it loses and gains against that uncached image). A row's PSNR is the mean of its per-output
+PSNRs, each capped at PSNR_CAP_DB (identical outputs); its worst is the lowest of them.
 
-Prompts: the shapes evaluation prompts for a model trained on them (ditserve.json "prompt_vocabulary"),
-else --prompt-file (prompt_file.py), which any model may use. Fidelity is judged only when every prompt
-is a shapes prompt; elsewhere PSNR, SSIM and the worst image against uncached decide.
+Prompts: the evaluation prompts of the vocabulary the model was trained on (ditserve.json
+"prompt_vocabulary", prompt_file.py), else --prompt-file, which any model may use. Fidelity is judged
+only on images and only when every prompt is a shapes prompt; elsewhere PSNR, SSIM and the worst output
+against uncached decide.
 
 Summary: ours and the peers each get the highest speedup among cached rows with mean PSNR >= 30 dB, the
 worst image >= 20 dB and (where judged) fidelity at most 2 points below uncached; ratio_vs_peer divides
@@ -36,7 +39,7 @@ import dataclasses
 import importlib.metadata
 import importlib.util
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +52,7 @@ from ditserve.services.common.device import add_arguments as add_device_argument
 from ditserve.services.common.errors import InvalidArgument
 from ditserve.services.denoiser.cache.policy import CacheConfig
 from ditserve.services.denoiser.cache.step_masks import resolve, stored_masks
-from ditserve.services.tools.bench.cache_harness import Decoder, OurHarness, PipelineHarness
+from ditserve.services.tools.bench.cache_harness import OurHarness, PipelineHarness
 from ditserve.services.tools.bench.cache_plot import plot
 from ditserve.services.tools.bench.cache_rows import (
     BASELINES,
@@ -63,13 +66,14 @@ from ditserve.services.tools.bench.cache_rows import (
 from ditserve.services.tools.bench.common import median, result_document
 from ditserve.services.tools.bench.image_metrics import psnr, ssim
 from ditserve.services.tools.eval.fidelity import score_image
-from ditserve.services.tools.prompt_file import read_prompts, shapes_vocabulary, trained_on_shapes
+from ditserve.services.tools.prompt_file import read_prompts, shapes_vocabulary, vocabulary_prompts
 
 if TYPE_CHECKING:
-    from ditserve.services.families.flux.runner import Conditioning
+    from ditserve.services.tools.local_model import LocalModel
+    from ditserve.v1.encoder_pb2 import PromptEmbedding
 
 PSNR_FLOOR_DB = 30.0
-WORST_FLOOR_DB = 20.0  # no row whose worst image is ruined heads the summary
+WORST_FLOOR_DB = 20.0  # no row whose worst image or clip is ruined heads the summary
 STRICT_RULE_DB = (35.0, 25.0)  # mean and worst PSNR of the tail target: best_speedup_psnr35_worst25
 FIDELITY_SLACK = 2.0  # points of fidelity a cached row may lose against uncached
 BASELINE_TOLERANCE = 0.1  # the two uncached baselines may differ by this much before timings are flagged
@@ -89,8 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--prompt-file",
-        help="prompts like yours, one per line, optionally 'SEED<TAB>PROMPT' (default: the shapes evaluation"
-        " prompts, for models trained on them only)",
+        help="prompts like yours, one per line, optionally 'SEED<TAB>PROMPT' (default: the evaluation prompts of"
+        " the vocabulary the model was trained on, for such models only)",
     )
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's default_steps)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (default: 3)")
@@ -102,7 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _installed_runs(
-    row: Row, harness: OurHarness | PipelineHarness, prompts: Sequence[tuple[Conditioning, int]], warm_up: bool
+    row: Row, harness: OurHarness | PipelineHarness, prompts: Sequence[tuple[PromptEmbedding, int]], warm_up: bool
 ) -> list[tuple[float, Any, float]]:
     """The row's (seconds, latents, skipped) per prompt, its hooks installed for them and removed after."""
     harness.install(row)
@@ -129,7 +133,7 @@ def _check_baselines(rows: list[Row]) -> None:
 def _run_row(
     row: Row,
     harness: OurHarness | PipelineHarness,
-    prompts: Sequence[tuple[Conditioning, int]],
+    prompts: Sequence[tuple[PromptEmbedding, int]],
     first: bool,
 ) -> None:
     import torch
@@ -150,7 +154,7 @@ def _run_row(
 def _measure(
     rows: list[Row],
     harnesses: dict[str, OurHarness | PipelineHarness],
-    prompts: Sequence[tuple[Conditioning, int]],
+    prompts: Sequence[tuple[PromptEmbedding, int]],
     repeats: int,
 ) -> None:
     """Every row over every prompt, each round starting one row later; a row that fails stops there."""
@@ -170,7 +174,7 @@ def _measure(
 
 
 def _score_rest(
-    rows: list[Row], harnesses: dict[str, OurHarness | PipelineHarness], prompts: Sequence[tuple[Conditioning, int]]
+    rows: list[Row], harnesses: dict[str, OurHarness | PipelineHarness], prompts: Sequence[tuple[PromptEmbedding, int]]
 ) -> None:
     """One untimed pass of every row over the quality prompts past the timed ones."""
     for row in tqdm([row for row in rows if row.error is None], desc="quality prompts", unit="row"):
@@ -292,7 +296,7 @@ def summarize(results: list[dict[str, Any]], baseline_identical: bool) -> dict[s
             "best_speedup_psnr35_worst25": strict is not None
             and strict["speedup"] >= TARGETS["best_speedup_psnr35_worst25"],
         },
-        "rule": f"cached, mean PSNR >= {PSNR_FLOOR_DB} dB, worst image >= {WORST_FLOOR_DB} dB"
+        "rule": f"cached, mean PSNR >= {PSNR_FLOOR_DB} dB, worst image/clip >= {WORST_FLOOR_DB} dB"
         + (f", fidelity >= uncached - {FIDELITY_SLACK}" if fidelity_none is not None else "")
         + "; the fewer-steps rows are its baseline, never its best",
         "fidelity_none": fidelity_none,
@@ -307,82 +311,85 @@ def summarize(results: list[dict[str, Any]], baseline_identical: bool) -> dict[s
 
 
 def prompt_sets(
-    prompt_file: str | None,
-    quality_prompts: int | None,
-    sidecar: dict[str, Any],
-    calibration_prompts: Callable[[], list[str]],
+    prompt_file: str | None, quality_prompts: int | None, sidecar: dict[str, Any], model: str | Path
 ) -> tuple[list[tuple[str, int]], list[str]]:
     """(bench prompts with seeds, calibration prompts): a prompt file's first --quality-prompts lines, its
     first FILE_CALIBRATION_PROMPTS calibrating what the bench must fit itself (MagCache, TeaCache without
-    stored coefficients); else, for a model trained on them only, the shapes prompts."""
+    stored coefficients); else, for a model trained on a known vocabulary only, its evaluation prompts."""
+    from ditserve.services.tools.calibrate import calibration_prompts
+
     if prompt_file:
         given = read_prompts(prompt_file)
         if quality_prompts is not None and not 1 <= quality_prompts <= len(given):
             raise SystemExit(f"{prompt_file} holds {len(given)} prompts, asked for {quality_prompts}")
         return given[:quality_prompts], [prompt for prompt, _ in given[:FILE_CALIBRATION_PROMPTS]]
-    if not trained_on_shapes(sidecar):
-        raise SystemExit("this model was not trained on the shapes prompts: give prompts like yours with --prompt-file")
-    calibration = calibration_prompts()
-    return bench_prompts(quality_prompts, calibration), calibration
+    vocabulary = vocabulary_prompts(sidecar, model)
+    calibration = calibration_prompts(vocabulary=vocabulary)
+    return bench_prompts(quality_prompts, calibration, vocabulary), calibration
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    from diffusers import __version__ as diffusers_version
-
-    from ditserve.services.common.device import resolve_device, resolve_dtype
-    from ditserve.services.common.model import ModelFolder
-    from ditserve.services.tools.calibrate import (
-        COEFFICIENTS_KEY,
-        LocalFlux,
-        calibration_prompts,
-        fit_teacache,
-    )
-
-    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # else it logs its whole config on every enable
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    folder = ModelFolder(args.model)
-    model = LocalFlux(folder, device, dtype)
-    steps = args.steps or folder.defaults.steps
-    rows = select_rows(all_rows(model.runner.executor.num_blocks), args.rows)
+def _prepare_rows(rows: list[Row], model: LocalModel, steps: int, coefficients: Sequence[float] | None) -> None:
+    """Each row's cache resolved for the model (TeaCache's coefficients, a calibrated mask), or its error:
+    a peer that is not installed, a mask the model lacks, a fewer-steps count not under the bench's."""
     cache_dit_installed = importlib.util.find_spec("cache_dit") is not None
+    masks = stored_masks(model.folder.sidecar)
     for row in rows:
         if row.peer == "cache-dit" and not cache_dit_installed:
             row.error = "cache-dit is not installed: pip install 'ditserve[bench]'"
-
-    chosen, calibration = prompt_sets(args.prompt_file, args.quality_prompts, folder.sidecar, calibration_prompts)
-    texts = [prompt for prompt, _ in chosen]
-    judged = shapes_vocabulary(texts)  # the fidelity judge reads the shapes vocabulary only
-    coefficients = folder.sidecar.get(COEFFICIENTS_KEY)
-    source = f"{folder.path.name}/ditserve.json"
-    if coefficients is None and any(row.method == "teacache" for row in rows):
-        coefficients, source = fit_teacache(model, calibration, steps).coefficients, "fitted in the bench"
-    masks = stored_masks(folder.sidecar)
-    for row in rows:
-        if row.cache.teacache is not None:
+        if row.steps is not None and row.steps >= steps:
+            row.error = f"{row.steps} steps is no fewer than the bench's {steps}"
+        if row.cache.teacache is not None and coefficients is not None:
             row.cache = CacheConfig(dataclasses.replace(row.cache.teacache, coefficients=tuple(coefficients)))
         try:
             row.cache = resolve(row.cache, steps, masks)
         except InvalidArgument as error:
             row.error = f"{error.field}: {error.reason}"
 
-    vae = folder.load("vae", device, dtype)
-    pipelines = PipelineHarness(model, steps, vae)
-    harnesses: dict[str, OurHarness | PipelineHarness] = {
-        "ours": OurHarness(model, steps),
-        "pipeline": pipelines,
-    }
-    if any(row.method == "magcache" and row.error is None for row in rows):
-        pipelines.calibrate_magcache([model.encode(prompt) for prompt in calibration])
 
+def _calibrate_magcache(rows: list[Row], pipelines: PipelineHarness, calibration: list[PromptEmbedding]) -> None:
+    """MagCache's ratios from its own calibrate mode; if that cannot run on this model its rows say why."""
+    magcache = [row for row in rows if row.method == "magcache" and row.error is None]
+    if not magcache:
+        return
+    try:
+        pipelines.calibrate_magcache(calibration)
+    except Exception as error:
+        for row in magcache:
+            _fail(row, RuntimeError(f"MagCache's calibrate mode failed: {type(error).__name__}: {error}"))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from diffusers import __version__ as diffusers_version
+
+    from ditserve.services.common.model import ModelFolder
+    from ditserve.services.tools.calibrate import COEFFICIENTS_KEY, fit_teacache
+    from ditserve.services.tools.local_model import LocalModel
+
+    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # else it logs its whole config on every enable
+    folder = ModelFolder(args.model)
+    model = LocalModel.open(folder, args.device, args.dtype)
+    steps = args.steps or folder.defaults.steps
+    rows = select_rows(all_rows(model.runner.executor.num_blocks), args.rows)
+    chosen, calibration = prompt_sets(args.prompt_file, args.quality_prompts, folder.sidecar, folder.path)
     if args.prompts > len(chosen):
         raise SystemExit(f"--prompts {args.prompts} is more than the {len(chosen)} quality prompts")
+    texts = [prompt for prompt, _ in chosen]
+    # the fidelity judge reads images of the shapes vocabulary only
+    judged = not model.family.video and shapes_vocabulary(texts)
+    coefficients = folder.sidecar.get(COEFFICIENTS_KEY)
+    source = f"{folder.path.name}/ditserve.json"
+    if coefficients is None and any(row.cache.teacache is not None for row in rows):
+        coefficients, source = fit_teacache(model, calibration, steps).coefficients, "fitted in the bench"
+    _prepare_rows(rows, model, steps, coefficients)
+
+    pipelines = PipelineHarness(model, steps)
+    harnesses: dict[str, OurHarness | PipelineHarness] = {"ours": OurHarness(model, steps), "pipeline": pipelines}
+    _calibrate_magcache(rows, pipelines, [model.encode(prompt) for prompt in calibration])
     encoded = [(model.encode(prompt), seed) for prompt, seed in chosen]
     _measure(rows, harnesses, encoded[: args.prompts], args.repeats)
     _score_rest(rows, harnesses, encoded[args.prompts :])
 
-    decode = Decoder(vae, model)
-    images = {row.name: [decode(latents) for latents in row.latents] for row in rows if row.error is None}
+    images = {row.name: [model.pixels(latents) for latents in row.latents] for row in rows if row.error is None}
     baselines = {harness: next(row for row in rows if row.name == name) for harness, name in BASELINES.items()}
     results = [_row_results(row, baselines, images, texts, judged) for row in rows]
     identical = all(
@@ -401,14 +408,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results, Path(args.out).with_suffix(".png"), title, PSNR_FLOOR_DB, TARGETS["best_speedup_psnr30"]
         )
         summary["plot"] = str(written) if written else None
+    defaults = folder.defaults
     config = {
-        "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
+        "family": model.family.name,
+        "device": str(model.device),
+        "dtype": str(model.dtype).removeprefix("torch."),
         "steps": steps,
-        "height": folder.defaults.height,
-        "width": folder.defaults.width,
-        "guidance_scale": folder.defaults.guidance_scale,
-        "true_cfg_scale": folder.defaults.true_cfg_scale,
+        "height": defaults.height,
+        "width": defaults.width,
+        "num_frames": defaults.num_frames,
+        "guidance_scale": defaults.guidance_scale,
+        "true_cfg_scale": defaults.true_cfg_scale,
         "repeats": args.repeats,
         "timed_prompts": args.prompts,
         "prompt_file": args.prompt_file,
@@ -418,9 +428,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "blocks": model.runner.executor.num_blocks,
         "versions": {
             "diffusers": diffusers_version,
-            "cache_dit": importlib.metadata.version("cache-dit") if cache_dit_installed else None,
+            "cache_dit": importlib.metadata.version("cache-dit") if importlib.util.find_spec("cache_dit") else None,
         },
-        "timing": "ours: FluxTrajectory creation + all steps; pipeline: FluxPipeline call with prompt"
-        " embeddings given and output_type='latent'; median over rounds of the mean per image",
+        "timing": f"ours: the runner's trajectory creation + all steps; pipeline: {folder.index['_class_name']} call"
+        " with prompt embeddings given and output_type='latent'; median over rounds of the mean per output",
     }
     return result_document("cache", str(folder.path), config, results, summary)

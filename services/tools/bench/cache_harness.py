@@ -1,19 +1,21 @@
-"""The harnesses `ditserve bench cache` times its rows in: our loop, and FluxPipeline for the peers.
+"""The harnesses `ditserve bench cache` times its rows in: our loop, and the family's pipeline for the peers.
 
 Timing. Rows run interleaved: each round runs every row over the timed set, starting one row later
 than the round before; before its prompt set, every row makes one untimed image (so no row pays a first
-call after installing its hooks). A row's time per image is the mean over prompts of each prompt's median
-over rounds, which a burst of load from elsewhere moves less than a median of round means. Ours times
-FluxTrajectory creation (noise, scheduler copy, timesteps) and every step. A pipeline row times one
-FluxPipeline call given the same prompt embeddings (so no text encoding) with output_type="latent" (so no
-VAE decode): noise, timesteps and the loop. Installing and removing a peer's hooks happens between prompt
-sets, untimed. Speedup is against the uncached row of the same harness; both baselines are reported and
-should agree. Each harness has its own copy of the transformer, and cache-dit a third: its disable_cache
-keeps the forward it patched into the transformer.
+call after installing its hooks). A row's time per image (or clip) is the mean over prompts of each
+prompt's median over rounds, which a burst of load from elsewhere moves less than a median of round means.
+Ours times the runner's trajectory creation (noise, scheduler copy, timesteps) and every step. A pipeline
+row times one call of the family's diffusers pipeline (FluxPipeline, WanPipeline) given the same parsed
+request's embeddings and settings (so no text encoding; ModelFamily.pipeline_arguments) with
+output_type="latent" (so no VAE decode): noise, timesteps and the loop. Installing and removing a peer's
+hooks happens between prompt sets, untimed. Speedup is against the uncached row of the same harness; both
+baselines are reported and should agree. Each harness has its own copy of the transformer, and cache-dit
+a third: its disable_cache keeps the forward it patched into the transformer.
 
 Skipped block evaluations: ours from RequestCache; a pipeline row counts block bodies that ran, through
 forward hooks on each block's first norm layer (diffusers' hooks replace a block's forward, so a hook on
-the block itself would also count the calls they skip), against steps x CFG branches x blocks.
+the block itself would also count the calls they skip), against steps x CFG branches x blocks; the
+blocks are the family's profiled_blocks.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ from ditserve.services.tools.bench.cache_rows import CONTROL_NUDGE, PEER_IN_OURS
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import FluxPipeline
+    from diffusers import DiffusionPipeline
 
-    from ditserve.services.families.flux.runner import Conditioning
-    from ditserve.services.tools.calibrate import LocalFlux
+    from ditserve.services.families.family import ModelFamily
+    from ditserve.services.tools.local_model import LocalModel
+    from ditserve.v1.encoder_pb2 import PromptEmbedding
 
 
 def _synchronize(device: torch.device) -> None:
@@ -45,7 +48,7 @@ def _synchronize(device: torch.device) -> None:
 
 
 def diffusers_cache_config(row: Row, dtype: torch.dtype, steps: int, mag_ratios: list[float] | None) -> object:
-    """The diffusers hook config of a row, for FluxPipeline's transformer or our loop's."""
+    """The diffusers hook config of a row, for the pipeline's transformer or our loop's."""
     from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 
     if row.method == "fbc":
@@ -60,14 +63,14 @@ def diffusers_cache_config(row: Row, dtype: torch.dtype, steps: int, mag_ratios:
 class OurHarness:
     """Our rows: the denoiser's own loop, in this process."""
 
-    def __init__(self, model: LocalFlux, steps: int) -> None:
+    def __init__(self, model: LocalModel, steps: int) -> None:
         self.model = model
         self.steps = steps
         self.counter: BlockCounter | None = None  # while a peer's hooks are installed
 
     def install(self, row: Row) -> None:
         """Our policies travel with each request; a peer's hooks go on our transformer, and every runner
-        call into a CFG branch's cache context, as FluxPipeline's loop does (the runner's _predict is one
+        call into a CFG branch's cache context, as the pipelines' loops do (the runner's _predict is one
         branch's call)."""
         if row.peer != PEER_IN_OURS:
             return
@@ -81,7 +84,7 @@ class OurHarness:
                 return predict(trajectories, negative)
 
         runner._predict = in_context
-        self.counter = BlockCounter(transformer)
+        self.counter = BlockCounter(self.model.family, transformer)
 
     def uninstall(self, row: Row) -> None:
         if row.peer != PEER_IN_OURS:
@@ -93,7 +96,7 @@ class OurHarness:
             self.counter.remove()
             self.counter = None
 
-    def run(self, row: Row, prompt: Conditioning, seed: int) -> tuple[float, Any, float]:
+    def run(self, row: Row, prompt: PromptEmbedding, seed: int) -> tuple[float, Any, float]:
         """A fewer-steps row skips, against the bench's step count, the steps it never runs."""
         steps = row.steps or self.steps
         inputs = self.model.inputs(prompt, seed, steps, row.cache)
@@ -105,7 +108,7 @@ class OurHarness:
         seconds = time.perf_counter() - started
         if self.counter is not None:  # a peer's hooks: what they skipped, then their state reset per image
             self.model.runner.executor.transformer._reset_stateful_cache()
-            branches = 2 if self.model.negative is not None else 1
+            branches = 2 if self.model.uses_cfg else 1
             return seconds, trajectory.result(), 1.0 - self.counter.count / (steps * branches * self.counter.blocks)
         skipped = 1 - (1 - trajectory.cache.skipped_fraction) * steps / self.steps
         return seconds, trajectory.result(), skipped
@@ -114,10 +117,10 @@ class OurHarness:
 class BlockCounter:
     """Counts transformer-block bodies run, via each block's first norm layer (see the module docstring)."""
 
-    def __init__(self, transformer: torch.nn.Module) -> None:
+    def __init__(self, family: ModelFamily, transformer: torch.nn.Module) -> None:
         self.count = 0
-        norms = [block.norm1 for block in transformer.transformer_blocks]
-        norms += [block.norm for block in transformer.single_transformer_blocks]
+        blocks = [block for group in family.profiled_blocks(transformer).values() for block in group]
+        norms = [next(child for name, child in block.named_children() if name.startswith("norm")) for block in blocks]
         self.blocks = len(norms)
         self.handles = [norm.register_forward_hook(self._hit) for norm in norms]
 
@@ -130,32 +133,22 @@ class BlockCounter:
 
 
 class PipelineHarness:
-    """The peers' rows: FluxPipeline, one per peer library, each with its own copy of the transformer."""
+    """The peers' rows: the family's diffusers pipeline, one per peer library, each with its own copy of the
+    transformer, the VAE shared (output_type="latent" never decodes)."""
 
-    def __init__(self, model: LocalFlux, steps: int, vae: torch.nn.Module) -> None:
+    def __init__(self, model: LocalModel, steps: int) -> None:
         self.model = model
         self.steps = steps
-        self.vae = vae
-        self.pipes: dict[str, tuple[FluxPipeline, BlockCounter]] = {}
+        self.pipes: dict[str, tuple[DiffusionPipeline, BlockCounter]] = {}
         self.mag_ratios: list[float] | None = None
 
-    def pipe(self, peer: str) -> tuple[FluxPipeline, BlockCounter]:
+    def pipe(self, peer: str) -> tuple[DiffusionPipeline, BlockCounter]:
         if peer not in self.pipes:
-            from diffusers import FluxPipeline
-
-            folder, device, dtype = self.model.folder, self.model.device, self.model.runner.dtype
-            transformer = folder.load("transformer", device, dtype)
-            pipe = FluxPipeline(
-                scheduler=folder.load("scheduler"),
-                vae=self.vae,
-                text_encoder=None,
-                tokenizer=None,
-                text_encoder_2=None,
-                tokenizer_2=None,
-                transformer=transformer,
-            )
+            model = self.model
+            transformer = model.family.load_transformer(model.folder, model.device, model.dtype)
+            pipe = model_pipeline(model, transformer)
             pipe.set_progress_bar_config(disable=True)
-            self.pipes[peer] = (pipe, BlockCounter(transformer))
+            self.pipes[peer] = (pipe, BlockCounter(model.family, transformer))
         return self.pipes[peer]
 
     def install(self, row: Row) -> None:
@@ -176,7 +169,7 @@ class PipelineHarness:
                     warmup_interval=config.warmup_interval,
                     max_cached_steps=config.max_cached_steps,
                     max_continuous_cached_steps=config.max_continuous_cached_steps,
-                    enable_separate_cfg=True if self.model.true_cfg else None,
+                    enable_separate_cfg=True if self.model.uses_cfg else None,
                     num_inference_steps=self.steps,
                     steps_computation_mask=None if mask is None else [int(compute) for compute in mask],
                     steps_computation_policy=config.scm.policy if config.scm is not None else "dynamic",
@@ -188,9 +181,7 @@ class PipelineHarness:
                 ),
             )
         elif row.method != "none":
-            pipe.transformer.enable_cache(
-                diffusers_cache_config(row, self.model.runner.dtype, self.steps, self.mag_ratios)
-            )
+            pipe.transformer.enable_cache(diffusers_cache_config(row, self.model.dtype, self.steps, self.mag_ratios))
 
     def uninstall(self, row: Row) -> None:
         pipe, _ = self.pipe(row.peer)
@@ -201,32 +192,18 @@ class PipelineHarness:
         elif row.method != "none":
             pipe.transformer.disable_cache()
 
-    def run(self, row: Row, prompt: Conditioning, seed: int) -> tuple[float, Any, float]:
-        import torch
-
+    def run(self, row: Row, prompt: PromptEmbedding, seed: int) -> tuple[float, Any, float]:
         pipe, counter = self.pipe(row.peer)
-        defaults, negative = self.model.defaults, self.model.negative
+        arguments = self.model.family.pipeline_arguments(self.model.inputs(prompt, seed, self.steps))
         counter.count = 0
         started = time.perf_counter()
-        latents = pipe(
-            prompt_embeds=prompt.embeds,
-            pooled_prompt_embeds=prompt.pooled,
-            negative_prompt_embeds=None if negative is None else negative.embeds,
-            negative_pooled_prompt_embeds=None if negative is None else negative.pooled,
-            true_cfg_scale=defaults.true_cfg_scale,
-            height=defaults.height,
-            width=defaults.width,
-            num_inference_steps=self.steps,
-            guidance_scale=defaults.guidance_scale,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            output_type="latent",
-        ).images
+        latents = pipe(**arguments, output_type="latent", return_dict=False)[0]
         _synchronize(self.model.device)
         seconds = time.perf_counter() - started
-        uncached = self.steps * (2 if negative is not None else 1) * counter.blocks
+        uncached = self.steps * (2 if self.model.uses_cfg else 1) * counter.blocks
         return seconds, latents, 1.0 - counter.count / uncached
 
-    def calibrate_magcache(self, prompts: Sequence[Conditioning]) -> list[float]:
+    def calibrate_magcache(self, prompts: Sequence[PromptEmbedding]) -> list[float]:
         """MagCache's own calibrate mode, which prints one ratio list per run and CFG branch; their mean."""
         from diffusers import MagCacheConfig
 
@@ -250,25 +227,13 @@ class PipelineHarness:
         return self.mag_ratios
 
 
-class Decoder:
-    """Latents to uint8 pixels exactly as the VAE service decodes them."""
+def model_pipeline(model: LocalModel, transformer: torch.nn.Module) -> DiffusionPipeline:
+    """The family's diffusers pipeline (model_index.json's class) around this transformer, the model's VAE and
+    the folder's scheduler, without text encoders: a peer is given the embeddings our encoder made."""
+    import diffusers
 
-    def __init__(self, vae: torch.nn.Module, model: LocalFlux) -> None:
-        from diffusers.image_processor import VaeImageProcessor
-
-        self.vae = vae
-        self.scale = model.runner.vae_scale
-        self.processor = VaeImageProcessor(vae_scale_factor=self.scale * 2)
-        self.defaults = model.defaults
-
-    def __call__(self, latents: torch.Tensor) -> np.ndarray:
-        import torch
-
-        from ditserve.services.families.flux import latents as flux
-
-        with torch.inference_mode():
-            unpacked = flux.unpack_latents(latents, self.defaults.height, self.defaults.width, self.scale)
-            unpacked = unpacked / self.vae.config.scaling_factor + self.vae.config.shift_factor
-            decoded = self.vae.decode(unpacked.to(self.vae.device, self.vae.dtype), return_dict=False)[0]
-            pixels = self.processor.postprocess(decoded, output_type="np")
-        return (pixels[0] * 255).round().astype(np.uint8)
+    # model_index.json: components are [library, class] pairs; other keys are the pipeline's own settings.
+    settings = {key: value for key, value in model.folder.index.items() if not key.startswith("_")}
+    components = {key: None if isinstance(value, list) else value for key, value in settings.items()}
+    components.update(transformer=transformer, vae=model.decoder.vae, scheduler=model.folder.load("scheduler"))
+    return getattr(diffusers, model.folder.index["_class_name"])(**components)

@@ -1,7 +1,7 @@
 """The rows of `ditserve bench cache`: which configurations it runs, by what name, on which prompts.
 
 Rows (--rows narrows them by name pattern; the two uncached baselines and the control always run):
-- ours: our own loop in this process, as the denoiser serves it (FluxRunner, one FluxTrajectory per
+- ours: our own loop in this process, as the denoiser serves it (the family's runner, one trajectory per
   prompt): none; a control, none with the initial noise nudged by CONTROL_NUDGE (no caching, and a change
   far smaller than any cache makes: what the quality measures make of that is their noise floor, and it
   never enters the summary); TeaCache at TEACACHE_THRESHOLDS, and with TaylorSeer (order 1) forecasting the skipped
@@ -14,19 +14,20 @@ Rows (--rows narrows them by name pattern; the two uncached baselines and the co
   baseline any step cache must beat, uncached at fewer steps (the scheduler's own k-step schedule, k the
   computed steps of each whole-step row: the same transformer compute).
 - cache-dit: each of our DBCache and SCM rows field for field (Fn, Bn, threshold, warmup, caps, TaylorSeer
-  order, the very same SCM step mask) through cache_dit.enable_cache on a FluxPipeline, with
-  enable_separate_cfg=True under true CFG so each branch keeps its own cache, as cache-dit advises.
-- diffusers: FluxPipeline uncached (the peers' baseline) and its transformer's enable_cache hooks:
+  order, the very same SCM step mask) through cache_dit.enable_cache on the family's pipeline (FluxPipeline,
+  WanPipeline), with enable_separate_cfg=True under classic CFG so each branch keeps its own cache, as
+  cache-dit advises.
+- diffusers: the family's pipeline uncached (the peers' baseline) and its transformer's enable_cache hooks:
   FirstBlockCache at FBC_THRESHOLDS; TaylorSeerCache in lite mode (blocks skipped, proj_out forecast,
   factors kept in the model's dtype rather than its bf16 default; computed every N-th step after a
   warmup of 3) at TAYLORSEER_INTERVALS; MagCache at
   MAGCACHE_THRESHOLDS with magnitude ratios from MagCache's own calibrate mode on the calibration prompts.
 - diffusers@ours: the TaylorSeerCache rows again, its hooks on our loop's transformer (uncached requests
   call the model's own forward, which the hooks wrap), each CFG branch in its own cache context as
-  FluxPipeline sets them: the best peer timed without FluxPipeline's overhead, against ours/none.
+  the pipelines set them: the best peer timed without the pipeline's overhead, against ours/none.
 
-Prompts (for a model trained on the shapes prompts; cache.py says what --prompt-file changes). One
-seeded shuffle of the shapes evaluation prompts without the calibration ones, seed i for the i-th: the
+Prompts (for a model trained on a vocabulary such as the shapes prompts; cache.py says what --prompt-file
+changes). One seeded shuffle of its evaluation prompts without the calibration ones, seed i for the i-th: the
 quality set is its first --quality-prompts (default: all of them), the timed set its first
 --prompts. Two sets because the two measures need different things: a timing needs repeats, which a few
 prompts give cheaply, while fidelity moves in whole prompts, and borderline shapes flip under changes far
@@ -52,7 +53,6 @@ from ditserve.services.denoiser.cache.policy import (
     TaylorSeerConfig,
     TeaCacheConfig,
 )
-from ditserve.services.tools.training.shapes import all_combinations
 
 FLUX1_BLOCKS = 57  # 19 double + 38 single: the depth cache-dit's Fn settings are quoted for
 CACHE_DIT_FLUX1_FN = (4, 8)
@@ -173,10 +173,10 @@ def select_rows(rows: list[Row], patterns: str | None) -> list[Row]:
     return chosen
 
 
-def bench_prompts(count: int | None, excluded: Sequence[str]) -> list[tuple[str, int]]:
-    """(prompt, seed) pairs: the first `count` (None: all) of a seeded shuffle of the evaluation prompts
-    without the calibration ones, so a shorter list is the start of a longer one."""
-    prompts = [spec.prompt for spec in all_combinations() if spec.prompt not in excluded]
+def bench_prompts(count: int | None, excluded: Sequence[str], vocabulary: Sequence[str]) -> list[tuple[str, int]]:
+    """(prompt, seed) pairs: the first `count` (None: all) of a seeded shuffle of a vocabulary's evaluation
+    prompts without the calibration ones, so a shorter list is the start of a longer one."""
+    prompts = [prompt for prompt in vocabulary if prompt not in excluded]
     if count is not None and not 1 <= count <= len(prompts):
         raise SystemExit(f"there are {len(prompts)} bench prompts, asked for {count}")
     order = np.random.default_rng(PROMPT_SEED).permutation(len(prompts))[:count]

@@ -1,4 +1,8 @@
-"""Image quality against a reference image: PSNR and SSIM on uint8 RGB arrays, in numpy (no torch)."""
+"""Image quality against a reference image: PSNR and SSIM on uint8 RGB arrays, in numpy (no torch).
+
+A clip [frames, height, width, 3] is its frames: its PSNR is over all of their pixels, its SSIM the mean
+of theirs.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ def _gaussian_blur_valid(values: np.ndarray, taps: np.ndarray) -> np.ndarray:
 def ssim(image: np.ndarray, reference: np.ndarray) -> float:
     """SSIM of Wang et al. (2004): 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, range 255; the mean
     of the SSIM map over the window positions inside the image, per channel, then over channels."""
+    if image.ndim == 4:  # a clip
+        return float(np.mean([ssim(frame, ref) for frame, ref in zip(image, reference, strict=True)]))
     if min(image.shape[:2]) < 11:
         raise ValueError(f"SSIM needs images of at least 11x11, got {image.shape[:2]}")
     offsets = np.arange(11) - 5
