@@ -136,8 +136,9 @@ def _classify_shape(mask: np.ndarray) -> str:
     return "triangle" if moment_ratio > TRIANGLE_MOMENT_THRESHOLD else "circle"
 
 
-def predict(image: Image.Image) -> dict[str, str | None]:
-    """The attributes an image shows; colour and shape are None when there is no shape, only specks."""
+def read(image: Image.Image) -> tuple[dict[str, str | None], np.ndarray | None]:
+    """The attributes an image shows and the shape's pixel mask (None with no shape, only specks; colour
+    and shape are None then too). The video judge tracks the mask's centroid from frame to frame."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
     width = max(1, round(min(pixels.shape[:2]) * BORDER_FRACTION))
     frame = np.concatenate(
@@ -155,12 +156,18 @@ def predict(image: Image.Image) -> dict[str, str | None]:
     foreground = np.median(pixels[distance >= 0.75 * np.percentile(distance, 99)], axis=0)
     color = _nearest_color(foreground)
     if color == predicted["background"]:  # the most distinct pixels are background plus noise
-        return predicted
+        return predicted, None
     axis = foreground - background
     mask = _largest_component(_box_mean((pixels - background) @ axis / (axis @ axis)) > 0.5)
-    if mask.sum() >= MIN_AREA_FRACTION * mask.size:
-        predicted.update(color=color, shape=_classify_shape(mask))
-    return predicted
+    if mask.sum() < MIN_AREA_FRACTION * mask.size:
+        return predicted, None
+    predicted.update(color=color, shape=_classify_shape(mask))
+    return predicted, mask
+
+
+def predict(image: Image.Image) -> dict[str, str | None]:
+    """The attributes an image shows; colour and shape are None when there is no shape, only specks."""
+    return read(image)[0]
 
 
 def score_image(image: Image.Image, prompt: str) -> dict[str, Any]:
@@ -181,11 +188,11 @@ def score_batch(images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[s
 
 
 def summarize(scores: Sequence[dict[str, Any]]) -> dict[str, float | int]:
-    """score_batch's accuracies from score_image results already in hand."""
+    """score_batch's accuracies from score_image results already in hand: one per verdict the results
+    carry (this judge's attributes and "all"; the video judge's add "direction")."""
     if not scores:
         raise ValueError("no images to score")
-    summary: dict[str, float | int] = {
-        name: sum(score[name] for score in scores) / len(scores) for name in (*ATTRIBUTES, "all")
-    }
+    verdicts = [name for name, value in scores[0].items() if isinstance(value, bool)]
+    summary: dict[str, float | int] = {name: sum(score[name] for score in scores) / len(scores) for name in verdicts}
     summary["n"] = len(scores)
     return summary
