@@ -172,10 +172,13 @@ def predict(image: Image.Image) -> dict[str, str | None]:
 
 def score_image(image: Image.Image, prompt: str) -> dict[str, Any]:
     """Per-attribute correctness against the prompt, "all" of them, and what was predicted."""
-    wanted = parse_prompt(prompt)
-    predicted = predict(image)
-    scores: dict[str, Any] = {name: predicted[name] == getattr(wanted, name) for name in ATTRIBUTES}
-    scores["all"] = all(scores[name] for name in ATTRIBUTES)
+    return verdicts(predict(image), parse_prompt(prompt), ATTRIBUTES)
+
+
+def verdicts(predicted: dict[str, str | None], wanted: object, attributes: Sequence[str]) -> dict[str, Any]:
+    """Whether each attribute predicted is the one wanted (a parsed prompt), "all" of them, and predicted."""
+    scores: dict[str, Any] = {name: predicted[name] == getattr(wanted, name) for name in attributes}
+    scores["all"] = all(scores[name] for name in attributes)
     scores["predicted"] = predicted
     return scores
 

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from ditserve.services.tools.eval.fidelity import ATTRIBUTES as FRAME_ATTRIBUTES
-from ditserve.services.tools.eval.fidelity import read, summarize
+from ditserve.services.tools.eval.fidelity import read, summarize, verdicts
 from ditserve.services.tools.training.motion import DIRECTIONS, TRAVEL_RANGE, parse_prompt
 
 VOCABULARY = "moving-shapes"  # the prompt_vocabulary in ditserve.json of a model this judge reads
@@ -81,12 +81,7 @@ def predict_clip(frames: Sequence[Image.Image]) -> dict[str, str | None]:
 def score_video(frames: Sequence[Image.Image], prompt: str) -> dict[str, Any]:
     """Per-attribute correctness of one clip against its prompt, "all" of them, and what was predicted:
     the image judge's result shape plus "direction". The entry point for scoring one clip."""
-    wanted = parse_prompt(prompt)
-    predicted = predict_clip(frames)
-    scores: dict[str, Any] = {name: predicted[name] == getattr(wanted, name) for name in ATTRIBUTES}
-    scores["all"] = all(scores[name] for name in ATTRIBUTES)
-    scores["predicted"] = predicted
-    return scores
+    return verdicts(predict_clip(frames), parse_prompt(prompt), ATTRIBUTES)
 
 
 def score_batch(clips: Sequence[Sequence[Image.Image]], prompts: Sequence[str]) -> dict[str, float | int]:
