@@ -5,6 +5,10 @@ seeded jitter; eval/fidelity.py judges them) at the model's native size and defa
 FluxPipeline in-process, so the figure is the model's and not the transport's; the services are
 bit-exact with that pipeline (tests/integration/test_pipeline.py). The VAE's PSNR is measured on
 held-out renders no training stream saw.
+
+A folder whose ditserve.json names `"prompt_vocabulary": "moving-shapes"` (a Wan video model) is measured
+the same way on clips instead (bench/fidelity_video.py): every colour x shape x background x direction
+through WanPipeline, judged by eval/video_fidelity.py.
 """
 
 from __future__ import annotations
@@ -15,41 +19,74 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from ditserve.client.config import default_model_dir
 from ditserve.services.common.model import ModelFolder
 from ditserve.services.tools.bench.common import result_document
 from ditserve.services.tools.eval.grid import sample_grid
+from ditserve.services.tools.eval.video_fidelity import VOCABULARY
+from ditserve.services.tools.prompt_file import VOCABULARY_KEY
 from ditserve.services.tools.training.evaluate import evaluation_prompts, generate_images, score_report, vae_quality
 
 TARGETS = {"fidelity_all": 0.90, "vae_psnr_db": 28.0}
 GRID_IMAGES = 30
+GRID_CLIPS = 12  # one per row
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = "Prompt fidelity over every colour x shape x background, and the VAE's PSNR."
+    parser.description = (
+        "Prompt fidelity over every colour x shape x background (x direction, for a moving-shapes video model),"
+        " and the VAE's PSNR."
+    )
     parser.add_argument("--model", default=str(default_model_dir()), help="model folder (default: the shipped model)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's default_steps)")
     parser.add_argument("--subset", type=int, help="score this many of the combinations (a seeded choice)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default: 0)")
-    parser.add_argument("--vae-images", type=int, default=256, help="held-out renders for the PSNR (default: 256)")
-    parser.add_argument("--image-dir", type=Path, help="also write every generated image here as PNG")
     parser.add_argument(
-        "--grid", type=int, default=GRID_IMAGES, help=f"images in the grid PNG next to --out (default: {GRID_IMAGES})"
+        "--vae-images", type=int, help="held-out renders for the PSNR (default: 256 images, or 64 clips)"
+    )
+    parser.add_argument(
+        "--image-dir", type=Path, help="also write every generated image here as PNG (a clip: a folder of frames)"
+    )
+    parser.add_argument(
+        "--grid", type=int, help=f"images (clips) in the grid PNG next to --out (default: {GRID_IMAGES} ({GRID_CLIPS}))"
     )
 
 
-def _write_grid(images: list, prompts: list[str], passed: list[bool], count: int, path: Path) -> None:
+def write_grid(
+    cells: list[Image.Image], prompts: list[str], passed: list[bool], count: int, path: Path, columns: int = 6
+) -> None:
     """A seeded pick across the list, in list order (so colours read top to bottom)."""
     if count <= 0:
         return
-    picked = sorted(np.random.default_rng(0).choice(len(images), size=min(count, len(images)), replace=False))
+    picked = sorted(np.random.default_rng(0).choice(len(cells), size=min(count, len(cells)), replace=False))
     path.parent.mkdir(parents=True, exist_ok=True)
-    sample_grid([images[i] for i in picked], [prompts[i] for i in picked], [passed[i] for i in picked]).save(path)
+    grid = sample_grid([cells[i] for i in picked], [prompts[i] for i in picked], [passed[i] for i in picked], columns)
+    grid.save(path)
+
+
+def fidelity_summary(
+    report: dict[str, Any], vae: dict[str, Any], timing: dict[str, float], targets: dict[str, float]
+) -> dict[str, Any]:
+    """fidelity_all and fidelity_<attribute> from a score_report, the VAE's figures, the timing, and
+    whether each target is met."""
+    attributes = [name for name in report if name not in ("all", "n", "passed", "failures")]
+    summary: dict[str, Any] = {f"fidelity_{name}": report[name] for name in ("all", *attributes)}
+    summary["vae_psnr_db"] = vae["vae_psnr_db"]
+    summary.update(timing)
+    summary["scorer_on_vae_reconstructions"] = vae["scorer_on_reconstructions"]["all"]
+    summary["targets"] = targets
+    summary["meets_targets"] = {name: summary[name] >= target for name, target in targets.items()}
+    return summary
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     folder = ModelFolder(args.model)
+    if folder.sidecar.get(VOCABULARY_KEY) == VOCABULARY:
+        from ditserve.services.tools.bench.fidelity_video import run_video
+
+        return run_video(args, folder)
     steps = args.steps or folder.defaults.steps
     prompts = evaluation_prompts(args.subset)
     started = time.perf_counter()
@@ -60,29 +97,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.image_dir.mkdir(parents=True, exist_ok=True)
         for index, image in enumerate(images):
             image.save(args.image_dir / f"{index:04d}.png")
-    _write_grid(images, prompts, report["passed"], args.grid, Path(args.out).with_suffix(".png"))
-    vae = vae_quality(folder.path, n=args.vae_images)
-    psnr = vae["vae_psnr_db"]
-    summary = {
-        "fidelity_all": report["all"],
-        "fidelity_color": report["color"],
-        "fidelity_shape": report["shape"],
-        "fidelity_background": report["background"],
-        "vae_psnr_db": psnr,
-        "seconds_per_image": seconds_per_image,
-        "scorer_on_vae_reconstructions": vae["scorer_on_reconstructions"]["all"],
-        "targets": TARGETS,
-        "meets_targets": {
-            "fidelity_all": report["all"] >= TARGETS["fidelity_all"],
-            "vae_psnr_db": psnr >= TARGETS["vae_psnr_db"],
-        },
-    }
+    count = GRID_IMAGES if args.grid is None else args.grid
+    write_grid(images, prompts, report["passed"], count, Path(args.out).with_suffix(".png"))
+    vae = vae_quality(folder.path, n=args.vae_images or 256)
+    summary = fidelity_summary(report, vae, {"seconds_per_image": seconds_per_image}, TARGETS)
     config = {
         "steps": steps,
         "size": [folder.defaults.height, folder.defaults.width],
         "true_cfg_scale": folder.defaults.true_cfg_scale,
         "prompts": len(prompts),
         "seed": args.seed,
-        "vae_images": args.vae_images,
+        "vae_images": args.vae_images or 256,
     }
     return result_document("fidelity", folder.name, config, report["failures"], summary)

@@ -81,10 +81,13 @@ def _cache(s: dict[str, Any], c: dict[str, Any]) -> str:
 
 
 def _fidelity(s: dict[str, Any], c: dict[str, Any]) -> str:
+    video = "fidelity_direction" in s  # a moving-shapes model's clips
+    direction = f", direction {s['fidelity_direction']:.0%}" if video else ""
+    unit = "video" if video else "image"
     return (
         f"{s['fidelity_all']:.1%} of {c.get('prompts')} prompts right on every attribute (colour"
-        f" {s['fidelity_color']:.0%}, shape {s['fidelity_shape']:.0%}, background {s['fidelity_background']:.0%}),"
-        f" VAE {s['vae_psnr_db']:.2f} dB, {s['seconds_per_image']:.3f} s/image"
+        f" {s['fidelity_color']:.0%}, shape {s['fidelity_shape']:.0%}, background {s['fidelity_background']:.0%}"
+        f"{direction}), VAE {s['vae_psnr_db']:.2f} dB, {s[f'seconds_per_{unit}']:.3f} s/{unit}"
     )
 
 

@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable, Sequence
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -25,11 +25,16 @@ from ditserve.services.tools.training.shapes import ShapeSpec, all_combinations,
 
 # Training streams are seeded with (seed, phase) tuples, so no int seed reproduces them.
 HELD_OUT_SEED = 1_000_003
+T = TypeVar("T")
 
 
 def evaluation_prompts(subset: int | None = None) -> list[str]:
     """Every colour x shape x background once (all_combinations), or a seeded subset in list order."""
-    prompts = [spec.prompt for spec in all_combinations()]
+    return seeded_subset([spec.prompt for spec in all_combinations()], subset)
+
+
+def seeded_subset(prompts: list[str], subset: int | None) -> list[str]:
+    """All of prompts, or subset of them chosen with seed 0 and kept in list order (a fixed held-out list)."""
     if subset is None or subset >= len(prompts):
         return prompts
     if subset < 1:
@@ -60,10 +65,9 @@ def generate_images(
     pipe.set_progress_bar_config(disable=True)
     if prepare is not None:  # e.g. bench optimize: quantize or compile the transformer first
         prepare(pipe)
-    images = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="generating", unit="batch"):
-        chunk = list(prompts[start : start + batch_size])
-        images += pipe(
+
+    def draw(chunk: list[str], generators: list[torch.Generator]) -> list[Image.Image]:
+        return pipe(
             chunk,
             negative_prompt=[""] * len(chunk) if cfg > 1 else None,
             true_cfg_scale=cfg,
@@ -71,15 +75,30 @@ def generate_images(
             width=defaults.width,
             num_inference_steps=steps,
             max_sequence_length=defaults.max_sequence_length,
-            generator=[torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))],
+            generator=generators,
         ).images
-    return images
+
+    return in_batches(prompts, batch_size, seed, draw)
 
 
-def score_report(images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, Any]:
+def in_batches(
+    prompts: Sequence[str], batch_size: int, seed: int, draw: Callable[[list[str], list[torch.Generator]], list[T]]
+) -> list[T]:
+    """draw over prompts batch_size at a time, output i from a generator seeded with seed + i (so a
+    result does not depend on the batch it was drawn in), with a progress bar."""
+    outputs: list[T] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generating", unit="batch"):
+        chunk = list(prompts[start : start + batch_size])
+        outputs += draw(chunk, [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))])
+    return outputs
+
+
+def score_report(
+    images: Sequence[Any], prompts: Sequence[str], judge: Callable[[Any, str], dict[str, Any]] = score_image
+) -> dict[str, Any]:
     """score_batch's accuracies, each image's verdict ("passed") and the failures: prompt and what was
-    seen instead. Each image is judged once."""
-    scores = [score_image(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
+    seen instead. Each image is judged once, by judge (the video judge's score_video for clips)."""
+    scores = [judge(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
     result: dict[str, Any] = dict(summarize(scores))
     result["passed"] = [score["all"] for score in scores]
     result["failures"] = [
