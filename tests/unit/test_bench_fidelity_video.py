@@ -44,3 +44,13 @@ def test_a_video_model_gets_clip_fidelity_direction_and_its_vae(video_model: Pat
     assert sorted(path.name for path in (tmp_path / "clips" / "0000").iterdir()) == [f"{i:02d}.png" for i in range(9)]
     grid = Image.open(out.with_suffix(".png"))
     assert grid.size == (2 * (3 * 64 + 2 * 2) + 16, 2 * 64 + 12 + 3 * 13)  # first, middle, last frame 2x; a label
+
+
+def test_validate_with_a_video_model_checks_the_clip_judge_on_its_vae(
+    video_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A random VAE returns noise, so the judge's bar on its reconstructions is not met: exit 1."""
+    assert main(["eval", "fidelity", "--validate", "--model", str(video_model), "-n", "1"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["renders"]["direction"] == 1.0 and report["vae_reconstructions"]["n"] == 1
+    assert report["vae_psnr_db"] < 28 and report["passed"] is False
