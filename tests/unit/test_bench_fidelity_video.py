@@ -8,6 +8,7 @@ the summary's keys and ranges, not the model.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,14 +17,14 @@ from PIL import Image
 from ditserve.client.cli import main
 from ditserve.services.tools.bench.report import headline
 from ditserve.services.tools.eval.video_fidelity import VOCABULARY
-from ditserve.services.tools.modelgen.tiny_wan import write_tiny_wan
 
 FRACTIONS = ("fidelity_all", "fidelity_color", "fidelity_shape", "fidelity_background", "fidelity_direction")
 
 
 @pytest.fixture(scope="module")
-def video_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = write_tiny_wan(tmp_path_factory.mktemp("wan") / "moving-shapes")
+def video_model(wan_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the session's tiny Wan folder that names the moving-shapes vocabulary."""
+    folder = Path(shutil.copytree(wan_model, tmp_path_factory.mktemp("wan") / "moving-shapes"))
     sidecar = json.loads((folder / "ditserve.json").read_text())
     (folder / "ditserve.json").write_text(json.dumps({**sidecar, "prompt_vocabulary": VOCABULARY}))
     return folder
