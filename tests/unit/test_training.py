@@ -14,7 +14,7 @@ import torch
 from diffusers import FluxPipeline
 from tqdm import tqdm
 
-from ditserve.services.tools.training import train
+from ditserve.services.tools.training import loop, train
 
 TOY: dict[str, Any] = {
     "vae_steps": 2,
@@ -59,7 +59,7 @@ def test_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupte
 ) -> None:
     checkpoints = tmp_path / "checkpoints"
     with monkeypatch.context() as patch:
-        patch.setattr(train, "tqdm", _InterruptAfterFirstTransformerStep)
+        patch.setattr(loop, "tqdm", _InterruptAfterFirstTransformerStep)
         with pytest.raises(KeyboardInterrupt):
             train.train_default_model(tmp_path / "model", checkpoint_dir=checkpoints, **TOY)
     assert not (tmp_path / "model").exists()

@@ -24,10 +24,6 @@ resume from there. The run is deterministic from the seed on a given machine and
 from __future__ import annotations
 
 import argparse
-import math
-import os
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -45,6 +41,7 @@ from ditserve.services.tools.modelgen.tiny_flux import (
     save_flux_folder,
     text_components,
 )
+from ditserve.services.tools.training.loop import Batch, Phase, PhaseRunner, load_checkpoint, save_checkpoint
 from ditserve.services.tools.training.shapes import ShapeSpec, render, sample_spec
 
 NATIVE_SIZE = 64
@@ -100,29 +97,9 @@ DITSERVE_DEFAULTS: dict[str, str | int | float] = {
 }
 
 
-@dataclass(frozen=True)
-class Phase:
-    """One phase's schedule: linear warm-up, then cosine decay to zero at the last step."""
-
-    name: str
-    steps: int
-    batch_size: int
-    learning_rate: float
-    warmup_steps: int
-    # bf16 autocast: AMX makes the VAE's convolutions ~2x faster; the transformer is faster in fp32.
-    bf16: bool
-
-    def lr(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.learning_rate * (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        return self.learning_rate * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 VAE_PHASE = Phase("vae", steps=1000, batch_size=32, learning_rate=1e-3, warmup_steps=100, bf16=True)
 TRANSFORMER_PHASE = Phase("transformer", steps=40000, batch_size=32, learning_rate=1e-3, warmup_steps=500, bf16=False)
 
-Batch = tuple[torch.Tensor, ...]
 # Each phase's streams are seeded with (seed, its index here); latent statistics use 2, the latent pool 3.
 PHASES = ("vae", "transformer")
 
@@ -151,7 +128,7 @@ def train_default_model(
     checkpoint_dir = Path(checkpoint_dir or out_dir.with_name(out_dir.name + ".checkpoints"))
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(THREADS)
-    job = _Job(seed, checkpoint_dir, checkpoint_every_s, progress, torch.device(device))
+    job = _Job(PhaseRunner(seed, checkpoint_dir, checkpoint_every_s, progress, torch.device(device)))
     vae = job.train_vae(replace(VAE_PHASE, steps=vae_steps, batch_size=vae_batch_size))
     job.train_transformer(
         replace(TRANSFORMER_PHASE, steps=transformer_steps, batch_size=transformer_batch_size),
@@ -163,8 +140,8 @@ def train_default_model(
 
 def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> Path:
     """Writes the model folder from the latest checkpoints: the final export, or a look at a running job."""
-    vae = _vae_from(_load(Path(checkpoint_dir) / "vae.pt"))
-    state = _load(Path(checkpoint_dir) / "transformer.pt")
+    vae = _vae_from(load_checkpoint(Path(checkpoint_dir) / "vae.pt"))
+    state = load_checkpoint(Path(checkpoint_dir) / "transformer.pt")
     transformer = FluxTransformer2DModel.from_config(state["config"])
     transformer.load_state_dict(state["model"])
     components = {"vae": vae, "transformer": transformer, **text_components(state["seed"])}
@@ -173,11 +150,19 @@ def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> Path:
 
 @dataclass(frozen=True)
 class _Job:
-    seed: int
-    checkpoint_dir: Path
-    every_s: float
-    progress: bool
-    device: torch.device
+    runner: PhaseRunner
+
+    @property
+    def seed(self) -> int:
+        return self.runner.seed
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    @property
+    def progress(self) -> bool:
+        return self.runner.progress
 
     def train_vae(self, phase: Phase) -> AutoencoderKL:
         torch.manual_seed(self.seed)
@@ -194,11 +179,10 @@ class _Job:
             kl = posterior.kl().mean() / eps[0].numel()
             return F.mse_loss(reconstruction.float(), images) + KL_WEIGHT * kl
 
-        path = self.checkpoint_dir / "vae.pt"
-        state = self._run_phase(phase, vae, path, batch, loss)
+        state = self.runner.run(phase, PHASES.index(phase.name), vae, batch, loss)
         if "latent_stats" not in state:  # the phase has just finished: measure its latents once
             state["latent_stats"] = self._latent_stats(vae.eval())
-            _save(path, state)
+            save_checkpoint(self.runner.checkpoint_dir / "vae.pt", state)
         return _vae_from(state).to(self.device)
 
     @torch.no_grad()
@@ -289,72 +273,7 @@ class _Job:
             )[0]
             return F.mse_loss(prediction.float(), target)
 
-        self._run_phase(phase, transformer, self.checkpoint_dir / "transformer.pt", batch, loss)
-
-    def _run_phase(
-        self,
-        phase: Phase,
-        model: torch.nn.Module,
-        path: Path,
-        batch: Callable[[np.random.Generator, torch.Generator], Batch],
-        loss: Callable[..., torch.Tensor],
-    ) -> dict[str, Any]:
-        """Trains model to phase.steps from path's checkpoint (if any); returns the last checkpoint's state.
-
-        batch draws the data, without gradients and in fp32, from the numpy (data) and torch (noise)
-        generators; loss runs the model on it. Both generators are checkpointed, so a resumed run draws
-        the batches the uninterrupted run would have.
-        """
-        # fused: one kernel for all parameters instead of a dozen ops each; 1.1x a step for the transformer.
-        optimizer = torch.optim.AdamW(model.parameters(), lr=phase.learning_rate, weight_decay=0.0, fused=True)
-        data_rng = np.random.default_rng((self.seed, PHASES.index(phase.name)))
-        noise_rng = torch.Generator().manual_seed(int(data_rng.integers(2**63)))
-        state: dict[str, Any] = {"step": 0, "losses": []}
-        if path.exists():
-            state = _load(path)
-            if state["step"] > phase.steps:
-                raise ValueError(
-                    f"{path} is at step {state['step']}, past the {phase.steps} asked for; give a new checkpoint_dir"
-                )
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            data_rng.bit_generator.state = state["data_rng"]
-            noise_rng.set_state(state["noise_rng"])
-        step, losses = state["step"], state["losses"]
-        saved_at = time.monotonic()
-        bar = tqdm(total=phase.steps, initial=step, desc=phase.name, unit="step", disable=not self.progress)
-        with bar:
-            while step < phase.steps:
-                with torch.no_grad():
-                    inputs = batch(data_rng, noise_rng)
-                for group in optimizer.param_groups:
-                    group["lr"] = phase.lr(step)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=phase.bf16):
-                    value = loss(*inputs)
-                optimizer.zero_grad(set_to_none=True)
-                value.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                step += 1
-                losses.append(value.item())
-                if step == phase.steps or time.monotonic() - saved_at >= self.every_s:
-                    state = {
-                        "step": step,
-                        "seed": self.seed,  # export rebuilds the text encoders from it
-                        "losses": losses,
-                        "config": dict(model.config),
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "data_rng": data_rng.bit_generator.state,
-                        "noise_rng": noise_rng.get_state(),
-                    }
-                    _save(path, state)
-                    saved_at = time.monotonic()
-                    if self.progress:
-                        bar.write(f"{phase.name}: step {step}, loss {np.mean(losses[-100:]):.4f}, saved {path}")
-                bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}", refresh=False)
-                bar.update()
-        return state
+        self.runner.run(phase, PHASES.index(phase.name), transformer, batch, loss)
 
 
 def _vae_from(state: dict[str, Any]) -> AutoencoderKL:
@@ -398,41 +317,43 @@ def _latent_grid(vae: AutoencoderKL) -> tuple[int, int]:
     return side, side
 
 
-def _load(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _save(path: Path, state: dict[str, Any]) -> None:
-    """Atomic: a run killed mid-save leaves the previous checkpoint, never a torn one."""
-    partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="model folder to write (absent or empty)")
+    parser.add_argument(
+        "--family",
+        choices=("flux", "wan"),
+        default="flux",
+        help="flux: the 64x64 shapes image model (models/shapes-flux); wan: the 9-frame moving-shapes video"
+        " model (models/shapes-wan) (default: flux)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--checkpoint-dir", type=Path, help="where to checkpoint and resume (default: <out>.checkpoints)"
     )
-    parser.add_argument("--vae-steps", type=int, default=VAE_PHASE.steps)
-    parser.add_argument("--transformer-steps", type=int, default=TRANSFORMER_PHASE.steps)
+    parser.add_argument("--vae-steps", type=int, help="(default: the family's recipe)")
+    parser.add_argument("--transformer-steps", type=int, help="(default: the family's recipe)")
 
 
 def run(args: argparse.Namespace) -> int:
-    out = train_default_model(
+    if args.family == "wan":
+        from ditserve.services.tools.training import train_wan
+
+        trainer, recipe = train_wan.train_wan_model, (train_wan.VAE_PHASE, train_wan.TRANSFORMER_PHASE)
+    else:
+        trainer, recipe = train_default_model, (VAE_PHASE, TRANSFORMER_PHASE)
+    out = trainer(
         args.out,
         seed=args.seed,
         checkpoint_dir=args.checkpoint_dir,
-        vae_steps=args.vae_steps,
-        transformer_steps=args.transformer_steps,
+        vae_steps=recipe[0].steps if args.vae_steps is None else args.vae_steps,
+        transformer_steps=recipe[1].steps if args.transformer_steps is None else args.transformer_steps,
     )
     print(f"wrote {out}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Train the default shapes model from a seed (resumable).")
+    parser = argparse.ArgumentParser(description="Train a default shapes model from a seed (resumable).")
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
