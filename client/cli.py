@@ -513,7 +513,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train-default-model",
-        help="train the shipped shapes model from a seed (resumable from its checkpoints)",
+        help="train a shipped shapes model (--family flux: images, wan: video) from a seed, resumable",
     )
     if argv[:1] == ["train-default-model"]:
         _add_module_arguments(train, "ditserve.services.tools.training.train")

@@ -255,7 +255,7 @@ def _apply_merge(pieces: list[str], pair: tuple[str, str]) -> list[str]:
     return merged
 
 
-def _t5_tokenizer() -> T5Tokenizer:
+def _t5_tokenizer(words: tuple[str, ...] = WORDS) -> T5Tokenizer:
     """A Unigram vocab in T5's layout (<pad> 0, </s> 1, <unk> 2); whole words outscore their letters."""
     vocab = [
         ("<pad>", 0.0),
@@ -263,7 +263,7 @@ def _t5_tokenizer() -> T5Tokenizer:
         ("<unk>", 0.0),
         ("▁", -2.0),
         *((char, -10.0) for char in T5_CHARACTERS),
-        *(("▁" + word, -5.0) for word in WORDS),
+        *(("▁" + word, -5.0) for word in words),
     ]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=T5_MAX_LENGTH)
 

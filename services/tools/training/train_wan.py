@@ -1,0 +1,278 @@
+"""Trains the default video model: a tiny AutoencoderKLWan, then a tiny WanTransformer3DModel on its latents.
+
+The transformer learns exactly what WanPipeline asks of it at inference: latents normalised per channel
+with the VAE's latents_mean and latents_std, unpacked [B, C, F', H/8, W/8], timestep = sigma * 1000 (the
+UniPC flow scheduler's t), the flow-matching pair x_t = (1 - sigma) x_0 + sigma noise, target =
+noise - x_0, sigmas uniform then shifted by the scheduler's flow_shift (the distribution the sampler
+visits), and prompt embeddings as WanPipeline makes them (UMT5, zero past the prompt's tokens). Prompts
+are dropped to "" 10% of the time so classic CFG with an empty negative prompt has an unconditional
+prediction to push away from.
+
+The UMT5 encoder stays frozen at its seeded random init, as the image model's encoders do (see train.py
+for why): every vocabulary word, the directions included, is one token, so the random embedding table
+gives each its own direction and the random layers mix in word order.
+
+The VAE trains on 5-frame clips, not the served 9: AutoencoderKLWan encodes the first frame alone and
+then causal chunks of 4, so a 5-frame clip exercises both paths at a little over half the cost of 9
+(its 3D convolutions are most of a step on 2 cores). It is measured on 9-frame clips.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+from tqdm import tqdm
+from transformers import UMT5Config, UMT5EncoderModel
+
+from ditserve.services.tools.modelgen.tiny_flux import WORDS, _seeded, _t5_tokenizer, ensure_empty_dir, tiny_t5_config
+from ditserve.services.tools.modelgen.tiny_wan import wan_scheduler
+from ditserve.services.tools.training.loop import Batch, Phase, PhaseRunner, load_checkpoint, save_checkpoint
+from ditserve.services.tools.training.motion import DIRECTIONS, FPS, NUM_FRAMES, ClipSpec, render_clip, sample_clip_spec
+
+NATIVE_SIZE = 64
+VAE_TRAIN_FRAMES = 5
+# The longest prompt is 10 UMT5 tokens with </s>; unlike FLUX, WanPipeline zeroes the pad positions.
+MAX_SEQUENCE_LENGTH = 16
+EMPTY_PROMPT_PROBABILITY = 0.1
+GUIDANCE_SCALE = 5.0
+DEFAULT_STEPS = 30
+THREADS = 2
+MOTION_WORDS = ("moving", "still", *DIRECTIONS)
+
+# 8x spatial, 4x temporal and 16 channels, as Wan2.1's: 9 frames of 64x64 are [16, 3, 8, 8] latents,
+# 48 transformer tokens with 1x2x2 patches.
+VAE_CONFIG: dict[str, Any] = {
+    "base_dim": 12,
+    "z_dim": 16,
+    "dim_mult": [1, 2, 2, 2],
+    "num_res_blocks": 1,
+    "temperal_downsample": [False, True, True],
+}
+TRANSFORMER_CONFIG: dict[str, Any] = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 4,
+    "attention_head_dim": 32,
+    "freq_dim": 64,
+    "ffn_dim": 256,
+    "num_layers": 6,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "rope_max_seq_len": 64,
+}
+# Per element, against the per-pixel MSE: an autoencoder in effect; the KL only keeps the posterior sane.
+KL_WEIGHT = 1e-6
+LATENT_STATS_SAMPLES = 128
+LATENT_POOL_SIZE = 8192
+
+DITSERVE_DEFAULTS: dict[str, str | int | float] = {
+    "family": "wan",
+    "prompt_vocabulary": "moving-shapes",  # benches and calibration default to the motion prompts
+    "default_height": NATIVE_SIZE,
+    "default_width": NATIVE_SIZE,
+    "default_num_frames": NUM_FRAMES,
+    "default_fps": FPS,
+    "default_steps": DEFAULT_STEPS,
+    "default_guidance_scale": GUIDANCE_SCALE,
+    "default_max_sequence_length": MAX_SEQUENCE_LENGTH,
+}
+
+VAE_PHASE = Phase("vae", steps=700, batch_size=4, learning_rate=1e-3, warmup_steps=50, bf16=False)
+TRANSFORMER_PHASE = Phase("transformer", steps=9000, batch_size=16, learning_rate=1e-3, warmup_steps=300, bf16=False)
+# Each phase's streams are seeded with (seed, its index here); latent statistics use 2, the latent pool 3.
+PHASES = ("vae", "transformer")
+
+
+def text_components(seed: int) -> dict[str, Any]:
+    """The tokenizer (the shapes words plus the motion words) and the seeded, frozen UMT5 encoder."""
+    tokenizer = _t5_tokenizer((*WORDS, *MOTION_WORDS))
+    encoder = _seeded(seed, lambda: UMT5EncoderModel(tiny_t5_config(UMT5Config, tokenizer)))
+    return {"tokenizer": tokenizer, "text_encoder": encoder.eval().requires_grad_(False)}
+
+
+def train_wan_model(
+    out_dir: Path,
+    seed: int = 0,
+    checkpoint_dir: Path | None = None,
+    vae_steps: int = VAE_PHASE.steps,
+    transformer_steps: int = TRANSFORMER_PHASE.steps,
+    vae_batch_size: int = VAE_PHASE.batch_size,
+    transformer_batch_size: int = TRANSFORMER_PHASE.batch_size,
+    latent_pool_size: int = LATENT_POOL_SIZE,
+    checkpoint_every_s: float = 180.0,
+    progress: bool = True,
+    device: str = "cpu",
+) -> Path:
+    """Trains both phases, resuming from checkpoint_dir, and writes the model folder to out_dir
+    (absent or empty; checked first). checkpoint_dir defaults to "<out>.checkpoints"."""
+    out_dir = Path(out_dir)
+    ensure_empty_dir(out_dir)
+    checkpoint_dir = Path(checkpoint_dir or out_dir.with_name(out_dir.name + ".checkpoints"))
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(THREADS)
+    # Denormal gradients make the VAE's backward 10-20x slower on CPU; flushing them costs nothing here.
+    torch.set_flush_denormal(True)
+    job = _WanJob(PhaseRunner(seed, checkpoint_dir, checkpoint_every_s, progress, torch.device(device)))
+    vae = job.train_vae(replace(VAE_PHASE, steps=vae_steps, batch_size=vae_batch_size))
+    job.train_transformer(
+        replace(TRANSFORMER_PHASE, steps=transformer_steps, batch_size=transformer_batch_size),
+        vae,
+        latent_pool_size,
+    )
+    return export_wan_checkpoint(checkpoint_dir, out_dir)
+
+
+def export_wan_checkpoint(checkpoint_dir: Path, out_dir: Path) -> Path:
+    """Writes the model folder from the latest checkpoints: the final export, or a look at a running job."""
+    out_dir = Path(out_dir)
+    ensure_empty_dir(out_dir)
+    vae = vae_from(load_checkpoint(Path(checkpoint_dir) / "vae.pt"))
+    state = load_checkpoint(Path(checkpoint_dir) / "transformer.pt")
+    transformer = WanTransformer3DModel.from_config(state["config"])
+    transformer.load_state_dict(state["model"])
+    pipe = WanPipeline(vae=vae, transformer=transformer, scheduler=wan_scheduler(), **text_components(state["seed"]))
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    index_path = out_dir / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["tokenizer"] = ["transformers", "T5TokenizerFast"]  # as the published Wan2.1 folders name it
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (out_dir / "ditserve.json").write_text(json.dumps(DITSERVE_DEFAULTS, indent=2) + "\n")
+    return out_dir
+
+
+def clips_tensor(specs: list[ClipSpec], num_frames: int = NUM_FRAMES) -> torch.Tensor:
+    """Renders into [-1, 1], [B, 3, F, H, W]: what AutoencoderKLWan encodes and decodes."""
+    clips = np.stack(
+        [
+            np.stack([np.asarray(frame, dtype=np.float32) for frame in render_clip(spec, NATIVE_SIZE, num_frames)])
+            for spec in specs
+        ]
+    )
+    return torch.from_numpy(clips).permute(0, 4, 1, 2, 3) / 127.5 - 1
+
+
+def vae_from(state: dict[str, Any]) -> AutoencoderKLWan:
+    if "latent_stats" not in state:
+        raise RuntimeError("the VAE phase has not finished: its checkpoint has no latent statistics")
+    vae = AutoencoderKLWan.from_config(state["config"])
+    vae.load_state_dict(state["model"])
+    mean, std = state["latent_stats"]
+    vae.register_to_config(latents_mean=list(mean), latents_std=list(std))
+    return vae.eval().requires_grad_(False)
+
+
+@dataclass(frozen=True)
+class _WanJob:
+    runner: PhaseRunner
+
+    def train_vae(self, phase: Phase) -> AutoencoderKLWan:
+        torch.manual_seed(self.runner.seed)
+        vae = AutoencoderKLWan(**VAE_CONFIG).to(self.runner.device)
+        latent_frames = (VAE_TRAIN_FRAMES - 1) // vae.config.scale_factor_temporal + 1
+        grid = NATIVE_SIZE // vae.config.scale_factor_spatial
+
+        def batch(data_rng: np.random.Generator, noise_rng: torch.Generator) -> Batch:
+            clips = clips_tensor([sample_clip_spec(data_rng) for _ in range(phase.batch_size)], VAE_TRAIN_FRAMES)
+            eps = torch.randn((len(clips), vae.config.z_dim, latent_frames, grid, grid), generator=noise_rng)
+            return clips.to(self.runner.device), eps.to(self.runner.device)
+
+        def loss(clips: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+            posterior = vae.encode(clips).latent_dist
+            reconstruction = vae.decode(posterior.mean + posterior.std * eps).sample
+            kl = posterior.kl().mean() / eps[0].numel()
+            return F.mse_loss(reconstruction.float(), clips) + KL_WEIGHT * kl
+
+        state = self.runner.run(phase, PHASES.index(phase.name), vae, batch, loss)
+        if "latent_stats" not in state:  # the phase has just finished: measure its latents once
+            state["latent_stats"] = self._latent_stats(vae.eval())
+            save_checkpoint(self.runner.checkpoint_dir / "vae.pt", state)
+        return vae_from(state).to(self.runner.device)
+
+    @torch.no_grad()
+    def _latent_stats(self, vae: AutoencoderKLWan) -> tuple[list[float], list[float]]:
+        """Wan's per-channel latents_mean and latents_std, so normalised latents are ~N(0, 1) per channel."""
+        rng = np.random.default_rng((self.runner.seed, 2))
+        latents = self._encode(vae, [sample_clip_spec(rng) for _ in range(LATENT_STATS_SAMPLES)])
+        per_channel = latents.transpose(0, 1).flatten(1)
+        return per_channel.mean(1).tolist(), per_channel.std(1).tolist()
+
+    def _encode(self, vae: AutoencoderKLWan, specs: list[ClipSpec]) -> torch.Tensor:
+        """Posterior modes of 9-frame clips, 32 at a time; the pipeline decodes what it made, never a sample."""
+        chunks = [
+            vae.encode(clips_tensor(specs[i : i + 32]).to(self.runner.device)).latent_dist.mode()
+            for i in range(0, len(specs), 32)
+        ]
+        return torch.cat(chunks).float()
+
+    @torch.no_grad()
+    def _latent_pool(self, vae: AutoencoderKLWan, size: int) -> tuple[torch.Tensor, list[str]]:
+        """size clips, encoded once and normalised as WanPipeline's latents are (see train.py for why)."""
+        rng = np.random.default_rng((self.runner.seed, 3))
+        specs = [sample_clip_spec(rng) for _ in range(size)]
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+        chunks = []
+        for start in tqdm(range(0, size, 256), desc="latents", unit="chunk", disable=not self.runner.progress):
+            chunks.append((self._encode(vae, specs[start : start + 256]).cpu() - mean) / std)
+        return torch.cat(chunks), [spec.prompt for spec in specs]
+
+    def train_transformer(self, phase: Phase, vae: AutoencoderKLWan, pool_size: int) -> None:
+        device = self.runner.device
+        text = text_components(self.runner.seed)
+        embed = _PromptEmbeddings(text)
+        torch.manual_seed(self.runner.seed)
+        transformer = WanTransformer3DModel(
+            **TRANSFORMER_CONFIG,
+            in_channels=vae.config.z_dim,
+            out_channels=vae.config.z_dim,
+            text_dim=text["text_encoder"].config.d_model,
+        ).to(device)
+        shift = wan_scheduler().config.flow_shift
+        pool, pool_prompts = self._latent_pool(vae, pool_size)
+        # Compiled for speed; the module itself stays uncompiled, so its state_dict keys are diffusers' own.
+        compiled = torch.compile(transformer)
+
+        def batch(data_rng: np.random.Generator, noise_rng: torch.Generator) -> Batch:
+            drawn = data_rng.integers(len(pool), size=phase.batch_size)
+            prompts = ["" if data_rng.random() < EMPTY_PROMPT_PROBABILITY else pool_prompts[i] for i in drawn]
+            x0 = pool[torch.from_numpy(drawn)]
+            noise = torch.randn(x0.shape, generator=noise_rng)
+            u = torch.rand(len(drawn), generator=noise_rng)
+            sigma = shift * u / (1 + (shift - 1) * u)
+            s = sigma.view(-1, 1, 1, 1, 1)
+            noisy = (1 - s) * x0 + s * noise
+            return noisy.to(device), (sigma * 1000).to(device), embed(prompts).to(device), (noise - x0).to(device)
+
+        def loss(
+            noisy: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor, target: torch.Tensor
+        ) -> torch.Tensor:
+            prediction = compiled(
+                hidden_states=noisy, timestep=timestep, encoder_hidden_states=embeds, return_dict=False
+            )[0]
+            return F.mse_loss(prediction.float(), target)
+
+        self.runner.run(phase, PHASES.index(phase.name), transformer, batch, loss)
+
+
+class _PromptEmbeddings:
+    """The frozen encoder makes a prompt's embedding a constant: encoded once, alone as a served prompt is."""
+
+    def __init__(self, text: dict[str, Any]) -> None:
+        self.pipe = WanPipeline(scheduler=wan_scheduler(), vae=None, transformer=None, **text)
+        self.cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        for prompt in prompts:
+            if prompt not in self.cache:
+                embeds, _ = self.pipe.encode_prompt(
+                    prompt, do_classifier_free_guidance=False, max_sequence_length=MAX_SEQUENCE_LENGTH
+                )
+                self.cache[prompt] = embeds[0]
+        return torch.stack([self.cache[prompt] for prompt in prompts])

@@ -1,0 +1,65 @@
+"""train_wan_model at toy step counts writes a folder WanPipeline loads and runs at the sidecar's defaults,
+with the latent normalisation it measured; the resumable loop itself is tested in test_training.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import WanPipeline
+
+from ditserve.services.common.model import ModelFolder
+from ditserve.services.families import family_name
+from ditserve.services.tools.training import train_wan
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("wan")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_wan, "LATENT_STATS_SAMPLES", 4)
+        return train_wan.train_wan_model(
+            root / "model",
+            checkpoint_dir=root / "checkpoints",
+            vae_steps=1,
+            transformer_steps=2,
+            vae_batch_size=1,
+            transformer_batch_size=2,
+            latent_pool_size=4,
+            checkpoint_every_s=0.0,
+            progress=False,
+        )
+
+
+def test_the_folder_is_a_wan_model_with_the_video_defaults(trained: Path) -> None:
+    assert json.loads((trained / "ditserve.json").read_text()) == train_wan.DITSERVE_DEFAULTS
+    folder = ModelFolder(trained)
+    assert family_name(folder) == "wan"
+    assert (folder.defaults.num_frames, folder.defaults.steps) == (9, train_wan.DEFAULT_STEPS)
+    assert not [path for path in trained.rglob("*") if path.suffix in {".bin", ".pt", ".pth", ".ckpt"}]
+
+
+def test_output_loads_with_wan_pipeline_and_runs_at_the_sidecar_defaults(trained: Path) -> None:
+    pipe = WanPipeline.from_pretrained(trained, local_files_only=True)
+    mean, std = torch.load(trained.with_name("checkpoints") / "vae.pt", weights_only=True)["latent_stats"]
+    # The latent normalisation is measured per channel, not Wan2.1's published one.
+    assert (pipe.vae.config.latents_mean, pipe.vae.config.latents_std) == (mean, std)
+    assert len(mean) == train_wan.VAE_CONFIG["z_dim"] and min(std) > 0
+    # Every prompt word, the motion words included, is one token.
+    prompt = "an orange triangle moving right on a white background"
+    assert len(pipe.tokenizer.tokenize(prompt)) == len(prompt.split())
+    defaults = ModelFolder(trained).defaults
+    frames = pipe(
+        prompt,
+        negative_prompt="",
+        height=defaults.height,
+        width=defaults.width,
+        num_frames=defaults.num_frames,
+        num_inference_steps=1,
+        guidance_scale=defaults.guidance_scale,
+        max_sequence_length=defaults.max_sequence_length,
+        output_type="np",
+    ).frames
+    assert frames.shape == (1, defaults.num_frames, defaults.height, defaults.width, 3)
