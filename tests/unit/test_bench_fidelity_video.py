@@ -38,6 +38,7 @@ def test_a_video_model_gets_clip_fidelity_direction_and_its_vae(video_model: Pat
     summary, config = document["summary"], document["config"]
     assert all(0 <= summary[key] <= 1 for key in FRACTIONS), summary
     assert summary["seconds_per_video"] > 0 and summary["vae_psnr_db"] > 0
+    assert len(summary["vae_psnr_db_by_frame"]) == 9 and min(summary["vae_psnr_db_by_frame"]) > 0
     assert set(summary["meets_targets"]) == {"fidelity_all", "fidelity_direction", "vae_psnr_db"}
     assert config["num_frames"] == 9 and config["prompts"] == 1 and config["vae_clips"] == 1
     assert len(document["rows"]) == round(1 - summary["fidelity_all"])  # one row per failed clip

@@ -56,6 +56,7 @@ def run_video(args: argparse.Namespace, folder: ModelFolder) -> dict[str, Any]:
     vae_clips = args.vae_images or VAE_CLIPS
     vae = vae_quality(folder.path, n=vae_clips)
     summary = fidelity_summary(report, vae, {"seconds_per_video": seconds_per_video}, TARGETS)
+    summary["vae_psnr_db_by_frame"] = vae["vae_psnr_db_by_frame"]
     config = {
         "steps": steps,
         "size": [defaults.height, defaults.width],

@@ -70,14 +70,16 @@ def generate_videos(
 
 def vae_quality(model_dir: Path, n: int = 64, seed: int = HELD_OUT_SEED) -> dict[str, Any]:
     """The VAE on n held-out clips at the folder's size and frame count: round-trip PSNR pooled over
-    every frame, and the judge's accuracy on the reconstructions (it must judge the model, not the
-    VAE's blur)."""
+    every frame and per frame index (a causal VAE trained on shorter clips than it decodes shows it in
+    the later frames), and the judge's accuracy on the reconstructions (it must judge the model, not
+    the VAE's blur)."""
     defaults = ModelFolder(model_dir).defaults
     vae = AutoencoderKLWan.from_pretrained(Path(model_dir) / "vae", local_files_only=True)
     specs, originals, decoded = reconstruct(vae, n, defaults.height, defaults.num_frames, seed)
     clips = [[Image.fromarray(frame) for frame in clip] for clip in decoded]
     return {
         "vae_psnr_db": psnr_db(decoded, originals),
+        "vae_psnr_db_by_frame": [psnr_db(decoded[:, i], originals[:, i]) for i in range(decoded.shape[1])],
         "scorer_on_reconstructions": score_batch(clips, [spec.prompt for spec in specs]),
     }
 
