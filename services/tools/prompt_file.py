@@ -4,9 +4,10 @@ One prompt per line; a line may start with its seed and a tab (`42<TAB>a cat on 
 is the prompt's index in the file. Blank lines and lines starting with `#` are skipped. Torch-free.
 
 A vocabulary's evaluation prompts are the default only for models trained on it: a folder whose
-ditserve.json says e.g. `"prompt_vocabulary": "shapes"` (VOCABULARIES lists the ones known here); any
-other model needs a prompt file. The fidelity judge (eval/fidelity.py) reads the shapes vocabulary only,
-so a bench scores fidelity only when every prompt is a shapes prompt.
+ditserve.json says `"prompt_vocabulary": "shapes"` (the image model) or `"moving-shapes"` (the video
+model; VOCABULARIES lists the ones known here); any other model needs a prompt file. The fidelity
+judge (eval/fidelity.py) reads the shapes vocabulary only, so a bench scores fidelity only when every
+prompt is a shapes prompt.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 VOCABULARY_KEY = "prompt_vocabulary"
 SHAPES = "shapes"
+MOVING_SHAPES = "moving-shapes"  # eval/video_fidelity.py's VOCABULARY: the clips of training/motion.py
 
 
 def _shapes_prompts() -> list[str]:
@@ -25,8 +27,14 @@ def _shapes_prompts() -> list[str]:
     return [spec.prompt for spec in all_combinations()]
 
 
+def _motion_prompts() -> list[str]:
+    from ditserve.services.tools.training.motion import all_clip_combinations
+
+    return [spec.prompt for spec in all_clip_combinations()]
+
+
 # A model's prompt_vocabulary -> its evaluation prompts, in a fixed order (imported when asked for).
-VOCABULARIES: dict[str, Callable[[], list[str]]] = {SHAPES: _shapes_prompts}
+VOCABULARIES: dict[str, Callable[[], list[str]]] = {SHAPES: _shapes_prompts, MOVING_SHAPES: _motion_prompts}
 
 
 def parse_prompts(text: str) -> list[tuple[str, int]]:

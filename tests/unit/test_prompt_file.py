@@ -52,3 +52,29 @@ def test_calibration_runs_a_files_prompts_at_their_seeds(model_dir: Path, tmp_pa
         calibrate_prompts(tmp_path, None, 2)
     (tmp_path / "mine.txt").write_text("5\ta cat\n")
     assert calibrate_prompts(tmp_path, str(tmp_path / "mine.txt"), 2) == [("a cat", 5)]
+
+
+def test_a_moving_shapes_model_needs_no_prompt_file(tmp_path: Path) -> None:
+    """The shipped video model's ditserve.json names "moving-shapes": calibration and the cache bench take
+    the clip judge's prompts, each one a motion prompt, calibration's kept out of the bench's."""
+    import json
+
+    from ditserve.services.tools.bench.cache import prompt_sets
+    from ditserve.services.tools.calibrate import calibrate_prompts
+    from ditserve.services.tools.eval.video_fidelity import VOCABULARY
+    from ditserve.services.tools.training.evaluate_video import motion_evaluation_prompts
+    from ditserve.services.tools.training.motion import DIRECTIONS, parse_prompt
+
+    assert prompt_file.MOVING_SHAPES == VOCABULARY
+    sidecar = {"family": "wan", prompt_file.VOCABULARY_KEY: VOCABULARY}
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    (tmp_path / "ditserve.json").write_text(json.dumps(sidecar))
+    motion = motion_evaluation_prompts()
+    assert prompt_file.vocabulary_prompts(sidecar, tmp_path) == motion and len(motion) == 560
+    calibration = calibrate_prompts(tmp_path, None, 4)
+    bench, calibration_of_bench = prompt_sets(None, 20, sidecar, tmp_path)
+    assert calibration == calibration_of_bench and len(bench) == 20
+    bench_texts = [prompt for prompt, _ in bench]
+    assert not set(bench_texts) & set(calibration)
+    assert {parse_prompt(prompt).direction for prompt in bench_texts + calibration} <= set(DIRECTIONS)
+    assert not prompt_file.shapes_vocabulary(calibration)  # the image judge does not score clips
