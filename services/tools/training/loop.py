@@ -57,13 +57,14 @@ class PhaseRunner:
         phase: Phase,
         stream: int,
         model: torch.nn.Module,
-        batch: Callable[[np.random.Generator, torch.Generator], Batch],
+        batch: Callable[[np.random.Generator, torch.Generator, int], Batch],
         loss: Callable[..., torch.Tensor],
     ) -> dict[str, Any]:
         """Trains model to phase.steps from its checkpoint (if any); returns the last checkpoint's state.
 
-        The phase's generators are seeded with (seed, stream). batch draws the data, without gradients
-        and in fp32; loss runs the model on it. The checkpoint is checkpoint_dir/<phase name>.pt.
+        The phase's generators are seeded with (seed, stream). batch draws step's data, without
+        gradients and in fp32 (a curriculum may depend on the step); loss runs the model on it.
+        The checkpoint is checkpoint_dir/<phase name>.pt.
         """
         path = self.checkpoint_dir / f"{phase.name}.pt"
         # fused: one kernel for all parameters instead of a dozen ops each; 1.1x a step for a transformer.
@@ -87,7 +88,7 @@ class PhaseRunner:
         with bar:
             while step < phase.steps:
                 with torch.no_grad():
-                    inputs = batch(data_rng, noise_rng)
+                    inputs = batch(data_rng, noise_rng, step)
                 for group in optimizer.param_groups:
                     group["lr"] = phase.lr(step)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=phase.bf16):

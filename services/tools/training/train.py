@@ -168,7 +168,7 @@ class _Job:
         torch.manual_seed(self.seed)
         vae = AutoencoderKL(**VAE_CONFIG).to(self.device)
 
-        def batch(data_rng: np.random.Generator, noise_rng: torch.Generator) -> Batch:
+        def batch(data_rng: np.random.Generator, noise_rng: torch.Generator, _step: int) -> Batch:
             images = _images([sample_spec(data_rng) for _ in range(phase.batch_size)])
             eps = torch.randn((len(images), vae.config.latent_channels, *_latent_grid(vae)), generator=noise_rng)
             return images.to(self.device), eps.to(self.device)
@@ -245,7 +245,7 @@ class _Job:
         # the module itself stays uncompiled, so its state_dict keys are diffusers' own.
         compiled = torch.compile(transformer)
 
-        def batch(data_rng: np.random.Generator, noise_rng: torch.Generator) -> Batch:
+        def batch(data_rng: np.random.Generator, noise_rng: torch.Generator, _step: int) -> Batch:
             drawn = data_rng.integers(len(pool), size=phase.batch_size)
             prompts = ["" if data_rng.random() < EMPTY_PROMPT_PROBABILITY else pool_prompts[i] for i in drawn]
             x0 = pool[torch.from_numpy(drawn)]
