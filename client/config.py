@@ -1,4 +1,4 @@
-"""Defaults shared by the CLI and the services: ports and the default model folder."""
+"""Defaults shared by the CLI and the services: ports and the shipped model folders (image and video)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ DEFAULT_PORTS: dict[str, tuple[int, int]] = {
 }
 STAGES = ("encoder", "denoiser", "vae")
 DEFAULT_HTTP_PORT = 8000  # the gateway's OpenAI-compatible HTTP API
-DEFAULT_MODEL_NAME = "shapes-flux"
+DEFAULT_MODEL_NAME = "shapes-flux"  # the shipped image model, the default everywhere a model is taken
+DEFAULT_VIDEO_MODEL_NAME = "shapes-wan"  # the shipped video model, picked by name (--model shapes-wan)
+SHIPPED_MODEL_NAMES = (DEFAULT_MODEL_NAME, DEFAULT_VIDEO_MODEL_NAME)
 
 
 def repo_root() -> Path:
@@ -24,20 +26,36 @@ def repo_root() -> Path:
     return Path(ditserve.__file__).resolve().parents[2]
 
 
-def shipped_model_dirs() -> list[Path]:
-    """Where the default model can be: a checkout's models/ (editable install), then the wheel's copy."""
-    return [
-        repo_root() / "models" / DEFAULT_MODEL_NAME,
-        Path(ditserve.__file__).resolve().parent / "models" / DEFAULT_MODEL_NAME,
-    ]
+def shipped_model_dirs(name: str) -> list[Path]:
+    """Where a shipped model can be: a checkout's models/ (editable install), then the wheel's copy."""
+    return [repo_root() / "models" / name, Path(ditserve.__file__).resolve().parent / "models" / name]
+
+
+def shipped_model_dir(name: str) -> Path:
+    """The first of shipped_model_dirs(name) that holds a model, else the wheel's (for the error)."""
+    candidates = shipped_model_dirs(name)
+    return next((path for path in candidates if (path / "model_index.json").is_file()), candidates[-1])
+
+
+def _env_or_shipped(variable: str, name: str) -> Path:
+    return Path(os.environ[variable]) if os.environ.get(variable) else shipped_model_dir(name)
 
 
 def default_model_dir() -> Path:
-    """$DITSERVE_MODEL, else the shipped model (the first of shipped_model_dirs() that exists)."""
-    if os.environ.get("DITSERVE_MODEL"):
-        return Path(os.environ["DITSERVE_MODEL"])
-    candidates = shipped_model_dirs()
-    return next((path for path in candidates if (path / "model_index.json").is_file()), candidates[-1])
+    """$DITSERVE_MODEL, else the shipped image model."""
+    return _env_or_shipped("DITSERVE_MODEL", DEFAULT_MODEL_NAME)
+
+
+def default_video_model_dir() -> Path:
+    """$DITSERVE_VIDEO_MODEL, else the shipped video model: what video-only tools and tests default to."""
+    return _env_or_shipped("DITSERVE_VIDEO_MODEL", DEFAULT_VIDEO_MODEL_NAME)
+
+
+def model_path(text: str) -> Path:
+    """A --model argument: a folder, or a shipped model's name (`shapes-wan`) when no such folder is here,
+    so an installed wheel serves its video model without the user finding site-packages."""
+    path = Path(text)
+    return shipped_model_dir(text) if text in SHIPPED_MODEL_NAMES and not path.exists() else path
 
 
 def missing_model_hint(path: Path) -> str | None:
@@ -46,6 +64,7 @@ def missing_model_hint(path: Path) -> str | None:
         return None
     return (
         f"no model at {path} (model_index.json missing). Pass --model DIR or set DITSERVE_MODEL to a local"
-        " diffusers-format folder; the default model ships in the ditserve wheel and in a checkout's"
-        f" models/{DEFAULT_MODEL_NAME} (`ditserve train-default-model --out DIR` rebuilds it)"
+        " diffusers-format folder, or name a shipped model (--model shapes-wan: the video one); they ship in the"
+        f" ditserve wheel and in a checkout's models/ (`ditserve train-default-model [--family wan] --out DIR`"
+        " rebuilds one)"
     )

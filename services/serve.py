@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from ditserve.client.config import DEFAULT_PORTS, default_model_dir
+from ditserve.client.config import DEFAULT_PORTS, default_model_dir, model_path
 from ditserve.services.common import device as device_flags
 from ditserve.services.common.errors import StartupError
 from ditserve.services.common.limits import RequestLimits
@@ -42,8 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
         "--model",
         "--model-path",
         dest="model",
+        type=model_path,
         default=str(default_model_dir()),
-        help="local diffusers-format folder (default: the shipped model)",
+        help="local diffusers-format folder, or a shipped model's name (shapes-flux, shapes-wan)"
+        " (default: the shipped image model, shapes-flux)",
     )
     device_flags.add_arguments(parser)
     parser.add_argument(

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from pytest import MonkeyPatch
+
 from ditserve.client.cli import build_parser
 
 
@@ -15,3 +19,24 @@ def test_generate_and_demo_accept_every_generation_flag() -> None:
         args = build_parser(argv).parse_args(argv)
         assert (args.steps, args.seed, args.num_images, args.profile_steps) == (3, 1, 2, 1)
         assert args.format == "raw" and args.true_cfg_scale == 3.0
+
+
+def test_a_shipped_model_is_picked_by_name_and_a_folder_by_path(tmp_path: Path, monkeypatch: MonkeyPatch) -> None:
+    """`--model shapes-wan` serves the shipped video model from any directory (a wheel's copy included);
+    a folder of that name here, or any path, is taken as it is; the image model stays the default."""
+    from ditserve.client import config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DITSERVE_MODEL", raising=False)
+    shipped = config.shipped_model_dir("shapes-wan")
+    assert shipped in config.shipped_model_dirs("shapes-wan") and shipped.name == "shapes-wan"
+    for command in (["up"], ["demo"], ["serve", "denoiser"], ["serve", "vae"]):
+        argv = [*command, "--model", "shapes-wan"]
+        assert build_parser(argv).parse_args(argv).model == shipped
+    assert build_parser(["up"]).parse_args(["up"]).model == config.shipped_model_dir("shapes-flux")
+    (tmp_path / "shapes-wan").mkdir()
+    assert build_parser(["up"]).parse_args(["up", "--model", "shapes-wan"]).model == Path("shapes-wan")
+    assert config.model_path("elsewhere/shapes-wan") == Path("elsewhere/shapes-wan")
+    monkeypatch.setenv("DITSERVE_VIDEO_MODEL", str(tmp_path / "mine"))
+    assert config.default_video_model_dir() == tmp_path / "mine"
+    assert "--model shapes-wan" in config.missing_model_hint(tmp_path)
