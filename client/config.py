@@ -64,7 +64,7 @@ def missing_model_hint(path: Path) -> str | None:
         return None
     return (
         f"no model at {path} (model_index.json missing). Pass --model DIR or set DITSERVE_MODEL to a local"
-        " diffusers-format folder, or name a shipped model (--model shapes-wan: the video one); they ship in the"
+        " diffusers-format folder, or name a shipped model (--model shapes-flux); they ship in the"
         f" ditserve wheel and in a checkout's models/ (`ditserve train-default-model [--family wan] --out DIR`"
         " rebuilds one)"
     )

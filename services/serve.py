@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
         dest="model",
         type=model_path,
         default=str(default_model_dir()),
-        help="local diffusers-format folder, or a shipped model's name (shapes-flux, shapes-wan)"
+        help="local diffusers-format folder, or a shipped model's name (shapes-flux; shapes-wan once trained)"
         " (default: the shipped image model, shapes-flux)",
     )
     device_flags.add_arguments(parser)
