@@ -39,4 +39,4 @@ def test_a_shipped_model_is_picked_by_name_and_a_folder_by_path(tmp_path: Path, 
     assert config.model_path("elsewhere/shapes-wan") == Path("elsewhere/shapes-wan")
     monkeypatch.setenv("DITSERVE_VIDEO_MODEL", str(tmp_path / "mine"))
     assert config.default_video_model_dir() == tmp_path / "mine"
-    assert "--model shapes-wan" in config.missing_model_hint(tmp_path)
+    assert "--model shapes-flux" in config.missing_model_hint(tmp_path)

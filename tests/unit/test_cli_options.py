@@ -26,9 +26,9 @@ def parse(*argv: str) -> argparse.Namespace:
 
 def test_sglang_flag_names_are_aliases() -> None:
     assert parse("generate", "p", "--num-inference-steps", "7").steps == 7
-    assert parse("up", "--model-path", "/m").model == "/m"
+    assert parse("up", "--model-path", "/m").model == Path("/m")
     args = parse("serve", "denoiser", "--model-path", "/m", "--ulysses-degree", "2", "--ring-degree", "2")
-    assert (args.model, args.sp_ulysses, args.sp_ring) == ("/m", 2, 2)
+    assert (args.model, args.sp_ulysses, args.sp_ring) == (Path("/m"), 2, 2)
 
 
 def test_up_passes_denoiser_options_through() -> None:

@@ -158,7 +158,7 @@ def test_compose_up_as_written_starts_the_cpu_stack() -> None:
         build = service["build"]
         assert build["dockerfile"] == "deploy/docker/Dockerfile" and set(build["args"]) == {"BASE_IMAGE", "TORCH_SPEC"}
         if args.role != "gateway":
-            assert args.model.startswith("/models/") and any(v.endswith(":/models:ro") for v in service["volumes"])
+            assert str(args.model).startswith("/models/") and any(v.endswith(":/models:ro") for v in service["volumes"])
             assert args.device == "cpu", name
     assert parsed("denoiser").batching == "continuous"
     # replicas come from `--scale denoiser=N`, so nothing may pin a name or a host port on a stage

@@ -125,7 +125,7 @@ def test_model_device_and_cache_policy_come_from_configmaps_and_volumes() -> Non
     for overlay, device in (("cpu", "cpu"), ("gpu", "cuda")):
         for stage in STAGES:
             args = args_of(overlay, stage)
-            assert args.device == device and args.model.startswith("/models/"), (overlay, stage)
+            assert args.device == device and str(args.model).startswith("/models/"), (overlay, stage)
             pod = objects(overlay, "Deployment")[f"ditserve-{stage}"]["spec"]["template"]["spec"]
             limits = container(overlay, stage)["resources"].get("limits", {})
             assert (limits.get("nvidia.com/gpu") == "1") == (overlay == "gpu"), (overlay, stage)
