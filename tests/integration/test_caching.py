@@ -94,23 +94,12 @@ def test_a_batch_mixing_policies_gives_each_request_its_solo_image(denoisers: di
                 '{"dbcache": {"fn": 0, "taylorseer": {"order": 1}, "scm": {"preset": "ultra", "policy": "static"}}}'
             ),
         ),
-        # the budget policy decides per request from its own outputs: two of them, each as alone
-        request(15, STEPS, cache=whole_step({"preset": "ultra", "policy": "budget", "budget_threshold": 0.05})),
-        request(16, STEPS, cache=whole_step({"preset": "ultra", "policy": "budget", "budget_threshold": 0.05})),
     ]
     alone = [latents_of(solo, message) for message in messages]
     with concurrent.futures.ThreadPoolExecutor(len(messages)) as pool:
         together = list(pool.map(lambda message: latents_of(batched, message), messages))
     for a, b in zip(alone, together, strict=True):
         assert np.abs(a - b).max() <= TOLERANCE_BATCHED
-
-
-def test_the_budget_policy_computes_exactly_its_masks_count(denoisers: dict) -> None:
-    _, stage = denoisers["off"]
-    budget = whole_step({"preset": "ultra", "policy": "budget", "budget_threshold": 0.05})
-    steps = _result(stage, request(17, STEPS, cache=budget)).timing.computed_steps
-    static = _result(stage, request(17, STEPS, cache=whole_step({"preset": "ultra", "policy": "static"})))
-    assert all(pattern.count("1") == static.timing.computed_steps["cond"].count("1") for pattern in steps.values())
 
 
 @pytest.mark.parametrize(
@@ -122,8 +111,6 @@ def test_the_budget_policy_computes_exactly_its_masks_count(denoisers: dict) -> 
         ('{"dbcache": {"taylorseer": {"order": 3}}}', "cache.dbcache.taylorseer.order"),
         ('{"teacache": {"taylorseer": {"order": 0}}}', "cache.teacache.taylorseer.order"),
         ('{"dbcache": {"scm": {"preset": "warp"}}}', "cache.dbcache.scm.preset"),
-        ('{"dbcache": {"scm": {"preset": "ultra", "policy": "budget"}}}', "cache.dbcache.scm.policy"),
-        ('{"dbcache": {"scm": {"preset": "ultra", "budget_threshold": 1}}}', "cache.dbcache.scm.budget_threshold"),
         ('{"teacache": {"coefficients": [1, 2]}}', "cache.teacache.coefficients"),
     ],
 )

@@ -41,20 +41,18 @@ class TaylorSeerPolicy(_message.Message):
     def __init__(self, order: _Optional[int] = ...) -> None: ...
 
 class ScmPolicy(_message.Message):
-    __slots__ = ("preset", "compute_bins", "cache_bins", "policy", "computed_steps", "budget_threshold")
+    __slots__ = ("preset", "compute_bins", "cache_bins", "policy", "computed_steps")
     PRESET_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_BINS_FIELD_NUMBER: _ClassVar[int]
     CACHE_BINS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     COMPUTED_STEPS_FIELD_NUMBER: _ClassVar[int]
-    BUDGET_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     preset: str
     compute_bins: _containers.RepeatedScalarFieldContainer[int]
     cache_bins: _containers.RepeatedScalarFieldContainer[int]
     policy: str
     computed_steps: int
-    budget_threshold: float
-    def __init__(self, preset: _Optional[str] = ..., compute_bins: _Optional[_Iterable[int]] = ..., cache_bins: _Optional[_Iterable[int]] = ..., policy: _Optional[str] = ..., computed_steps: _Optional[int] = ..., budget_threshold: _Optional[float] = ...) -> None: ...
+    def __init__(self, preset: _Optional[str] = ..., compute_bins: _Optional[_Iterable[int]] = ..., cache_bins: _Optional[_Iterable[int]] = ..., policy: _Optional[str] = ..., computed_steps: _Optional[int] = ...) -> None: ...
 
 class DbCachePolicy(_message.Message):
     __slots__ = ("fn", "bn", "residual_diff_threshold", "max_warmup_steps", "warmup_interval", "max_cached_steps", "max_continuous_cached_steps", "taylorseer", "scm")

@@ -47,10 +47,7 @@ SCM_PRESETS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 CALIBRATED = "calibrated"
 
 CacheMode = Literal["none", "teacache", "dbcache"]
-SCMPolicy = Literal["static", "dynamic", "budget"]
-SCM_POLICIES = ("static", "dynamic", "budget")
-# The budget policy's default threshold on its forecast-error estimate (budget.py).
-BUDGET_THRESHOLD = 0.2
+SCMPolicy = Literal["static", "dynamic"]
 
 
 def _integer(field: str, value: object, minimum: int) -> int:
@@ -200,10 +197,7 @@ class SCMConfig:
 
     static: the mask alone decides (its 0 steps always reuse the cache). dynamic: its 1 steps always
     compute, and its 0 steps go through the usual DBCache rule (caps, then the Fn diff against the
-    threshold), so they still compute when the diff says the step changed too much. budget (whole-step
-    caching only): the mask's count of computed steps is an exact budget and its positions the plan that
-    paces it; which steps compute is decided per request at run time (budget.py), against
-    budget_threshold. Preset "calibrated"
+    threshold), so they still compute when the diff says the step changed too much. Preset "calibrated"
     with computed_steps k names the model's searched mask of k computed steps (step_masks.py), which the
     denoiser resolves to bins when it accepts the request.
     """
@@ -213,7 +207,6 @@ class SCMConfig:
     cache_bins: tuple[int, ...] | None = None
     policy: SCMPolicy = "dynamic"
     computed_steps: int | None = None
-    budget_threshold: float | None = None  # policy budget only; None: BUDGET_THRESHOLD
 
     def __post_init__(self) -> None:
         has_bins = self.compute_bins is not None or self.cache_bins is not None
@@ -234,20 +227,8 @@ class SCMConfig:
             compute, cache = _check_bins(self.compute_bins, self.cache_bins)
             object.__setattr__(self, "compute_bins", compute)
             object.__setattr__(self, "cache_bins", cache)
-        if self.policy not in SCM_POLICIES:
-            raise InvalidArgument("dbcache.scm.policy", f"must be one of {list(SCM_POLICIES)}, got {self.policy!r}")
-        if self.budget_threshold is not None:
-            if self.policy != "budget":
-                raise InvalidArgument("dbcache.scm.budget_threshold", "is only for policy 'budget'")
-            if _number("dbcache.scm.budget_threshold", self.budget_threshold) < 0:
-                raise InvalidArgument(
-                    "dbcache.scm.budget_threshold", f"must not be negative, got {self.budget_threshold}"
-                )
-
-    @property
-    def threshold(self) -> float:
-        """The budget policy's threshold (budget.py), the default when the request gives none."""
-        return BUDGET_THRESHOLD if self.budget_threshold is None else float(self.budget_threshold)
+        if self.policy not in ("static", "dynamic"):
+            raise InvalidArgument("dbcache.scm.policy", f"must be 'static' or 'dynamic', got {self.policy!r}")
 
     def mask(self, steps: int) -> list[bool]:
         if self.preset == CALIBRATED:
@@ -291,13 +272,9 @@ class DBCacheConfig:
             raise InvalidArgument("dbcache.taylorseer", f"must be a TaylorSeerConfig: {self.taylorseer!r}")
         if self.scm is not None and not isinstance(self.scm, SCMConfig):
             raise InvalidArgument("dbcache.scm", f"must be an SCMConfig, got {self.scm!r}")
-        if self.fn == 0 and (self.scm is None or self.scm.policy == "dynamic"):
-            # The diff is taken on the Fn residual: with no first block only a static or budget mask decides.
-            raise InvalidArgument(
-                "dbcache.fn", "0 needs a static or budget step mask (dbcache.scm with policy 'static' or 'budget')"
-            )
-        if self.scm is not None and self.scm.policy == "budget" and (self.fn, self.bn) != (0, 0):
-            raise InvalidArgument("dbcache.scm.policy", "'budget' decides whole steps: it needs fn 0 and bn 0")
+        if self.fn == 0 and (self.scm is None or self.scm.policy != "static"):
+            # The diff is taken on the Fn residual: with no first block only a static mask can decide.
+            raise InvalidArgument("dbcache.fn", "0 needs a static step mask (dbcache.scm with policy 'static')")
 
     @classmethod
     def whole_step(cls, scm: SCMConfig, taylorseer_order: int | None = 1) -> DBCacheConfig:
@@ -394,7 +371,7 @@ class DBCacheDecider:
         if mask is not None:
             if mask[step]:
                 return True
-            if config.scm is not None and config.scm.policy != "dynamic":
+            if config.scm is not None and config.scm.policy == "static":
                 return False
         if diff is None:
             return True

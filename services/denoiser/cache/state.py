@@ -17,8 +17,6 @@ DBCache at Fn 0 and Bn 0 (its static step mask decides alone) caches the whole c
 step returns the stored (or forecast) transformer output and runs nothing of the model, not even its
 embedders. The output is also what varies most smoothly from step to step (a flow model's velocity), so
 TaylorSeer forecasts it better than a residual that norm_out and proj_out would still transform.
-Under the budget policy (scm policy "budget", budget.py) a whole-step branch also keeps its last three
-computed outputs, whose curvature is the signal that decides where its fixed number of calls go.
 """
 
 from __future__ import annotations
@@ -29,7 +27,6 @@ from typing import Any
 
 import torch
 
-from ditserve.services.denoiser.cache.budget import POINTS, BudgetDecider, second_divided_difference
 from ditserve.services.denoiser.cache.policy import CacheConfig, DBCacheDecider, TaylorSeer, TeaCacheDecider
 from ditserve.services.families.base import BlockExecutor, StepInputs
 
@@ -50,8 +47,7 @@ class BranchCache:
         self.blocks_run = 0
         self.blocks_total = 0
         self._previous_signal: torch.Tensor | None = None
-        self._decider: TeaCacheDecider | DBCacheDecider | BudgetDecider | None = None
-        self._outputs: list[tuple[int, torch.Tensor]] = []  # the budget policy's last computed outputs
+        self._decider: TeaCacheDecider | DBCacheDecider | None = None
         order = 0  # plain reuse of the last residual
         self.prefix_end = self.suffix_start = num_blocks  # policy none: every block is prefix
         # DBCache Fn 0 Bn 0: no block runs on a cached step, so neither does anything else of the model.
@@ -63,11 +59,7 @@ class BranchCache:
                 order = config.teacache.taylorseer.order
         elif config.dbcache is not None:
             config.dbcache.check_blocks(num_blocks)
-            scm = config.dbcache.scm
-            if scm is not None and scm.policy == "budget":
-                self._decider = BudgetDecider(scm.mask, scm.threshold)
-            else:
-                self._decider = DBCacheDecider(config.dbcache)
+            self._decider = DBCacheDecider(config.dbcache)
             self.prefix_end = config.dbcache.fn
             self.suffix_start = num_blocks - config.dbcache.bn
             self.caches_whole_step = config.dbcache.fn == 0 and config.dbcache.bn == 0
@@ -124,21 +116,12 @@ class BranchCache:
 
     def store(self, step: int, hidden_residual: torch.Tensor, encoder_residual: torch.Tensor | None) -> None:
         self._hidden_residual.update(step, hidden_residual)
-        if isinstance(self._decider, BudgetDecider):
-            self._outputs = [(step, hidden_residual), *self._outputs[: POINTS - 1]]
-            if len(self._outputs) == POINTS:
-                bend = second_divided_difference(self._outputs)
-                self._decider.observe((bend.abs().mean() / hidden_residual.abs().mean()).item())
         if self._encoder_residual is not None and encoder_residual is not None:
             self._encoder_residual.update(step, encoder_residual)
 
     def decide_step(self, step: int, total_steps: int) -> bool:
-        """A whole-step cache's decision, taken before the model runs: a static mask's, or the budget rule's
-        on the curvature of the outputs computed so far (store)."""
-        assert self.caches_whole_step
-        if isinstance(self._decider, BudgetDecider):
-            return self._decider.decide(step, total_steps)
-        assert isinstance(self._decider, DBCacheDecider)
+        """A whole-step cache's decision, which needs no signal: taken before the model runs."""
+        assert isinstance(self._decider, DBCacheDecider) and self.caches_whole_step
         return self._decider.decide(step, total_steps, None)
 
     def reuse(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:

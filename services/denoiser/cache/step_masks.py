@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ditserve.services.common.errors import InvalidArgument
-from ditserve.services.denoiser.cache.policy import CALIBRATED, CacheConfig, mask_bins
+from ditserve.services.denoiser.cache.policy import CALIBRATED, CacheConfig, SCMConfig, mask_bins
 
 STEP_MASKS_KEY = "step_masks"  # in ditserve.json, next to the model's other calibrated constants
 
@@ -144,5 +144,5 @@ def resolve(config: CacheConfig, steps: int, masks: Mapping[int, Mapping[int, Ma
             f" got {scm.computed_steps}",
         )
     compute, cache = mask_bins(by_count[scm.computed_steps])
-    explicit = dataclasses.replace(scm, preset=None, computed_steps=None, compute_bins=compute, cache_bins=cache)
+    explicit = SCMConfig(compute_bins=compute, cache_bins=cache, policy=scm.policy)
     return dataclasses.replace(config, dbcache=dataclasses.replace(config.dbcache, scm=explicit))

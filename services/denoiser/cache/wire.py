@@ -54,7 +54,6 @@ def cache_config(policy: cache_pb2.CachePolicy, field: str = "cache") -> CacheCo
                     cache_bins=tuple(scm.cache_bins) or None,
                     policy=scm.policy or "dynamic",
                     computed_steps=scm.computed_steps if scm.HasField("computed_steps") else None,
-                    budget_threshold=scm.budget_threshold if scm.HasField("budget_threshold") else None,
                 )
             return CacheConfig(dbcache=DBCacheConfig(**options))
     except InvalidArgument as error:

@@ -12,9 +12,7 @@ Rows (--rows narrows them by name pattern; the two uncached baselines and the co
   searched by `ditserve calibrate step-mask` on the calibration prompts, TaylorSeer order 1 forecasting
   the skipped steps' transformer output; rows of a model without such masks report an error); and the
   baseline any step cache must beat, uncached at fewer steps (the scheduler's own k-step schedule, k the
-  computed steps of each whole-step row: the same transformer compute); and the budget rows, whole-step
-  caching that computes exactly k steps per branch of BUDGET_COMPUTED but lets each request choose which
-  at run time (scm policy "budget" on the calibrated mask of k, cache/budget.py).
+  computed steps of each whole-step row: the same transformer compute).
 - cache-dit: each of our DBCache and SCM rows field for field (Fn, Bn, threshold, warmup, caps, TaylorSeer
   order, the very same SCM step mask) through cache_dit.enable_cache on the family's pipeline (FluxPipeline,
   WanPipeline), with enable_separate_cfg=True under classic CFG so each branch keeps its own cache, as
@@ -69,7 +67,6 @@ FBC_THRESHOLDS = (0.05, 0.08, 0.12, 0.2)
 TAYLORSEER_INTERVALS = (2, 3, 4, 5)
 # Whole-step rows: computed steps out of the schedule, on the model's calibrated masks.
 WHOLE_STEP_COMPUTED = (7, 8, 9, 10, 11, 12)
-BUDGET_COMPUTED = (8, 9)  # the two around the tail target (k <= 8 with the worst image >= 25 dB)
 MAGCACHE_THRESHOLDS = (0.06, 0.12, 0.24)
 # The control row: uncached, its initial noise nudged by this much noise (std): no cache, a tiny change.
 CONTROL_NUDGE = 0.01
@@ -145,10 +142,6 @@ def all_rows(num_blocks: int) -> list[Row]:
         name = f"ours/whole-step calibrated k={k} +taylorseer"
         scm = SCMConfig(preset=CALIBRATED, computed_steps=k, policy="static")
         rows.append(Row(name, "ours", "whole-step", CacheConfig(dbcache=DBCacheConfig.whole_step(scm))))
-    for k in BUDGET_COMPUTED:
-        scm = SCMConfig(preset=CALIBRATED, computed_steps=k, policy="budget")
-        name = f"ours/whole-step budget k={k} t={scm.threshold:g} +taylorseer"
-        rows.append(Row(name, "ours", "whole-step-budget", CacheConfig(dbcache=DBCacheConfig.whole_step(scm))))
     # Simply asking for fewer steps: the scheduler's own k-step schedule, the compute of the k-step rows.
     rows += [Row(f"ours/fewer-steps {k}", "ours", "fewer-steps", steps=k) for k in WHOLE_STEP_COMPUTED]
     rows += [Row(f"diffusers/fbc t={t}", "diffusers", "fbc", hook={"threshold": t}) for t in FBC_THRESHOLDS]
