@@ -83,10 +83,15 @@ def write_tiny_wan(out_dir: Path, seed: int = 0) -> Path:
         vae=_seeded(seed, _vae),
         scheduler=wan_scheduler(),
     )
+    return save_wan_folder(out_dir, pipe, DITSERVE_DEFAULTS)
+
+
+def save_wan_folder(out_dir: Path, pipe: WanPipeline, defaults: dict[str, str | int | float]) -> Path:
+    """Saves pipe in the published Wan2.1 layout with defaults as its ditserve.json; returns out_dir."""
     pipe.save_pretrained(out_dir, safe_serialization=True)
     index_path = out_dir / "model_index.json"
     index = json.loads(index_path.read_text())
     index["tokenizer"] = ["transformers", "T5TokenizerFast"]  # as the published Wan2.1 folders name it
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    (out_dir / "ditserve.json").write_text(json.dumps(DITSERVE_DEFAULTS, indent=2) + "\n")
+    (out_dir / "ditserve.json").write_text(json.dumps(defaults, indent=2) + "\n")
     return out_dir

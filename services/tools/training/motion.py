@@ -28,6 +28,7 @@ from ditserve.services.tools.training.shapes import (
     Attributes,
     ShapeSpec,
     render,
+    with_article,
 )
 
 # Unit steps in image coordinates (x to the right, y down).
@@ -40,10 +41,6 @@ TRAVEL_RANGE = (0.25, 0.4)
 _PROMPT_RE = re.compile(
     r"an? (?P<color>\w+) (?P<shape>\w+) moving (?P<direction>\w+) on an? (?P<background>\w+) background"
 )
-
-
-def _with_article(word: str) -> str:
-    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
 
 @dataclass(frozen=True)
@@ -63,8 +60,8 @@ class MotionAttributes:
     @property
     def prompt(self) -> str:
         return (
-            f"{_with_article(self.color)} {self.shape} moving {self.direction}"
-            f" on {_with_article(self.background)} background"
+            f"{with_article(self.color)} {self.shape} moving {self.direction}"
+            f" on {with_article(self.background)} background"
         )
 
 

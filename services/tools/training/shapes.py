@@ -56,7 +56,7 @@ _PROMPT_RE = re.compile(
 )
 
 
-def _with_article(word: str) -> str:
+def with_article(word: str) -> str:
     return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
 
@@ -84,7 +84,7 @@ class Attributes:
 
     @property
     def prompt(self) -> str:
-        text = f"{_with_article(self.color)} {self.shape} on {_with_article(self.background)} background"
+        text = f"{with_article(self.color)} {self.shape} on {with_article(self.background)} background"
         return text if self.position is None else f"{text} in the {self.position}"
 
 

@@ -24,7 +24,6 @@ the same number of frames per step (its 3D convolutions are most of a step on 2 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from tqdm import tqdm
 from transformers import UMT5Config, UMT5EncoderModel
 
 from ditserve.services.tools.modelgen.tiny_flux import WORDS, _seeded, _t5_tokenizer, ensure_empty_dir, tiny_t5_config
-from ditserve.services.tools.modelgen.tiny_wan import wan_scheduler
+from ditserve.services.tools.modelgen.tiny_wan import save_wan_folder, wan_scheduler
 from ditserve.services.tools.training.loop import Batch, Phase, PhaseRunner, load_checkpoint, save_checkpoint
 from ditserve.services.tools.training.motion import DIRECTIONS, FPS, NUM_FRAMES, ClipSpec, render_clip, sample_clip_spec
 
@@ -147,13 +146,7 @@ def export_wan_checkpoint(checkpoint_dir: Path, out_dir: Path) -> Path:
     transformer = WanTransformer3DModel.from_config(state["config"])
     transformer.load_state_dict(state["model"])
     pipe = WanPipeline(vae=vae, transformer=transformer, scheduler=wan_scheduler(), **text_components(state["seed"]))
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    index_path = out_dir / "model_index.json"
-    index = json.loads(index_path.read_text())
-    index["tokenizer"] = ["transformers", "T5TokenizerFast"]  # as the published Wan2.1 folders name it
-    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    (out_dir / "ditserve.json").write_text(json.dumps(DITSERVE_DEFAULTS, indent=2) + "\n")
-    return out_dir
+    return save_wan_folder(out_dir, pipe, DITSERVE_DEFAULTS)
 
 
 def clips_tensor(specs: list[ClipSpec], num_frames: int = NUM_FRAMES) -> torch.Tensor:
