@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # 70+ s: make test-slow (CI runs it)
 
 ROOT = Path(__file__).resolve().parents[2]
 

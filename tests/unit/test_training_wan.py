@@ -14,6 +14,8 @@ from ditserve.services.common.model import ModelFolder
 from ditserve.services.families import family_name
 from ditserve.services.tools.training import train_wan
 
+pytestmark = pytest.mark.slow  # a minute and more of set-up (two compiled training phases): make test-slow
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
