@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ditserve.services.tools.modelgen.tiny_flux import ensure_empty_dir
+
 Batch = tuple[torch.Tensor, ...]
 
 
@@ -117,6 +119,19 @@ class PhaseRunner:
                 bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}", refresh=False)
                 bar.update()
         return state
+
+
+def start_run(
+    out_dir: Path, checkpoint_dir: Path | None, seed: int, every_s: float, progress: bool, device: str, threads: int
+) -> PhaseRunner:
+    """Checks out_dir is absent or empty before any training, makes checkpoint_dir (default: out_dir's
+    sibling "<name>.checkpoints", so rerunning the same command resumes) and sets the thread count the
+    run is deterministic for."""
+    ensure_empty_dir(Path(out_dir))
+    checkpoint_dir = Path(checkpoint_dir or Path(out_dir).with_name(Path(out_dir).name + ".checkpoints"))
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(threads)
+    return PhaseRunner(seed, checkpoint_dir, every_s, progress, torch.device(device))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -36,12 +36,11 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from tqdm import tqdm
 
 from ditserve.services.tools.modelgen.tiny_flux import (
-    ensure_empty_dir,
     flux_scheduler,
     save_flux_folder,
     text_components,
 )
-from ditserve.services.tools.training.loop import Batch, Phase, PhaseRunner, load_checkpoint, save_checkpoint
+from ditserve.services.tools.training.loop import Batch, Phase, PhaseRunner, load_checkpoint, save_checkpoint, start_run
 from ditserve.services.tools.training.shapes import ShapeSpec, render, sample_spec
 
 NATIVE_SIZE = 64
@@ -123,19 +122,15 @@ def train_default_model(
     resumes; out_dir must be absent or empty, and is checked before any training. The shipped weights
     are a CPU run's; device="cuda" runs the same recipe faster, not bit-identically.
     """
-    out_dir = Path(out_dir)
-    ensure_empty_dir(out_dir)
-    checkpoint_dir = Path(checkpoint_dir or out_dir.with_name(out_dir.name + ".checkpoints"))
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(THREADS)
-    job = _Job(PhaseRunner(seed, checkpoint_dir, checkpoint_every_s, progress, torch.device(device)))
+    runner = start_run(out_dir, checkpoint_dir, seed, checkpoint_every_s, progress, device, THREADS)
+    job = _Job(runner)
     vae = job.train_vae(replace(VAE_PHASE, steps=vae_steps, batch_size=vae_batch_size))
     job.train_transformer(
         replace(TRANSFORMER_PHASE, steps=transformer_steps, batch_size=transformer_batch_size),
         vae,
         latent_pool_size,
     )
-    return export_checkpoint(checkpoint_dir, out_dir)
+    return export_checkpoint(runner.checkpoint_dir, Path(out_dir))
 
 
 def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> Path:

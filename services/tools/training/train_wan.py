@@ -37,7 +37,7 @@ from transformers import UMT5Config, UMT5EncoderModel
 
 from ditserve.services.tools.modelgen.tiny_flux import WORDS, _seeded, _t5_tokenizer, ensure_empty_dir, tiny_t5_config
 from ditserve.services.tools.modelgen.tiny_wan import save_wan_folder, wan_scheduler
-from ditserve.services.tools.training.loop import Batch, Phase, PhaseRunner, load_checkpoint, save_checkpoint
+from ditserve.services.tools.training.loop import Batch, Phase, PhaseRunner, load_checkpoint, save_checkpoint, start_run
 from ditserve.services.tools.training.motion import DIRECTIONS, FPS, NUM_FRAMES, ClipSpec, render_clip, sample_clip_spec
 
 NATIVE_SIZE = 64
@@ -120,21 +120,17 @@ def train_wan_model(
 ) -> Path:
     """Trains both phases, resuming from checkpoint_dir, and writes the model folder to out_dir
     (absent or empty; checked first). checkpoint_dir defaults to "<out>.checkpoints"."""
-    out_dir = Path(out_dir)
-    ensure_empty_dir(out_dir)
-    checkpoint_dir = Path(checkpoint_dir or out_dir.with_name(out_dir.name + ".checkpoints"))
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(THREADS)
+    runner = start_run(out_dir, checkpoint_dir, seed, checkpoint_every_s, progress, device, THREADS)
     # Denormal gradients make the VAE's backward 10-20x slower on CPU; flushing them costs nothing here.
     torch.set_flush_denormal(True)
-    job = _WanJob(PhaseRunner(seed, checkpoint_dir, checkpoint_every_s, progress, torch.device(device)))
+    job = _WanJob(runner)
     vae = job.train_vae(replace(VAE_PHASE, steps=vae_steps, batch_size=vae_batch_size))
     job.train_transformer(
         replace(TRANSFORMER_PHASE, steps=transformer_steps, batch_size=transformer_batch_size),
         vae,
         latent_pool_size,
     )
-    return export_wan_checkpoint(checkpoint_dir, out_dir)
+    return export_wan_checkpoint(runner.checkpoint_dir, Path(out_dir))
 
 
 def export_wan_checkpoint(checkpoint_dir: Path, out_dir: Path) -> Path:
