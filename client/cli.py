@@ -18,12 +18,10 @@ import grpc
 
 from ditserve.client.config import (
     DEFAULT_HTTP_PORT,
-    DEFAULT_MODEL_NAME,
     DEFAULT_PORTS,
-    DEFAULT_VIDEO_MODEL_NAME,
+    add_model_argument,
     default_model_dir,
     missing_model_hint,
-    model_path,
 )
 from ditserve.client.options import Parser, expand_config, rpc_error_line, token_default
 
@@ -407,15 +405,7 @@ def cmd_bench_report(args: argparse.Namespace) -> int:
 
 
 def _stack_arguments(parser: argparse.ArgumentParser, up: bool = False) -> None:
-    parser.add_argument(
-        "--model",
-        "--model-path",
-        dest="model",
-        type=model_path,
-        default=str(default_model_dir()),
-        help=f"model folder, or a shipped model's name: {DEFAULT_MODEL_NAME} (image), {DEFAULT_VIDEO_MODEL_NAME}"
-        " (video) (default: $DITSERVE_MODEL, else the image one)",
-    )
+    add_model_argument(parser)
     parser.add_argument("--host", default="127.0.0.1", help="bind address of all four services")
     parser.add_argument("--device", default="auto", help="device of the model stages")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="model stages' dtype")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -56,6 +57,19 @@ def model_path(text: str) -> Path:
     so an installed wheel serves its video model without the user finding site-packages."""
     path = Path(text)
     return shipped_model_dir(text) if text in SHIPPED_MODEL_NAMES and not path.exists() else path
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """--model (alias --model-path, SGLang's name) for every command that starts services: one text, one type."""
+    parser.add_argument(
+        "--model",
+        "--model-path",
+        dest="model",
+        type=model_path,
+        default=str(default_model_dir()),
+        help=f"local diffusers-format folder, or a shipped model's name ({DEFAULT_MODEL_NAME};"
+        f" {DEFAULT_VIDEO_MODEL_NAME} once trained) (default: $DITSERVE_MODEL, else {DEFAULT_MODEL_NAME})",
+    )
 
 
 def missing_model_hint(path: Path) -> str | None:

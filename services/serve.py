@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from ditserve.client.config import DEFAULT_PORTS, default_model_dir, model_path
+from ditserve.client.config import DEFAULT_PORTS, add_model_argument
 from ditserve.services.common import device as device_flags
 from ditserve.services.common.errors import StartupError
 from ditserve.services.common.limits import RequestLimits
@@ -38,15 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
 
         HttpOptions.add_arguments(parser)
         return
-    parser.add_argument(
-        "--model",
-        "--model-path",
-        dest="model",
-        type=model_path,
-        default=str(default_model_dir()),
-        help="local diffusers-format folder, or a shipped model's name (shapes-flux; shapes-wan once trained)"
-        " (default: the shipped image model, shapes-flux)",
-    )
+    add_model_argument(parser)
     device_flags.add_arguments(parser)
     parser.add_argument(
         "--allow-pickle", action="store_true", help="also load .bin weights (pickle runs code: trusted folders only)"
