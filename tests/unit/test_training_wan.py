@@ -26,6 +26,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
             root / "model",
             checkpoint_dir=root / "checkpoints",
             vae_steps=1,
+            vae_clip_steps=1,
             transformer_steps=2,
             vae_batch_size=1,
             transformer_batch_size=2,
