@@ -125,7 +125,7 @@ def _result(
     return {
         "name": name,
         "peer": peer,
-        "method": method,
+        "method": extra.pop("method", method),
         "speedup": speedup,
         "psnr_db": psnr,
         "psnr_min_db": psnr if worst is None else worst,
@@ -143,7 +143,10 @@ def test_summary_rule() -> None:
         _result("ours/b", 2.5, 31, 87.5),  # fidelity 2.5 points down
         _result("ours/c", 2.2, 31, 88),
         _result("ours/ruined", 2.4, 33, 90, worst=19.9),  # its worst image under 20 dB
-        _result("ours/fewer-steps 9", 2.9, 30.5, 90),  # a baseline, never the best cached row
+        _result("ours/fewer-steps 9", 2.9, 30.5, 90, params={"steps": 9}),  # a baseline, never the best row
+        _result("ours/fewer-steps 8", 3.2, 28.0, 90, params={"steps": 8}),
+        _result("ours/whole 9", 2.8, 29.0, 90, method="whole-step", params={"scm": {"computed_steps": 9}}),
+        _result("ours/whole 7", 3.6, 27.0, 90, method="whole-step", params={"scm": {"computed_steps": 7}}),
         _result("ours/strict", 1.5, 36, 90, worst=26),
         _result("cache-dit/d", 2.0, 35, 90),
         _result("diffusers@ours/e", 1.6, 34, 90),  # the peer's hooks in our loop
@@ -155,6 +158,9 @@ def test_summary_rule() -> None:
     assert summary["ratio_vs_peer"] == pytest.approx(1.1)
     assert summary["fewer_steps_best_row"] == "ours/fewer-steps 9"
     assert summary["best_row_psnr35_worst25"] == "ours/strict"
+    # at equal compute: the k=9 whole-step row against 9 steps outright; k=7 has no such row
+    assert summary["equal_compute_margin_db"] == {"ours/whole 9": pytest.approx(-1.5)}
+    assert summary["min_equal_compute_margin_db"] == pytest.approx(-1.5)
     assert summary["ratio_vs_peer_in_our_loop"] == pytest.approx(2.2 / 1.6)
     assert summary["targets_met"] == {
         "best_speedup_psnr30": True,

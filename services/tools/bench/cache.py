@@ -255,6 +255,24 @@ def _best(
     return max(eligible, key=lambda r: r["speedup"], default=None)
 
 
+def equal_compute_margins(results: list[dict[str, Any]]) -> dict[str, float]:
+    """Each whole-step row's mean PSNR minus that of asking for its k steps outright (the fewer-steps row
+    of the same compute), by row name: what caching buys over the scheduler's own shorter schedule."""
+    fewer = {
+        r["params"]["steps"]: r["psnr_db"]
+        for r in results
+        if r["method"] == "fewer-steps" and "error" not in r and r["psnr_db"] is not None
+    }
+    return {
+        r["name"]: r["psnr_db"] - fewer[r["params"]["scm"]["computed_steps"]]
+        for r in results
+        if r["method"] == "whole-step"
+        and "error" not in r
+        and r["psnr_db"] is not None
+        and r["params"]["scm"]["computed_steps"] in fewer
+    }
+
+
 def summarize(results: list[dict[str, Any]], baseline_identical: bool) -> dict[str, Any]:
     by_name = {r["name"]: r for r in results}
     ours_none, pipe_none = by_name[BASELINES["ours"]], by_name[BASELINES["pipeline"]]
@@ -264,6 +282,7 @@ def summarize(results: list[dict[str, Any]], baseline_identical: bool) -> dict[s
     strict = _best(results, {"ours"}, fidelity_none, STRICT_RULE_DB)
     in_ours = _best(results, {PEER_IN_OURS}, fidelity_none)
     fewer = _best(results, {"ours"}, fidelity_none, methods={"fewer-steps"})
+    margins = equal_compute_margins(results)
     best = ours["speedup"] if ours else None
     ratio_in_ours = best / in_ours["speedup"] if best is not None and in_ours is not None else None
     peer_best = peer["speedup"] if peer else None
@@ -288,6 +307,8 @@ def summarize(results: list[dict[str, Any]], baseline_identical: bool) -> dict[s
         "best_row_psnr35_worst25": strict["name"] if strict else None,
         "fewer_steps_best_speedup_psnr30": fewer["speedup"] if fewer else None,
         "fewer_steps_best_row": fewer["name"] if fewer else None,
+        "equal_compute_margin_db": margins,
+        "min_equal_compute_margin_db": min(margins.values(), default=None),
         "targets": TARGETS,
         "targets_met": {
             "best_speedup_psnr30": best is not None and best >= TARGETS["best_speedup_psnr30"],
