@@ -70,7 +70,7 @@ bench: bench-cache
 	$(VENV)/bin/ditserve bench attention --out bench/results/attention-cpu.json --device cpu --tokens 1024
 	$(VENV)/bin/ditserve bench sp --out bench/results/sp.json
 	$(VENV)/bin/ditserve bench fidelity --out bench/results/fidelity.json
-	$(VENV)/bin/ditserve bench fidelity --model shapes-wan --out bench/results/fidelity-video.json
+	$(VENV)/bin/ditserve bench fidelity --model models/shapes-wan --out bench/results/fidelity-video.json
 	$(VENV)/bin/ditserve bench report
 
 demo: install
