@@ -68,7 +68,7 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
         type=model_path,
         default=str(default_model_dir()),
         help=f"local diffusers-format folder, or a shipped model's name ({DEFAULT_MODEL_NAME};"
-        f" {DEFAULT_VIDEO_MODEL_NAME} once trained) (default: $DITSERVE_MODEL, else {DEFAULT_MODEL_NAME})",
+        f" {DEFAULT_VIDEO_MODEL_NAME}) (default: $DITSERVE_MODEL, else {DEFAULT_MODEL_NAME})",
     )
 
 
