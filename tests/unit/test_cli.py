@@ -30,7 +30,9 @@ def test_a_shipped_model_is_picked_by_name_and_a_folder_by_path(tmp_path: Path, 
     monkeypatch.delenv("DITSERVE_MODEL", raising=False)
     shipped = config.shipped_model_dir("shapes-wan")
     assert shipped in config.shipped_model_dirs("shapes-wan") and shipped.name == "shapes-wan"
-    for command in (["up"], ["demo"], ["serve", "denoiser"], ["serve", "vae"]):
+    benches = (["bench", name, "--out", "x.json"] for name in ("cache", "fidelity", "transport", "serving", "soak"))
+    calibrations = (["calibrate", "teacache"], ["calibrate", "step-mask"])
+    for command in (["up"], ["demo"], ["serve", "denoiser"], ["serve", "vae"], *benches, *calibrations):
         argv = [*command, "--model", "shapes-wan"]
         assert build_parser(argv).parse_args(argv).model == shipped
     assert build_parser(["up"]).parse_args(["up"]).model == config.shipped_model_dir("shapes-flux")
