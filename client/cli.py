@@ -20,9 +20,7 @@ from ditserve.client.config import (
     DEFAULT_HTTP_PORT,
     DEFAULT_PORTS,
     add_model_argument,
-    default_model_dir,
     missing_model_hint,
-    model_path,
 )
 from ditserve.client.options import Parser, expand_config, rpc_error_line, token_default
 
@@ -334,12 +332,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_calibration_arguments(parser: argparse.ArgumentParser, prompts_help: str) -> None:
-    parser.add_argument(
-        "--model",
-        type=model_path,
-        default=str(default_model_dir()),
-        help="model folder or shipped name (written: ditserve.json)",
-    )
+    add_model_argument(parser, "; written: its ditserve.json")
     parser.add_argument("--prompts", type=int, default=4, help=prompts_help)
     parser.add_argument(
         "--prompt-file",

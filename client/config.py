@@ -59,8 +59,9 @@ def model_path(text: str) -> Path:
     return shipped_model_dir(text) if text in SHIPPED_MODEL_NAMES and not path.exists() else path
 
 
-def add_model_argument(parser: argparse.ArgumentParser) -> None:
-    """--model (alias --model-path, SGLang's name) for every command that starts services: one text, one type."""
+def add_model_argument(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """--model (alias --model-path, SGLang's name) for every command that takes a model: one text, one type;
+    `note` adds what the command does with it."""
     parser.add_argument(
         "--model",
         "--model-path",
@@ -68,7 +69,7 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
         type=model_path,
         default=str(default_model_dir()),
         help=f"local diffusers-format folder, or a shipped model's name ({DEFAULT_MODEL_NAME};"
-        f" {DEFAULT_VIDEO_MODEL_NAME}) (default: $DITSERVE_MODEL, else {DEFAULT_MODEL_NAME})",
+        f" {DEFAULT_VIDEO_MODEL_NAME}){note} (default: $DITSERVE_MODEL, else {DEFAULT_MODEL_NAME})",
     )
 
 

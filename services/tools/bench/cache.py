@@ -47,7 +47,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ditserve.client.config import default_model_dir, model_path
+from ditserve.client.config import add_model_argument
 from ditserve.services.common.device import add_arguments as add_device_arguments
 from ditserve.services.common.errors import InvalidArgument
 from ditserve.services.denoiser.cache.policy import CacheConfig
@@ -83,12 +83,7 @@ TARGETS = {"best_speedup_psnr30": 2.0, "ratio_vs_peer": 1.3, "best_speedup_psnr3
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_arguments(parser)
-    parser.add_argument(
-        "--model",
-        type=model_path,
-        default=str(default_model_dir()),
-        help="model folder or shipped name (default: the shipped model)",
-    )
+    add_model_argument(parser)
     parser.add_argument("--prompts", type=int, default=10, help="timed prompts, a round each (default: 10)")
     parser.add_argument(
         "--quality-prompts",

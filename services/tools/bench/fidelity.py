@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ditserve.client.config import default_model_dir, model_path
+from ditserve.client.config import add_model_argument
 from ditserve.services.common.model import ModelFolder
 from ditserve.services.tools.bench.common import result_document
 from ditserve.services.tools.eval.grid import sample_grid
@@ -39,12 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Prompt fidelity over every colour x shape x background (x direction, for a moving-shapes video model),"
         " and the VAE's PSNR."
     )
-    parser.add_argument(
-        "--model",
-        type=model_path,
-        default=str(default_model_dir()),
-        help="model folder or shipped name (default: the shipped model)",
-    )
+    add_model_argument(parser)
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's default_steps)")
     parser.add_argument("--subset", type=int, help="score this many of the combinations (a seeded choice)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default: 0)")

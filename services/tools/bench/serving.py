@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from ditserve.client.config import default_model_dir, model_path
+from ditserve.client.config import add_model_argument
 from ditserve.services.tools.bench.common import median, result_document
 
 MODES = ("off", "dynamic", "continuous")
@@ -35,12 +35,7 @@ TARGETS = {"throughput_ratio_continuous": 3.5, "fraction_of_bound": 0.95, "p99_r
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        type=model_path,
-        default=str(default_model_dir()),
-        help="model folder or shipped name (default: the shipped model)",
-    )
+    add_model_argument(parser)
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per request (default: 20)")
     parser.add_argument("--concurrency", default="1,4,8,16", help="closed-loop client counts (default: 1,4,8,16)")
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per load level and mode")

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ditserve.client.config import STAGES, default_model_dir, model_path
+from ditserve.client.config import STAGES, add_model_argument
 from ditserve.services.tools.bench.common import result_document
 
 PROMPT = "a red circle on a blue background"
@@ -30,12 +30,7 @@ BAD = [
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        type=model_path,
-        default=str(default_model_dir()),
-        help="model folder or shipped name (default: the shipped model)",
-    )
+    add_model_argument(parser)
     parser.add_argument("--seconds", type=float, default=60.0, help="how long traffic runs (default: 60)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent closed-loop clients (default: 8)")
     parser.add_argument("--invalid-fraction", type=float, default=0.2)

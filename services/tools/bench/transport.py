@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ditserve.client.config import default_model_dir, model_path
+from ditserve.client.config import add_model_argument
 from ditserve.services.tools.bench.common import median, result_document
 
 PROMPT = "a red circle on a blue background"
@@ -28,12 +28,7 @@ TARGETS = {"e2e_overhead_ratio": 1.05, "codec_decode_gbps": 4.0}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        type=model_path,
-        default=str(default_model_dir()),
-        help="model folder or shipped name (default: the shipped model)",
-    )
+    add_model_argument(parser)
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per image (default: 20)")
     parser.add_argument("--pairs", type=int, default=9, help="interleaved rounds of the three sides (default: 9)")
     parser.add_argument("--codec-repeats", type=int, default=15, help="timed codec round trips per tensor")
