@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from prometheus_client import Counter, Gauge, Histogram
 
 from ditserve.services.common.errors import DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
-from ditserve.services.common.metrics import LATENCY_BUCKETS, ServiceMetrics
+from ditserve.services.common.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, ServiceMetrics
 from ditserve.services.common.profiling import Profiler, trace_range
 from ditserve.services.denoiser.batching import (
     BatchingConfig,
@@ -34,7 +34,6 @@ from ditserve.services.denoiser.job import DenoiseJob, Failed, Finished, Progres
 log = logging.getLogger(__name__)
 
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 
 class Trajectory(Protocol):

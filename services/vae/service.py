@@ -10,11 +10,13 @@ import grpc
 import numpy as np
 import torch
 from PIL import Image
+from prometheus_client import Histogram
 
 from ditserve.client.tensors import from_numpy
 from ditserve.services.common import tensor_codec
 from ditserve.services.common.errors import InvalidArgument
 from ditserve.services.common.limits import check_frames, check_range, check_size
+from ditserve.services.common.metrics import BATCH_BUCKETS
 from ditserve.services.common.profiling import trace_range
 from ditserve.services.common.stage import StageContext
 from ditserve.services.common.timing import elapsed_ms
@@ -49,6 +51,12 @@ class VaeService(vae_pb2_grpc.VaeDecoderServicer):
         if tiling:
             self.model.vae.enable_tiling()
         self._lock = threading.Lock()  # decoding is memory-hungry: one at a time
+        self.decode_batch = Histogram(
+            "ditserve_decode_batch_size",
+            "Images or clips decoded in one VAE call (a request's, never coalesced across requests)",
+            buckets=BATCH_BUCKETS,
+            registry=stage.metrics.registry,
+        )
         stage.publish_model_info()
 
     def grpc_service_names(self) -> list[str]:
@@ -98,6 +106,7 @@ class VaeService(vae_pb2_grpc.VaeDecoderServicer):
         latents, num_frames = self._validate(request)
         with self._lock, trace_range("decode"):
             queue_ms = elapsed_ms(started)
+            self.decode_batch.observe(latents.shape[0])
             if self.model.video:
                 uint8 = self.model.decode(latents, request.height, request.width, num_frames)
             else:

@@ -224,6 +224,16 @@ def test_every_service_counts_requests(stack: object, client: PipelineClient) ->
     assert sample(denoiser, "ditserve_queue_duration_seconds_count") >= 1
 
 
+def test_the_vae_reports_how_many_images_each_decode_call_held(stack: object, client: PipelineClient) -> None:
+    port = stack.ports.metrics["vae"]
+    before = scrape(port)
+    client.generate(PROMPT, steps=STEPS, seed=3, num_images=2)
+    calls = sample(before, "ditserve_decode_batch_size_count") + 1
+    after = wait_for(port, "ditserve_decode_batch_size_count", calls)
+    assert sample(after, "ditserve_decode_batch_size_count") == calls
+    assert sample(after, "ditserve_decode_batch_size_sum") - sample(before, "ditserve_decode_batch_size_sum") == 2
+
+
 def test_info_and_health_on_every_service(stack: object) -> None:
     for role in ("gateway", "encoder", "denoiser", "vae"):
         stage = StageClient(stack.ports.address(role))
