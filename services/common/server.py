@@ -41,6 +41,11 @@ def channel_options(max_message_mb: int) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
 
 
+# gRPC sets SO_REUSEPORT by default: a second server on a taken port binds silently and takes half the
+# connections (a client then sees UNIMPLEMENTED from the wrong service). A clash must fail at start.
+EXCLUSIVE_PORT = [("grpc.so_reuseport", 0)]
+
+
 def connection_age(seconds: float) -> list[tuple[str, int]]:
     """gRPC's DNS resolver only re-resolves when a connection drops; a GOAWAY at this age makes it."""
     return [("grpc.max_connection_age_ms", int(seconds * 1000))] if seconds > 0 else []
@@ -162,7 +167,11 @@ def start_server(service: Service, options: ServerOptions, security: ServerSecur
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix=f"{service.role}-rpc"),
         interceptors=[interceptor],
-        options=[*channel_options(options.max_message_mb), *connection_age(options.max_connection_age_s)],
+        options=[
+            *channel_options(options.max_message_mb),
+            *connection_age(options.max_connection_age_s),
+            *EXCLUSIVE_PORT,
+        ],
     )
     service.register(server)
     common_pb2_grpc.add_AdminServicer_to_server(AdminServicer(service), server)
@@ -194,7 +203,9 @@ def start_server(service: Service, options: ServerOptions, security: ServerSecur
         watch_health(report)
     health_server = None
     if options.health_port is not None:
-        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="health"))
+        health_server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="health"), options=EXCLUSIVE_PORT
+        )
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
         health_server.add_insecure_port(f"{options.host}:{options.health_port}")
         health_server.start()

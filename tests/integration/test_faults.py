@@ -63,6 +63,23 @@ def test_gateway_retries_another_replica(stack: object, dead: str) -> None:
                 assert client.generate(PROMPT, steps=2, seed=1, timeout=60).images
 
 
+def test_a_second_server_on_a_taken_port_fails_to_start(stack: object) -> None:
+    """gRPC's default SO_REUSEPORT would let it bind and steal half the connections, answering the
+    gateway's clients UNIMPLEMENTED; the port stays the first server's."""
+    live = {stage: stack.ports.address(stage) for stage in ("encoder", "denoiser", "vae")}
+    for target in _gateway([live["encoder"]], [live["denoiser"]], [live["vae"]]):
+        port = int(target.rsplit(":", 1)[1])
+        service = GatewayService(
+            GatewayConfig([live["encoder"]], [live["denoiser"]], [live["vae"]], RequestLimits()),
+            Profiler(Path(tempfile.gettempdir())),
+        )
+        with pytest.raises(RuntimeError, match="bind"):
+            start_server(service, ServerOptions(port=port, metrics_port=None))
+        with PipelineClient(target) as client:
+            for seed in range(4):  # fresh connections each time would land on both servers under reuseport
+                assert client.generate(PROMPT, steps=2, seed=seed, timeout=60).images
+
+
 def test_sigterm_drains_in_flight_work(model_dir: Path, tmp_path: Path) -> None:
     port, metrics = free_port(), free_port()
     log = open(tmp_path / "denoiser.log", "wb")  # noqa: SIM115
