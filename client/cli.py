@@ -53,7 +53,12 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="default: random, printed after the run")
     parser.add_argument("--num-images", type=int, default=1)
     parser.add_argument(
-        "--frames", "--num-frames", dest="frames", type=int, default=0, help="video families: clip length (Wan: 4k+1)"
+        "--frames",
+        "--num-frames",
+        dest="frames",
+        type=int,
+        default=0,
+        help="video families: clip length, tk+1 for the VAE's temporal compression t (Wan2.1: 4k+1)",
     )
     parser.add_argument("--fps", type=float, default=0.0, help="video families: frames per second")
     parser.add_argument("--format", default="png", choices=["png", "jpeg", "webp", "raw"])

@@ -85,6 +85,8 @@ class TransformerRunner(ABC):
     the other ranks before rank 0 makes it.
     """
 
+    temporal_factor = 1  # frames per latent frame after the first (a video VAE's); clips are tk+1 frames
+
     def __init__(
         self,
         executor: BlockExecutor,

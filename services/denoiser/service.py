@@ -81,6 +81,7 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             default_cfg_scale=getattr(defaults, self.runtime.family.cfg_scale_field),
             default_num_frames=defaults.num_frames,
             default_fps=defaults.fps,
+            temporal_factor=self.runtime.runner.temporal_factor,
             video=self.runtime.family.video,
             batching=self.options.batching.mode,
             cache_policy=self.runtime.default_cache.mode,

@@ -257,8 +257,12 @@ class HttpFrontend:
             body = await self._body(request, VideoGenerationRequest)
             model = await self._served_model()
             self._check_kind(video=True)
+            details = self._details
             message = to_video_request(
-                body, float(self._details.get("default_fps") or 16.0), request.headers.get("x-request-id", "")
+                body,
+                float(details.get("default_fps") or 16.0),
+                int(details.get("temporal_factor") or 4),
+                request.headers.get("x-request-id", ""),
             )
             job = self._video_jobs().add(model, message)
             call = self._pipeline().Generate(message, timeout=self._timeout(request), metadata=_forwarded_auth(request))

@@ -200,9 +200,11 @@ class VideoGenerationRequest(BaseModel):
 
     prompt: str
     model: str | None = Field(None, description="accepted and ignored: a gateway serves one model")
-    seconds: float | str | None = Field(None, description="clip length; frames = seconds x fps, rounded to 4k+1")
+    seconds: float | str | None = Field(
+        None, description="clip length; frames = seconds x fps, rounded to tk+1 (t: the VAE's temporal compression)"
+    )
     size: str | None = Field(None, description="'WIDTHxHEIGHT' in pixels, multiples of 16; unset = the model's")
-    num_frames: int | None = Field(None, ge=1, description="frames (Wan: 4k+1); wins over seconds")
+    num_frames: int | None = Field(None, ge=1, description="frames (tk+1; Wan2.1: 4k+1); wins over seconds")
     fps: float | None = Field(None, gt=0, le=240, description="unset = the model's")
     output_format: Literal["mp4", "webp"] = "mp4"
     output_compression: int | None = Field(None, ge=0, le=100, description="quality 1-100; 0 = 90")
@@ -214,8 +216,9 @@ class VideoGenerationRequest(BaseModel):
     cache_policy: str | dict[str, Any] | None = None
 
 
-def frames_for(seconds: float | str, fps: float, temporal_factor: int = 4) -> int:
-    """The 4k+1 frame count nearest to `seconds` of video at `fps` (Wan's VAE compresses time 4x)."""
+def frames_for(seconds: float | str, fps: float, temporal_factor: int) -> int:
+    """The tk+1 frame count nearest to `seconds` of video at `fps`, t the VAE's temporal compression (the
+    only counts it accepts: Wan2.1's VAE compresses time 4x, the shipped video model's 2x)."""
     try:
         value = float(seconds)
     except ValueError:
@@ -226,11 +229,12 @@ def frames_for(seconds: float | str, fps: float, temporal_factor: int = 4) -> in
 
 
 def to_video_request(
-    body: VideoGenerationRequest, default_fps: float, request_id: str = ""
+    body: VideoGenerationRequest, default_fps: float, temporal_factor: int, request_id: str = ""
 ) -> pipeline_pb2.GenerateRequest:
     """The video body as the gateway's GenerateRequest; the gateway and the stages validate the values."""
     fps = body.fps or default_fps
-    num_frames = body.num_frames or (frames_for(body.seconds, fps) if body.seconds is not None else 0)
+    seconds = body.seconds
+    num_frames = body.num_frames or (frames_for(seconds, fps, temporal_factor) if seconds is not None else 0)
     return generate_request(
         body.prompt,
         request_id=request_id,

@@ -9,13 +9,14 @@ their solo clip. Steps are few where the test is not about quality, so `make tes
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from google.protobuf import json_format
-from helpers import sample, scrape
+from helpers import http_call, sample, scrape, wait_http
 
 from ditserve.client.launcher import Ports, Stack
 from ditserve.client.stub import GenerateOutput, PipelineClient
@@ -118,3 +119,18 @@ def test_a_batched_pair_each_gets_its_solo_clip(client: PipelineClient, video_st
         # latents); after decoding, at most a rounding flip of one level in a pixel
         assert np.abs(alone.astype(int) - batched).max() <= 1
     assert not np.array_equal(*together)
+
+
+def test_http_seconds_become_a_frame_count_this_vae_takes(video_stack: Stack) -> None:
+    """The shipped VAE compresses time 2x (the denoiser's Info says so): 0.75 s at 8 fps is 6 frames, and the
+    nearest 2k+1 is 7, where Wan2.1's 4k+1 rounding would make 9."""
+    base = f"http://127.0.0.1:{video_stack.ports.http}"
+    wait_http(f"{base}/health")
+    body = {"prompt": PROMPT, "seconds": 0.75, "fps": 8, "seed": SEED, "num_inference_steps": 2}
+    status, created = http_call(f"{base}/v1/videos", body)
+    assert status == 200, created
+    deadline = time.monotonic() + 120
+    while (job := http_call(f"{base}/v1/videos/{created['id']}")[1])["status"] != "completed":
+        assert job["status"] == "in_progress" and time.monotonic() < deadline, job
+        time.sleep(0.2)
+    assert job["num_frames"] == 7, job
