@@ -44,9 +44,10 @@ deploy-tools:
 		{ apt-get update -qq && apt-get install -y -qq --no-install-recommends docker-compose; }
 
 # The suite but the tests marked slow (a fresh-venv install, the GPU script in tiny mode, a toy video
-# training): make test stays under 15 minutes on 2 cores; CI (.ci/run) runs make test-slow after it.
+# training): make test stays under 15 minutes on 2 cores (--durations names the 15 slowest tests, what
+# to trim when it does not); CI (.ci/run) runs make test-slow after it.
 test: install lint prometheus deploy-tools
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --durations=15
 
 test-slow: install
 	$(PY) -m pytest -q -m slow

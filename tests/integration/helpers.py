@@ -44,9 +44,9 @@ def sample(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def wait_for(port: int, name: str, at_least: float, timeout: float = 5.0, **labels: str) -> str:
+def wait_for(port: int, name: str, at_least: float, timeout: float = 30.0, **labels: str) -> str:
     """Scrapes until `name` reaches `at_least`: a stream's last message can reach the client just
-    before the server-side handler records its metrics."""
+    before the server-side handler records its metrics (over 5 s later on a loaded machine)."""
     deadline = time.monotonic() + timeout
     while True:
         text = scrape(port)

@@ -12,10 +12,30 @@ from ditserve.services.tools.bench import report
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_the_readme_table_is_generated_from_the_committed_results() -> None:
+def test_the_readme_tables_are_generated_from_the_committed_results() -> None:
     text = (ROOT / "README.md").read_text()
-    generated = report.table(ROOT / "bench" / "results", ROOT / "models", ROOT)
-    assert report.replace_between_markers(text, generated) == text, "run `ditserve bench report`"
+    assert report.generated_readme(text, ROOT / "bench" / "results", ROOT / "models", ROOT) == text, (
+        "run `ditserve bench report`"
+    )
+
+
+def test_the_cache_table_lists_the_rows_the_summary_names() -> None:
+    row = {"skipped_fraction": 0.5, "psnr_db": 36.0, "psnr_min_db": 26.0, "fidelity": None, "denoise_s": 0.1}
+    document = {
+        "command": "ditserve bench cache",
+        "rows": [
+            {**row, "name": "ours/none", "psnr_db": None, "skipped_fraction": 0.0, "speedup": 1.0},
+            {**row, "name": "ours/whole-step k=8", "speedup": 3.2},
+            {**row, "name": "diffusers/fbc t=0.05", "speedup": 1.5},
+            {**row, "name": "ours/teacache t=0.1", "speedup": 1.4},
+        ],
+        "summary": {"best_row": "ours/whole-step k=8", "peer_best_row": "diffusers/fbc t=0.05", "rule": "r"},
+    }
+    text = report.cache_table(document)
+    assert "`ours/none` | 0% | — |" in text and "| 36.0 dB (26.0) |" in text
+    assert "`ours/whole-step k=8`" in text and "3.20x" in text and "`diffusers/fbc t=0.05`" in text
+    assert "teacache" not in text, "a row the summary does not name"
+    assert "Command: `ditserve bench cache`." in text
 
 
 def _write(folder: Path, name: str, model: str, command: str | None = None) -> None:
