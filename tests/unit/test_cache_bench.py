@@ -146,6 +146,8 @@ def test_summary_rule() -> None:
         _result("ours/fewer-steps 9", 2.9, 30.5, 90, params={"steps": 9}),  # a baseline, never the best row
         _result("ours/fewer-steps 8", 3.2, 28.0, 90, params={"steps": 8}),
         _result("ours/whole 9", 2.8, 29.0, 90, method="whole-step", params={"scm": {"computed_steps": 9}}),
+        # as the bench writes it: the calibrated mask resolved to bins, 1 + 3 + 4 = 8 computed steps
+        _result("ours/whole 8", 3.3, 27.0, 90, method="whole-step", params={"scm": {"compute_bins": [1, 3, 4]}}),
         _result("ours/whole 7", 3.6, 27.0, 90, method="whole-step", params={"scm": {"computed_steps": 7}}),
         _result("ours/strict", 1.5, 36, 90, worst=26),
         _result("cache-dit/d", 2.0, 35, 90),
@@ -158,8 +160,9 @@ def test_summary_rule() -> None:
     assert summary["ratio_vs_peer"] == pytest.approx(1.1)
     assert summary["fewer_steps_best_row"] == "ours/fewer-steps 9"
     assert summary["best_row_psnr35_worst25"] == "ours/strict"
-    # at equal compute: the k=9 whole-step row against 9 steps outright; k=7 has no such row
-    assert summary["equal_compute_margin_db"] == {"ours/whole 9": pytest.approx(-1.5)}
+    # at equal compute: the k=9 and k=8 whole-step rows against 9 and 8 steps outright; k=7 has no such row
+    margins = {"ours/whole 9": pytest.approx(-1.5), "ours/whole 8": pytest.approx(-1.0)}
+    assert summary["equal_compute_margin_db"] == margins
     assert summary["min_equal_compute_margin_db"] == pytest.approx(-1.5)
     assert summary["ratio_vs_peer_in_our_loop"] == pytest.approx(2.2 / 1.6)
     assert summary["targets_met"] == {

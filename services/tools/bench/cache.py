@@ -264,13 +264,18 @@ def equal_compute_margins(results: list[dict[str, Any]]) -> dict[str, float]:
         if r["method"] == "fewer-steps" and "error" not in r and r["psnr_db"] is not None
     }
     return {
-        r["name"]: r["psnr_db"] - fewer[r["params"]["scm"]["computed_steps"]]
+        r["name"]: r["psnr_db"] - fewer[_computed_steps(r["params"]["scm"])]
         for r in results
         if r["method"] == "whole-step"
         and "error" not in r
         and r["psnr_db"] is not None
-        and r["params"]["scm"]["computed_steps"] in fewer
+        and _computed_steps(r["params"]["scm"]) in fewer
     }
+
+
+def _computed_steps(scm: dict[str, Any]) -> int:
+    """A whole-step row's computed steps: its calibrated mask reaches the results resolved to bins."""
+    return scm["computed_steps"] if scm.get("computed_steps") is not None else sum(scm["compute_bins"])
 
 
 def summarize(results: list[dict[str, Any]], baseline_identical: bool) -> dict[str, Any]:
