@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ditserve.client.launcher import free_port
 from ditserve.services.denoiser.parallel.mesh import SPConfig, SPMesh, init_sequence_parallel
-from ditserve.services.denoiser.parallel.serving import free_port
 
 Result = TypeVar("Result")
 PRELOAD = ["torch", "torch.distributed", "diffusers.models.transformers.transformer_flux"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import socket
 import threading
 import time
 import weakref
@@ -34,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ditserve.client.launcher import free_port
 from ditserve.services.common.errors import InvalidArgument, StartupError, Unavailable
 from ditserve.services.common.model import ModelFolder
 from ditserve.services.denoiser.attention.registry import BackendName
@@ -52,12 +52,6 @@ CALL_TIMEOUT_S = 120.0  # a collective inside a call: longer than any rank lags 
 READY_TIMEOUT_S = 600.0  # followers loading the model
 
 TensorSpec = tuple[tuple[int, ...], torch.dtype] | None
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_forkserver(family: ModelFamily) -> Any:
