@@ -131,6 +131,7 @@ def _result(
         "psnr_min_db": psnr if worst is None else worst,
         "fidelity": fidelity,
         "denoise_s": 1 / speedup,
+        "quality_outputs": 40,
         **extra,
     }
 
@@ -149,6 +150,18 @@ def test_summary_rule() -> None:
         # as the bench writes it: the calibrated mask resolved to bins, 1 + 3 + 4 = 8 computed steps
         _result("ours/whole 8", 3.3, 27.0, 90, method="whole-step", params={"scm": {"compute_bins": [1, 3, 4]}}),
         _result("ours/whole 7", 3.6, 27.0, 90, method="whole-step", params={"scm": {"computed_steps": 7}}),
+        _result("ours/fewer-steps 10", 2.6, 31.0, 90, params={"steps": 10}),
+        # stopped by the quality pass after 12 outputs: a mean over other prompts than its baseline's
+        _result(
+            "ours/whole 10",
+            2.7,
+            33.0,
+            90,
+            worst=12.0,
+            quality_outputs=12,
+            method="whole-step",
+            params={"scm": {"computed_steps": 10}},
+        ),
         _result("ours/strict", 1.5, 36, 90, worst=26),
         _result("cache-dit/d", 2.0, 35, 90),
         _result("diffusers@ours/e", 1.6, 34, 90),  # the peer's hooks in our loop
@@ -160,7 +173,8 @@ def test_summary_rule() -> None:
     assert summary["ratio_vs_peer"] == pytest.approx(1.1)
     assert summary["fewer_steps_best_row"] == "ours/fewer-steps 9"
     assert summary["best_row_psnr35_worst25"] == "ours/strict"
-    # at equal compute: the k=9 and k=8 whole-step rows against 9 and 8 steps outright; k=7 has no such row
+    # at equal compute: the k=9 and k=8 whole-step rows against 9 and 8 steps outright; k=7 has no such row,
+    # k=10 was stopped early
     margins = {"ours/whole 9": pytest.approx(-1.5), "ours/whole 8": pytest.approx(-1.0)}
     assert summary["equal_compute_margin_db"] == margins
     assert summary["min_equal_compute_margin_db"] == pytest.approx(-1.5)
@@ -199,6 +213,7 @@ def minimal_run(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
         steps=None,
         repeats=1,
         rows=",".join(RUN_ROWS),
+        quality_workers=2,  # the pass in worker processes, as on a 2-core machine by default
         device="cpu",
         dtype="fp32",
         out=str(out),
@@ -223,6 +238,10 @@ def test_minimal_run_on_the_shipped_model(minimal_run: tuple[Path, dict[str, Any
         assert 0 <= row["fidelity"] <= 100
         assert 0 <= row["fidelity_lost"] + row["fidelity_gained"] <= QUALITY_PROMPTS
     assert results["ours/teacache t=0.4"]["skipped_fraction"] > 0
+    for name in RUN_ROWS:  # every output made, or stopped at one that rules the row out
+        row = results[name]
+        assert row["quality_outputs"] == QUALITY_PROMPTS or row["psnr_min_db"] < cache.WORST_FLOOR_DB
+    assert results[FEWER_STEPS_ROW]["quality_outputs"] == QUALITY_PROMPTS  # a baseline makes every output
     control = results[CONTROL_ROW]  # uncached, nudged: a small change, and nothing skipped
     assert control["skipped_fraction"] == 0.0 and 30 < control["psnr_db"] < image_metrics.PSNR_CAP_DB
     # The shipped model's calibrated 9-of-28 mask, resolved to bins: 19 of 28 whole steps skipped.
@@ -282,6 +301,7 @@ def test_minimal_run_on_tiny_wan_compares_clips(wan_model: Path, tmp_path: Path)
         steps=WAN_STEPS,
         repeats=1,
         rows=",".join(WAN_ROWS),
+        quality_workers=1,  # the pass in this process
         device="cpu",
         dtype="fp32",
         out=None,

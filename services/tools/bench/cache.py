@@ -11,7 +11,9 @@ i) never include the calibration prompts. Settings are the model folder's defaul
 true CFG, Wan's guidance) with negative prompt "" above 1, as the gateway sends it.
 
 Quality, over the quality set: the timed prompts' first-round outputs, then one untimed pass of every
-row over the other prompts. Outputs are decoded by the family's VAE decoder as the VAE service decodes:
+row over the other prompts (cache_quality.py: in --quality-workers processes; a cached row stops at its
+first output under the worst-output floor, which rules it out of the summary whatever follows, and
+reports `quality_outputs`, the outputs its quality figures are over). Outputs are decoded by the family's VAE decoder as the VAE service decodes:
 PSNR and SSIM (Gaussian 11x11 window, sigma 1.5, per RGB channel) against the uncached image or clip of
 the same prompt and seed in the same harness (a clip is its frames: PSNR over all of them, SSIM their
 mean), and, for images, prompt fidelity (eval/fidelity.py: all attributes right, in points, with the
@@ -54,6 +56,7 @@ from ditserve.services.denoiser.cache.policy import CacheConfig
 from ditserve.services.denoiser.cache.step_masks import resolve, stored_masks
 from ditserve.services.tools.bench.cache_harness import OurHarness, PipelineHarness
 from ditserve.services.tools.bench.cache_plot import plot
+from ditserve.services.tools.bench.cache_quality import ModelSpec, Scorer, score_rows
 from ditserve.services.tools.bench.cache_rows import (
     BASELINES,
     PEER_IN_OURS,
@@ -98,6 +101,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's default_steps)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (default: 3)")
+    parser.add_argument(
+        "--quality-workers",
+        type=int,
+        help="processes for the untimed quality pass, the threads shared out between them (default: 2 on a"
+        " CPU with 2 or more cores, else 1; 1 runs it in this process)",
+    )
     parser.add_argument(
         "--rows",
         help="comma-separated name patterns (fnmatch) of the rows to run, e.g. 'ours/teacache*,diffusers/*';"
@@ -174,17 +183,32 @@ def _measure(
 
 
 def _score_rest(
-    rows: list[Row], harnesses: dict[str, OurHarness | PipelineHarness], prompts: Sequence[tuple[PromptEmbedding, int]]
+    rows: list[Row],
+    prompts: Sequence[tuple[str, int]],
+    images: dict[str, list[np.ndarray]],
+    scorer: Scorer,
+    spec: ModelSpec,
+    workers: int | None,
 ) -> None:
-    """One untimed pass of every row over the quality prompts past the timed ones."""
-    for row in tqdm([row for row in rows if row.error is None], desc="quality prompts", unit="row"):
-        try:
-            results = _installed_runs(row, harnesses[row.harness], prompts, warm_up=False)
-        except Exception as error:
-            _fail(row, error)
-            continue
-        row.latents += [latents for _, latents, _ in results]
-        row.skipped += [skipped for _, _, skipped in results]
+    """The untimed quality pass (cache_quality.py): each row's pixels past the timed prompts join `images`."""
+    import torch
+
+    if not prompts:
+        return
+    if workers is None:  # on CPU two processes nearly double the pass; one GPU is not shared out
+        workers = 2 if scorer.model.device.type == "cpu" and (os.cpu_count() or 1) >= 2 else 1
+    if workers < 1:
+        raise SystemExit(f"--quality-workers must be at least 1, got {workers}")
+    spec = dataclasses.replace(spec, threads=max(1, torch.get_num_threads() // workers))
+    running = [row for row in rows if row.error is None]
+    scored, failed = score_rows(running, prompts, images, WORST_FLOOR_DB, scorer, spec, workers)
+    for row in running:
+        if row.name in failed:
+            _fail(row, failed[row.name])
+            del images[row.name]
+        else:
+            images[row.name] += scored[row.name].pixels
+            row.skipped += scored[row.name].skipped
     _check_baselines(rows)
 
 
@@ -201,13 +225,14 @@ def _row_results(
     if row.error is not None:
         return {**result, "error": row.error}
     baseline = baselines[row.harness]
-    own, reference = images[row.name], images[baseline.name]
+    own = images[row.name]
+    reference = images[baseline.name][: len(own)]  # a row stopped early: the prompts it ran
     reference_row = row is baseline
     psnrs = [psnr(image, ref) for image, ref in zip(own, reference, strict=True)]
     denoise_s = _denoise_seconds(row)
     fidelity: dict[str, Any] = {"fidelity": None, "fidelity_lost": None, "fidelity_gained": None}
     if judged:
-        passed, passed_uncached = _passes(own, prompts), _passes(reference, prompts)
+        passed, passed_uncached = _passes(own, prompts[: len(own)]), _passes(reference, prompts[: len(own)])
         fidelity = {
             "fidelity": 100 * float(np.mean(passed)),
             "fidelity_lost": sum(was and not now for was, now in zip(passed_uncached, passed, strict=True)),
@@ -222,6 +247,7 @@ def _row_results(
         "psnr_db": None if reference_row else float(np.mean(psnrs)),
         "psnr_min_db": None if reference_row else min(psnrs),
         "ssim": None if reference_row else float(np.mean([ssim(i, r) for i, r in zip(own, reference, strict=True)])),
+        "quality_outputs": len(own),
         **fidelity,
         "deterministic": row.deterministic,
     }
@@ -257,20 +283,21 @@ def _best(
 
 def equal_compute_margins(results: list[dict[str, Any]]) -> dict[str, float]:
     """Each whole-step row's mean PSNR minus that of asking for its k steps outright (the fewer-steps row
-    of the same compute), by row name: what caching buys over the scheduler's own shorter schedule."""
+    of the same compute), by row name: what caching buys over the scheduler's own shorter schedule. Only
+    over the same outputs: a row the quality pass stopped early has no margin."""
     fewer = {
-        r["params"]["steps"]: r["psnr_db"]
+        r["params"]["steps"]: r
         for r in results
         if r["method"] == "fewer-steps" and "error" not in r and r["psnr_db"] is not None
     }
-    return {
-        r["name"]: r["psnr_db"] - fewer[_computed_steps(r["params"]["scm"])]
-        for r in results
-        if r["method"] == "whole-step"
-        and "error" not in r
-        and r["psnr_db"] is not None
-        and _computed_steps(r["params"]["scm"]) in fewer
-    }
+    margins = {}
+    for r in results:
+        if r["method"] != "whole-step" or "error" in r or r["psnr_db"] is None:
+            continue
+        baseline = fewer.get(_computed_steps(r["params"]["scm"]))
+        if baseline is not None and baseline["quality_outputs"] == r["quality_outputs"]:
+            margins[r["name"]] = r["psnr_db"] - baseline["psnr_db"]
+    return margins
 
 
 def _computed_steps(scm: dict[str, Any]) -> int:
@@ -413,9 +440,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _calibrate_magcache(rows, pipelines, [model.encode(prompt) for prompt in calibration])
     encoded = [(model.encode(prompt), seed) for prompt, seed in chosen]
     _measure(rows, harnesses, encoded[: args.prompts], args.repeats)
-    _score_rest(rows, harnesses, encoded[args.prompts :])
-
     images = {row.name: [model.pixels(latents) for latents in row.latents] for row in rows if row.error is None}
+    spec = ModelSpec(str(folder.path), args.device, args.dtype, steps, pipelines.mag_ratios, threads=1)
+    _score_rest(rows, chosen[args.prompts :], images, Scorer(model, harnesses), spec, args.quality_workers)
     baselines = {harness: next(row for row in rows if row.name == name) for harness, name in BASELINES.items()}
     results = [_row_results(row, baselines, images, texts, judged) for row in rows]
     identical = all(
