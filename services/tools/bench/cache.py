@@ -10,15 +10,15 @@ way, not saved. The bench's prompts (a seeded subset of the model's evaluation p
 i) never include the calibration prompts. Settings are the model folder's defaults, classic CFG (FLUX's
 true CFG, Wan's guidance) with negative prompt "" above 1, as the gateway sends it.
 
-Quality, over the quality set: the timed prompts' first-round outputs, then one untimed pass of every
-row over the other prompts (cache_quality.py: in --quality-workers processes; a cached row stops at its
-first output under the worst-output floor, which rules it out of the summary whatever follows, and
-reports `quality_outputs`, the outputs its quality figures are over). Outputs are decoded by the family's VAE decoder as the VAE service decodes:
-PSNR and SSIM (Gaussian 11x11 window, sigma 1.5, per RGB channel) against the uncached image or clip of
-the same prompt and seed in the same harness (a clip is its frames: PSNR over all of them, SSIM their
-mean), and, for images, prompt fidelity (eval/fidelity.py: all attributes right, in points, with the
-prompts it loses and gains against that uncached image). A row's PSNR is the mean of its per-output
-PSNRs, each capped at PSNR_CAP_DB (identical outputs); its worst is the lowest of them.
+Quality, over the quality set: the timed prompts' first-round outputs, then one untimed pass of every row
+over the other prompts (cache_quality.py: in --quality-workers processes; a cached row stops at its first
+output under the worst-output floor, which rules it out of the summary whatever follows, and reports
+`quality_outputs`, the outputs its quality figures are over). Outputs are decoded by the family's VAE
+decoder as the VAE service decodes: PSNR and SSIM (Gaussian 11x11 window, sigma 1.5, per RGB channel)
+against the uncached image or clip of the same prompt and seed in the same harness (a clip is its frames:
+PSNR over all of them, SSIM their mean), and, for images, prompt fidelity (eval/fidelity.py: all attributes
+right, in points, with the prompts it loses and gains against that uncached image). A row's PSNR is the mean
+of its per-output PSNRs, each capped at PSNR_CAP_DB (identical outputs); its worst is the lowest of them.
 
 Prompts: the evaluation prompts of the vocabulary the model was trained on (ditserve.json
 "prompt_vocabulary", prompt_file.py), else --prompt-file, which any model may use. Fidelity is judged
