@@ -185,12 +185,13 @@ def _measure(
 def _score_rest(
     rows: list[Row],
     prompts: Sequence[tuple[str, int]],
-    images: dict[str, list[np.ndarray]],
+    images: dict[str, dict[int, np.ndarray]],
     scorer: Scorer,
     spec: ModelSpec,
     workers: int | None,
 ) -> None:
-    """The untimed quality pass (cache_quality.py): each row's pixels past the timed prompts join `images`."""
+    """The untimed quality pass (cache_quality.py): each row's pixels past the timed prompts join `images`
+    (by position in the quality set: the timed prompts first)."""
     import torch
 
     if not prompts:
@@ -201,13 +202,15 @@ def _score_rest(
         raise SystemExit(f"--quality-workers must be at least 1, got {workers}")
     spec = dataclasses.replace(spec, threads=max(1, torch.get_num_threads() // workers))
     running = [row for row in rows if row.error is None]
-    scored, failed = score_rows(running, prompts, images, WORST_FLOOR_DB, scorer, spec, workers)
+    timed = {row.name: list(images[row.name].values()) for row in running}
+    scored, failed = score_rows(running, prompts, timed, WORST_FLOOR_DB, scorer, spec, workers)
+    offset = len(next(iter(timed.values())))
     for row in running:
         if row.name in failed:
             _fail(row, failed[row.name])
             del images[row.name]
         else:
-            images[row.name] += scored[row.name].pixels
+            images[row.name].update({offset + i: pixels for i, pixels in scored[row.name].pixels.items()})
             row.skipped += scored[row.name].skipped
     _check_baselines(rows)
 
@@ -218,21 +221,23 @@ def _denoise_seconds(row: Row) -> float:
 
 
 def _row_results(
-    row: Row, baselines: dict[str, Row], images: dict[str, list[np.ndarray]], prompts: list[str], judged: bool
+    row: Row, baselines: dict[str, Row], images: dict[str, dict[int, np.ndarray]], prompts: list[str], judged: bool
 ) -> dict[str, Any]:
     """Timing, skipped compute and quality against the harness's uncached images; fidelity when `judged`."""
     result: dict[str, Any] = {"name": row.name, "peer": row.peer, "method": row.method, "params": row.params}
     if row.error is not None:
         return {**result, "error": row.error}
     baseline = baselines[row.harness]
-    own = images[row.name]
-    reference = images[baseline.name][: len(own)]  # a row stopped early: the prompts it ran
+    ran = sorted(images[row.name])  # every prompt, or those a row stopped early ran
+    own = [images[row.name][i] for i in ran]
+    reference = [images[baseline.name][i] for i in ran]
+    prompts = [prompts[i] for i in ran]
     reference_row = row is baseline
     psnrs = [psnr(image, ref) for image, ref in zip(own, reference, strict=True)]
     denoise_s = _denoise_seconds(row)
     fidelity: dict[str, Any] = {"fidelity": None, "fidelity_lost": None, "fidelity_gained": None}
     if judged:
-        passed, passed_uncached = _passes(own, prompts[: len(own)]), _passes(reference, prompts[: len(own)])
+        passed, passed_uncached = _passes(own, prompts), _passes(reference, prompts)
         fidelity = {
             "fidelity": 100 * float(np.mean(passed)),
             "fidelity_lost": sum(was and not now for was, now in zip(passed_uncached, passed, strict=True)),
@@ -440,13 +445,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _calibrate_magcache(rows, pipelines, [model.encode(prompt) for prompt in calibration])
     encoded = [(model.encode(prompt), seed) for prompt, seed in chosen]
     _measure(rows, harnesses, encoded[: args.prompts], args.repeats)
-    images = {row.name: [model.pixels(latents) for latents in row.latents] for row in rows if row.error is None}
+    images = {
+        row.name: {i: model.pixels(latents) for i, latents in enumerate(row.latents)}
+        for row in rows
+        if row.error is None
+    }
     spec = ModelSpec(str(folder.path), args.device, args.dtype, steps, pipelines.mag_ratios, threads=1)
     _score_rest(rows, chosen[args.prompts :], images, Scorer(model, harnesses), spec, args.quality_workers)
     baselines = {harness: next(row for row in rows if row.name == name) for harness, name in BASELINES.items()}
     results = [_row_results(row, baselines, images, texts, judged) for row in rows]
     identical = all(
-        np.array_equal(a, b) for a, b in zip(images[BASELINES["ours"]], images[BASELINES["pipeline"]], strict=True)
+        np.array_equal(image, images[BASELINES["pipeline"]][i]) for i, image in images[BASELINES["ours"]].items()
     )
     summary = summarize(results, identical)
     summary["teacache_coefficients"] = None if coefficients is None else list(coefficients)

@@ -88,7 +88,8 @@ def _cache(s: dict[str, Any], c: dict[str, Any]) -> str:
             f"; mean >= 35 dB, worst >= 25 dB: {best(s['best_speedup_psnr35_worst25'], s['best_row_psnr35_worst25'])}"
         )
     if s.get("min_equal_compute_margin_db") is not None:
-        text += f"; whole-step rows over fewer steps at equal compute: >= {s['min_equal_compute_margin_db']:+.1f} dB"
+        margin = s["min_equal_compute_margin_db"]
+        text += f"; whole-step rows above the worst-image floor over fewer steps at equal compute: >= {margin:+.1f} dB"
     prompts = len(c.get("prompts", []))
     return text + f" [{s['rule']}; {prompts} prompts, {c.get('steps')} steps]"
 
