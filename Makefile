@@ -62,9 +62,9 @@ bench-cache: install
 	$(VENV)/bin/ditserve bench cache --out bench/results/cache.json
 
 # Every CPU bench at its defaults on the repository's models (the README's figures), then the README's
-# tables regenerated from the results. Over two hours on 2 cores, most of it the cache bench's untimed
-# quality pass (75 rows x 136 prompts: 2 h 24 min with other work on the cores in 2026-11). Run it on
-# a quiet machine: every figure is a ratio measured side by side, but load from elsewhere still skews it.
+# tables regenerated from the results. 56.5 minutes on 2 cores in 2026-11 (the cache bench 42: its timed
+# rounds 21, its quality pass 20 in two worker processes with early stop). Run it on a quiet machine:
+# every figure is a ratio measured side by side, but load from elsewhere still skews it.
 bench: bench-cache
 	$(VENV)/bin/ditserve bench transport --out bench/results/transport.json
 	$(VENV)/bin/ditserve bench serving --out bench/results/serving.json

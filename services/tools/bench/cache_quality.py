@@ -15,8 +15,8 @@ output, first: the others are measured against them, and the fewer-steps rows ar
 baseline. The cached rows then take the prompts most sensitive first, as the control row measured them
 (the uncached image whose initial noise was nudged by 1%: the lower its PSNR, the nearer the prompt is to
 flipping its image): on the shapes model the prompts that rule rows out are such prompts (the one that
-ruled out 9 rows at its 130th place in the shuffled order is 29th in this one), so those rows stop after
-tens of outputs, not a hundred. A row that passes makes every output whatever the order.
+ruled out 9 rows at its 130th place in the shuffled order is among the first 30 in this one), so those
+rows stop after tens of outputs, not a hundred. A row that passes makes every output whatever the order.
 
 Outputs come back decoded (pixels), so the VAE work is shared out too.
 """
