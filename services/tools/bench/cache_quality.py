@@ -132,14 +132,9 @@ def _start_worker(spec: ModelSpec) -> None:
     _WORKER["scorer"] = Scorer(model, {"ours": OurHarness(model, spec.steps), "pipeline": pipelines})
 
 
-def _score_in_worker(
-    row: Row,
-    prompts: Sequence[tuple[str, int]],
-    order: Sequence[int],
-    reference: dict[int, np.ndarray],
-    floor: float | None,
-) -> Scored:
-    return _WORKER["scorer"].score(row, prompts, order, reference, floor)
+def _score_in_worker(*arguments: Any) -> Scored:
+    """Scorer.score, in a worker: its arguments as submitted."""
+    return _WORKER["scorer"].score(*arguments)
 
 
 def _lean(row: Row) -> Row:
