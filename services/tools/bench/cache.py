@@ -115,13 +115,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _installed_runs(
-    row: Row, harness: OurHarness | PipelineHarness, prompts: Sequence[tuple[PromptEmbedding, int]], warm_up: bool
+    row: Row, harness: OurHarness | PipelineHarness, prompts: Sequence[tuple[PromptEmbedding, int]]
 ) -> list[tuple[float, Any, float]]:
-    """The row's (seconds, latents, skipped) per prompt, its hooks installed for them and removed after."""
+    """The row's (seconds, latents, skipped) per timed prompt, after one untimed warm-up, its hooks installed
+    for them and removed after."""
     harness.install(row)
     try:
-        if warm_up:
-            harness.run(row, *prompts[0])  # untimed: whatever a first call after installing costs
+        harness.run(row, *prompts[0])  # untimed: whatever a first call after installing costs
         return [harness.run(row, prompt, seed) for prompt, seed in prompts]
     finally:
         harness.uninstall(row)
@@ -147,7 +147,7 @@ def _run_row(
 ) -> None:
     import torch
 
-    results = _installed_runs(row, harness, prompts, warm_up=True)
+    results = _installed_runs(row, harness, prompts)
     if first:
         row.seconds = [[seconds] for seconds, _, _ in results]
         row.latents = [latents for _, latents, _ in results]
