@@ -80,19 +80,21 @@ def test_the_shapes_prompts_are_the_default_only_for_shapes_models(tmp_path: Pat
     assert calibration == [f"prompt {seed}" for seed in range(cache.FILE_CALIBRATION_PROMPTS)]
 
 
-def test_a_peers_hooks_run_in_our_loop_and_leave_it_as_it_was(model_dir: Path) -> None:
-    """TaylorSeer-lite's hooks skip blocks in our loop; removed, our loop gives its own latents again."""
+@pytest.mark.parametrize("peer_row", ["taylorseer-lite i=2", "magcache t=0.24"])
+def test_a_peers_hooks_run_in_our_loop_and_leave_it_as_it_was(model_dir: Path, peer_row: str) -> None:
+    """A peer's hooks skip blocks in our loop (MagCache with the ratios its calibration measured in the
+    pipeline); removed, our loop gives its own latents again."""
     import torch
 
     from ditserve.services.common.model import ModelFolder
-    from ditserve.services.tools.bench.cache_harness import OurHarness
+    from ditserve.services.tools.bench.cache_harness import OurHarness, PipelineHarness
     from ditserve.services.tools.local_model import LocalModel
 
     model = LocalModel(ModelFolder(model_dir), torch.device("cpu"), torch.float32)
-    harness = OurHarness(model, steps=8)
-    rows = {row.name: row for row in cache_rows.all_rows(model.runner.executor.num_blocks)}
-    plain, peer = rows["ours/none"], rows[f"{cache_rows.PEER_IN_OURS}/taylorseer-lite i=2"]
     prompt = model.encode("a red circle on a blue background")
+    harness = OurHarness(model, steps=8, mag_ratios=PipelineHarness(model, steps=8).calibrate_magcache([prompt]))
+    rows = {row.name: row for row in cache_rows.all_rows(model.runner.executor.num_blocks)}
+    plain, peer = rows["ours/none"], rows[f"{cache_rows.PEER_IN_OURS}/{peer_row}"]
     _, before, _ = harness.run(plain, prompt, 1)
     harness.install(peer)
     try:
@@ -194,7 +196,8 @@ def test_summary_rule() -> None:
 CONTROL_ROW = f"ours/none nudged {cache_rows.CONTROL_NUDGE:g}"
 WHOLE_STEP_ROW = "ours/whole-step calibrated k=9 +taylorseer"
 FEWER_STEPS_ROW = "ours/fewer-steps 9"
-RUN_ROWS = ["ours/teacache t=0.4", WHOLE_STEP_ROW, FEWER_STEPS_ROW, "diffusers/fbc t=0.2"] + (
+PEER_IN_OURS_ROW = f"{cache_rows.PEER_IN_OURS}/magcache t=0.24"  # its ratios travel to the quality workers
+RUN_ROWS = ["ours/teacache t=0.4", WHOLE_STEP_ROW, FEWER_STEPS_ROW, "diffusers/fbc t=0.2", PEER_IN_OURS_ROW] + (
     ["cache-dit/dbcache F1B0 r=0.24"] if CACHE_DIT else []
 )
 QUALITY_PROMPTS = 3  # one past the 2 timed prompts: the untimed quality pass runs too
@@ -237,7 +240,7 @@ def test_minimal_run_on_the_shipped_model(minimal_run: tuple[Path, dict[str, Any
         assert 0 < row["psnr_db"] <= image_metrics.PSNR_CAP_DB and 0 < row["ssim"] <= 1
         assert 0 <= row["fidelity"] <= 100
         assert 0 <= row["fidelity_lost"] + row["fidelity_gained"] <= QUALITY_PROMPTS
-    assert results["ours/teacache t=0.4"]["skipped_fraction"] > 0
+    assert results["ours/teacache t=0.4"]["skipped_fraction"] > 0 and results[PEER_IN_OURS_ROW]["skipped_fraction"] > 0
     for name in RUN_ROWS:  # every output made, or stopped at one that rules the row out
         row = results[name]
         assert row["quality_outputs"] == QUALITY_PROMPTS or row["psnr_min_db"] < cache.WORST_FLOOR_DB
@@ -273,6 +276,7 @@ WAN_ROWS = [
     "diffusers/fbc t=0.2",
     f"{cache_rows.PEER_IN_OURS}/taylorseer-lite i=2",
     "diffusers/magcache t=0.12",
+    f"{cache_rows.PEER_IN_OURS}/magcache t=0.12",
 ] + (["cache-dit/dbcache F1B0 r=0.24"] if CACHE_DIT else [])
 
 
@@ -322,6 +326,7 @@ def test_minimal_run_on_tiny_wan_compares_clips(wan_model: Path, tmp_path: Path)
         assert row["fidelity"] is None  # clips are not judged
     assert results["ours/fewer-steps 7"]["skipped_fraction"] == pytest.approx(1 / WAN_STEPS)
     assert results["diffusers/magcache t=0.12"]["skipped_fraction"] > 0 and len(summary["magcache_ratios"]) == WAN_STEPS
+    assert results[f"{cache_rows.PEER_IN_OURS}/magcache t=0.12"]["skipped_fraction"] > 0
     assert summary["teacache_coefficients_source"] == "fitted in the bench"  # the tiny Wan has none stored
     assert set(summary) >= {"best_speedup_psnr30", "peer_best_speedup_psnr30", "ratio_vs_peer", "fewer_steps_best_row"}
     config = document["config"]

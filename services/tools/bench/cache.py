@@ -441,8 +441,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _prepare_rows(rows, model, steps, coefficients)
 
     pipelines = PipelineHarness(model, steps)
-    harnesses: dict[str, OurHarness | PipelineHarness] = {"ours": OurHarness(model, steps), "pipeline": pipelines}
     _calibrate_magcache(rows, pipelines, [model.encode(prompt) for prompt in calibration])
+    harnesses: dict[str, OurHarness | PipelineHarness] = {
+        "ours": OurHarness(model, steps, pipelines.mag_ratios),
+        "pipeline": pipelines,
+    }
     encoded = [(model.encode(prompt), seed) for prompt, seed in chosen]
     _measure(rows, harnesses, encoded[: args.prompts], args.repeats)
     images = {

@@ -61,11 +61,13 @@ def diffusers_cache_config(row: Row, dtype: torch.dtype, steps: int, mag_ratios:
 
 
 class OurHarness:
-    """Our rows: the denoiser's own loop, in this process."""
+    """Our rows: the denoiser's own loop, in this process. mag_ratios: MagCache's calibration (the pipeline
+    harness measures it), for its hooks in our loop."""
 
-    def __init__(self, model: LocalModel, steps: int) -> None:
+    def __init__(self, model: LocalModel, steps: int, mag_ratios: list[float] | None = None) -> None:
         self.model = model
         self.steps = steps
+        self.mag_ratios = mag_ratios
         self.counter: BlockCounter | None = None  # while a peer's hooks are installed
 
     def install(self, row: Row) -> None:
@@ -76,7 +78,7 @@ class OurHarness:
             return
         runner = self.model.runner
         transformer = runner.executor.transformer
-        transformer.enable_cache(diffusers_cache_config(row, runner.dtype, self.steps, None))
+        transformer.enable_cache(diffusers_cache_config(row, runner.dtype, self.steps, self.mag_ratios))
         predict = runner._predict
 
         def in_context(trajectories: list[Any], negative: bool) -> list[torch.Tensor]:

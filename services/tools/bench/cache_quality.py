@@ -129,7 +129,8 @@ def _start_worker(spec: ModelSpec) -> None:
     model = LocalModel.open(ModelFolder(spec.folder), spec.device, spec.dtype)
     pipelines = PipelineHarness(model, spec.steps)
     pipelines.mag_ratios = spec.mag_ratios
-    _WORKER["scorer"] = Scorer(model, {"ours": OurHarness(model, spec.steps), "pipeline": pipelines})
+    ours = OurHarness(model, spec.steps, spec.mag_ratios)
+    _WORKER["scorer"] = Scorer(model, {"ours": ours, "pipeline": pipelines})
 
 
 def _score_in_worker(*arguments: Any) -> Scored:

@@ -22,9 +22,10 @@ Rows (--rows narrows them by name pattern; the two uncached baselines and the co
   factors kept in the model's dtype rather than its bf16 default; computed every N-th step after a
   warmup of 3) at TAYLORSEER_INTERVALS; MagCache at
   MAGCACHE_THRESHOLDS with magnitude ratios from MagCache's own calibrate mode on the calibration prompts.
-- diffusers@ours: the TaylorSeerCache rows again, its hooks on our loop's transformer (uncached requests
-  call the model's own forward, which the hooks wrap), each CFG branch in its own cache context as
-  the pipelines set them: the best peer timed without the pipeline's overhead, against ours/none.
+- diffusers@ours: the TaylorSeerCache and MagCache rows again (the peers that head the pipeline rows; MagCache
+  with the ratios its calibration measured in the pipeline), their hooks on our loop's transformer
+  (uncached requests call the model's own forward, which the hooks wrap), each CFG branch in its own cache
+  context as the pipelines set them: the best peer timed without the pipeline's overhead, against ours/none.
 
 Prompts (for a model trained on a vocabulary such as the shapes prompts; cache.py says what --prompt-file
 changes). One seeded shuffle of its evaluation prompts without the calibration ones, seed i for the i-th: the
@@ -150,9 +151,8 @@ def all_rows(num_blocks: int) -> list[Row]:
             Row(f"{peer}/taylorseer-lite i={i}", peer, "taylorseer-lite", hook={"cache_interval": i})
             for i in TAYLORSEER_INTERVALS
         ]
-    rows += [
-        Row(f"diffusers/magcache t={t}", "diffusers", "magcache", hook={"threshold": t}) for t in MAGCACHE_THRESHOLDS
-    ]
+    for peer in ("diffusers", PEER_IN_OURS):
+        rows += [Row(f"{peer}/magcache t={t}", peer, "magcache", hook={"threshold": t}) for t in MAGCACHE_THRESHOLDS]
     return rows
 
 
