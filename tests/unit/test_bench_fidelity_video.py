@@ -40,6 +40,9 @@ def test_a_video_model_gets_clip_fidelity_direction_and_its_vae(video_model: Pat
     assert summary["seconds_per_video"] > 0 and summary["vae_psnr_db"] > 0
     assert len(summary["vae_psnr_db_by_frame"]) == 9 and min(summary["vae_psnr_db_by_frame"]) > 0
     assert set(summary["meets_targets"]) == {"fidelity_all", "fidelity_direction", "vae_psnr_db"}
+    by_attribute = summary["scorer_on_vae_reconstructions_by_attribute"]
+    assert set(by_attribute) == {"color", "shape", "background", "direction"}
+    assert all(0 <= value <= 1 for value in by_attribute.values())
     assert config["num_frames"] == 9 and config["prompts"] == 1 and config["vae_clips"] == 1
     assert len(document["rows"]) == round(1 - summary["fidelity_all"])  # one row per failed clip
     assert "direction" in headline(document) and "s/video" in headline(document)

@@ -75,7 +75,10 @@ def fidelity_summary(
     summary: dict[str, Any] = {f"fidelity_{name}": report[name] for name in ("all", *attributes)}
     summary["vae_psnr_db"] = vae["vae_psnr_db"]
     summary.update(timing)
-    summary["scorer_on_vae_reconstructions"] = vae["scorer_on_reconstructions"]["all"]
+    judged = vae["scorer_on_reconstructions"]
+    summary["scorer_on_vae_reconstructions"] = judged["all"]
+    # which attribute the VAE loses caps that attribute's fidelity, whatever the transformer draws
+    summary["scorer_on_vae_reconstructions_by_attribute"] = {name: judged[name] for name in attributes}
     summary["targets"] = targets
     summary["meets_targets"] = {name: summary[name] >= target for name, target in targets.items()}
     return summary
