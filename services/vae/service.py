@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import io
-import threading
 import time
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -21,6 +21,7 @@ from ditserve.services.common.profiling import trace_range
 from ditserve.services.common.stage import StageContext
 from ditserve.services.common.timing import elapsed_ms
 from ditserve.services.families import load_family
+from ditserve.services.vae.coalescer import DecodeCoalescer
 from ditserve.services.vae.video import check_video_format, encode_video
 from ditserve.v1 import common_pb2, vae_pb2, vae_pb2_grpc
 
@@ -38,25 +39,46 @@ def encode_image(pixels: np.ndarray, image_format: int, quality: int) -> common_
     return common_pb2.Image(format=image_format, data=buffer.getvalue(), width=width, height=height)
 
 
+@dataclass(frozen=True)
+class _Decode:
+    """One request's validated latents and the size they decode to; frames: (num_frames,) for a clip."""
+
+    latents: torch.Tensor
+    height: int
+    width: int
+    frames: tuple[int, ...]
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        """Requests decode together only when everything that shapes the call is equal."""
+        return (self.height, self.width, self.frames, self.latents.dtype, tuple(self.latents.shape[1:]))
+
+
 class VaeService(vae_pb2_grpc.VaeDecoderServicer):
     role = "vae"
 
-    def __init__(self, stage: StageContext, tiling: bool = False) -> None:
+    def __init__(
+        self, stage: StageContext, tiling: bool = False, max_decode_batch: int = 1, decode_wait_ms: float = 0.0
+    ) -> None:
         self.stage = stage
         self.metrics = stage.metrics
         self.profiler = stage.profiler
+        self.decode_batch = Histogram(
+            "ditserve_decode_batch_size",
+            "Images or clips decoded in one VAE call (a request's own unless --max-decode-batch coalesces)",
+            buckets=BATCH_BUCKETS,
+            registry=stage.metrics.registry,
+        )
+        # one decode call at a time (decoding is memory-hungry), joining requests only if asked; built
+        # first, so a bad setting fails before the model loads
+        self.coalescer = DecodeCoalescer(
+            self._decode, max_decode_batch, decode_wait_ms / 1000, self.decode_batch.observe
+        )
         self.model = load_family(stage.folder).vae_decoder(stage)
         self.scale = self.model.scale_factor
         self.tiling = tiling
         if tiling:
             self.model.vae.enable_tiling()
-        self._lock = threading.Lock()  # decoding is memory-hungry: one at a time
-        self.decode_batch = Histogram(
-            "ditserve_decode_batch_size",
-            "Images or clips decoded in one VAE call (a request's, never coalesced across requests)",
-            buckets=BATCH_BUCKETS,
-            registry=stage.metrics.registry,
-        )
         stage.publish_model_info()
 
     def grpc_service_names(self) -> list[str]:
@@ -100,17 +122,22 @@ class VaeService(vae_pb2_grpc.VaeDecoderServicer):
         tensor_codec.check_values(latents, "latents", limits.max_abs_value)
         return latents, num_frames
 
+    def _decode(self, group: list[_Decode]) -> list[np.ndarray]:
+        """One VAE call for requests of one key; each request's uint8 outputs."""
+        first = group[0]
+        with trace_range("decode"):
+            latents = torch.cat([member.latents for member in group])
+            uint8 = self.model.decode(latents, first.height, first.width, *first.frames)
+        return np.split(uint8, np.cumsum([len(member.latents) for member in group])[:-1])
+
     def Decode(self, request: vae_pb2.DecodeRequest, context: grpc.ServicerContext) -> vae_pb2.DecodeResponse:
         started = time.perf_counter()
         self.metrics.count_bytes("in", len(request.latents.raw_data))
         latents, num_frames = self._validate(request)
-        with self._lock, trace_range("decode"):
-            queue_ms = elapsed_ms(started)
-            self.decode_batch.observe(latents.shape[0])
-            if self.model.video:
-                uint8 = self.model.decode(latents, request.height, request.width, num_frames)
-            else:
-                uint8 = self.model.decode(latents, request.height, request.width)
+        decode = _Decode(latents, request.height, request.width, (num_frames,) if self.model.video else ())
+        validated_ms = elapsed_ms(started)
+        uint8, waited_s = self.coalescer.submit(decode.key, len(latents), decode)
+        queue_ms = validated_ms + 1000 * waited_s
         decode_ms = elapsed_ms(started) - queue_ms
         quality = request.quality or 90
         if self.model.video:

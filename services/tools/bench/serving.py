@@ -10,6 +10,8 @@ work of the family's in-process reference (reference.py). Before the stacks star
 measures the bound batching can reach on this machine: the model's throughput at batch 8 against batch 1,
 in one process under the services' OpenMP policy; continuous batching is reported as a fraction of it.
 Every request sends the same prompt, so the encoder's embedding cache answers all but the first.
+The stacks decode each request alone (the VAE's default); `vae_coalescing` measures in-process what joining
+BOUND_BATCH decodes into one call (`--max-decode-batch`) would save, and how many values it would change.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 from ditserve.client.config import add_model_argument
 from ditserve.services.tools.bench.common import median, result_document
+from ditserve.services.tools.bench.decode_batching import measure_decode_batching
 
 MODES = ("off", "dynamic", "continuous")
 PROMPT = "a red circle on a blue background"
@@ -173,6 +176,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ditserve.client.launcher import Ports, Stack
 
     bound, settings = batching_bound(Path(args.model), args.steps)
+    decoding = measure_decode_batching(Path(args.model), BOUND_BATCH)
+    saved_s = (decoding["solo_ms_per_output"] - decoding["batched_ms_per_output"]) / 1000
     levels = [int(c) for c in args.concurrency.split(",")]
     stacks = {}
     for mode in MODES:
@@ -225,6 +230,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "open_loop_rate": rate,
         "encoder_cache_hit_rate": hit_rates,
         "vae_batch_size": decode_batches,
+        # what --max-decode-batch would save of a batch-1 request's time, and what it would change
+        "vae_coalescing": {**decoding, "saved_fraction_of_request": saved_s / bound["batch1_s"]},
         "errors": sum(r["errors"] for r in rows),
         "targets": TARGETS,
     }
