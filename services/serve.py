@@ -157,8 +157,8 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
             type=int,
             default=1,
             help="join concurrent decodes of the same shape into one VAE call of up to this many images or"
-            " clips: fewer, larger calls (on CPU a batch of 8 small images costs about 2/3 of 8 calls; see"
-            " `ditserve bench serving`), but a joined image can differ from its solo decode by one uint8 level"
+            " clips: fewer, larger calls (what that saves: vae_coalescing in `ditserve bench serving`), but a"
+            " joined image can differ from its solo decode by one uint8 level"
             " in a few values, and peak memory grows with the batch (default: 1, each request alone)",
         )
         parser.add_argument(
