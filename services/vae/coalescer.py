@@ -119,6 +119,8 @@ class DecodeCoalescer(Generic[Item]):
         try:
             self.observe(sum(request.count for request in group))
             results = self.decode([request.item for request in group])
+            if len(results) != len(group):  # else some requests' threads would wait forever
+                raise RuntimeError(f"decode returned {len(results)} results for {len(group)} requests")
         except Exception as error:
             if len(group) == 1:
                 group[0].future.set_exception(error)

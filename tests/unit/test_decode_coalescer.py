@@ -120,3 +120,9 @@ def test_calls_never_overlap() -> None:
 def test_bad_settings_are_refused(max_batch: int, wait_s: float) -> None:
     with pytest.raises(ValueError, match="batch"):
         DecodeCoalescer(lambda items: items, max_batch, wait_s)
+
+
+def test_a_decode_that_loses_results_fails_its_requests_instead_of_hanging_them() -> None:
+    coalescer = DecodeCoalescer(lambda items: items[:-1], max_batch=2, wait_s=0.0)
+    with pytest.raises(RuntimeError, match="0 results for 1 requests"):
+        coalescer.submit("a", 1, 1)
