@@ -31,7 +31,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
             vae_batch_size=1,
             transformer_batch_size=2,
             latent_pool_size=4,
-            first_frame_pool_size=4,
             checkpoint_every_s=0.0,
             progress=False,
         )

@@ -99,13 +99,6 @@ TRANSFORMER_CONFIG: dict[str, Any] = {
 KL_WEIGHT = 1e-6
 LATENT_STATS_SAMPLES = 128
 LATENT_POOL_SIZE = 4096
-# The transformer's curriculum: its first FIRST_FRAME_SHARE of steps train on first frames alone, then
-# on clips. A clip's first latent frame is its first frame encoded alone (the VAE is causal), i.e. an
-# image: 16 tokens where a clip has 80, so a step trains on five first frames for each clip's worth of
-# tokens, and the transformer learns to draw the shape, where the image model learnt it, before it
-# learns motion.
-FIRST_FRAME_SHARE = 0.5
-FIRST_FRAME_POOL_SIZE = 16384
 
 DITSERVE_DEFAULTS: dict[str, str | int | float] = {
     "family": "wan",
@@ -128,7 +121,7 @@ VAE_CLIP_PHASE = Phase("vae_clips", steps=1200, batch_size=18, learning_rate=3e-
 TRANSFORMER_PHASE = Phase("transformer", steps=8000, batch_size=16, learning_rate=1e-3, warmup_steps=300, bf16=False)
 # Each phase's streams are seeded with (seed, its index here); latent statistics use 3, the latent pool 4.
 PHASES = ("vae", "vae_clips", "transformer")
-LATENT_STATS_STREAM, LATENT_POOL_STREAM, FIRST_FRAME_POOL_STREAM = 3, 4, 5
+LATENT_STATS_STREAM, LATENT_POOL_STREAM = 3, 4
 
 
 def text_components(seed: int) -> dict[str, Any]:
@@ -148,7 +141,6 @@ def train_wan_model(
     vae_batch_size: int = VAE_PHASE.batch_size,
     transformer_batch_size: int = TRANSFORMER_PHASE.batch_size,
     latent_pool_size: int = LATENT_POOL_SIZE,
-    first_frame_pool_size: int = FIRST_FRAME_POOL_SIZE,
     checkpoint_every_s: float = 180.0,
     progress: bool = True,
     device: str = "cpu",
@@ -167,7 +159,6 @@ def train_wan_model(
         replace(TRANSFORMER_PHASE, steps=transformer_steps, batch_size=transformer_batch_size),
         vae,
         latent_pool_size,
-        first_frame_pool_size,
     )
     return export_wan_checkpoint(runner.checkpoint_dir, Path(out_dir))
 
@@ -247,30 +238,27 @@ class _WanJob:
         per_channel = latents.transpose(0, 1).flatten(1)
         return per_channel.mean(1).tolist(), per_channel.std(1).tolist()
 
-    def _encode(self, vae: AutoencoderKLWan, specs: list[ClipSpec], num_frames: int = NUM_FRAMES) -> torch.Tensor:
-        """Posterior modes of clips, 32 at a time; the pipeline decodes what it made, never a sample."""
+    def _encode(self, vae: AutoencoderKLWan, specs: list[ClipSpec]) -> torch.Tensor:
+        """Posterior modes of 9-frame clips, 32 at a time; the pipeline decodes what it made, never a sample."""
         chunks = [
-            vae.encode(clips_tensor(specs[i : i + 32], num_frames).to(self.runner.device)).latent_dist.mode()
+            vae.encode(clips_tensor(specs[i : i + 32]).to(self.runner.device)).latent_dist.mode()
             for i in range(0, len(specs), 32)
         ]
         return torch.cat(chunks).float()
 
     @torch.no_grad()
-    def _latent_pool(self, vae: AutoencoderKLWan, size: int, stream: int, num_frames: int) -> _Pool:
-        """size clips of num_frames, encoded once and normalised as WanPipeline's latents are (see train.py
-        for why)."""
-        rng = np.random.default_rng((self.runner.seed, stream))
+    def _latent_pool(self, vae: AutoencoderKLWan, size: int) -> tuple[torch.Tensor, list[str]]:
+        """size clips, encoded once and normalised as WanPipeline's latents are (see train.py for why)."""
+        rng = np.random.default_rng((self.runner.seed, LATENT_POOL_STREAM))
         specs = [sample_clip_spec(rng) for _ in range(size)]
         mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
         std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
         chunks = []
         for start in tqdm(range(0, size, 256), desc="latents", unit="chunk", disable=not self.runner.progress):
-            chunks.append((self._encode(vae, specs[start : start + 256], num_frames).cpu() - mean) / std)
-        return _Pool(torch.cat(chunks), [spec.prompt for spec in specs])
+            chunks.append((self._encode(vae, specs[start : start + 256]).cpu() - mean) / std)
+        return torch.cat(chunks), [spec.prompt for spec in specs]
 
-    def train_transformer(
-        self, phase: Phase, vae: AutoencoderKLWan, pool_size: int, first_frame_pool_size: int
-    ) -> None:
+    def train_transformer(self, phase: Phase, vae: AutoencoderKLWan, pool_size: int) -> None:
         device = self.runner.device
         text = text_components(self.runner.seed)
         embed = _PromptEmbeddings(text)
@@ -282,18 +270,14 @@ class _WanJob:
             text_dim=text["text_encoder"].config.d_model,
         ).to(device)
         shift = wan_scheduler().config.flow_shift
-        clips = self._latent_pool(vae, pool_size, LATENT_POOL_STREAM, NUM_FRAMES)
-        first_frames = self._latent_pool(vae, first_frame_pool_size, FIRST_FRAME_POOL_STREAM, 1)
-        first_clip_step = round(FIRST_FRAME_SHARE * phase.steps)
+        pool, pool_prompts = self._latent_pool(vae, pool_size)
         # Compiled for speed; the module itself stays uncompiled, so its state_dict keys are diffusers' own.
         compiled = torch.compile(transformer)
 
-        def batch(data_rng: np.random.Generator, noise_rng: torch.Generator, step: int) -> Batch:
-            pool = clips if step >= first_clip_step else first_frames
-            size = phase.batch_size * (1 if step >= first_clip_step else clips.latents.shape[2])
-            drawn = data_rng.integers(len(pool.prompts), size=size)
-            prompts = ["" if data_rng.random() < EMPTY_PROMPT_PROBABILITY else pool.prompts[i] for i in drawn]
-            x0 = pool.latents[torch.from_numpy(drawn)]
+        def batch(data_rng: np.random.Generator, noise_rng: torch.Generator, _step: int) -> Batch:
+            drawn = data_rng.integers(len(pool), size=phase.batch_size)
+            prompts = ["" if data_rng.random() < EMPTY_PROMPT_PROBABILITY else pool_prompts[i] for i in drawn]
+            x0 = pool[torch.from_numpy(drawn)]
             noise = torch.randn(x0.shape, generator=noise_rng)
             u = torch.rand(len(drawn), generator=noise_rng)
             sigma = shift * u / (1 + (shift - 1) * u)
@@ -310,14 +294,6 @@ class _WanJob:
             return F.mse_loss(prediction.float(), target)
 
         self.runner.run(phase, PHASES.index(phase.name), transformer, batch, loss)
-
-
-@dataclass(frozen=True)
-class _Pool:
-    """Normalised latents [N, C, F', H/8, W/8] and the prompt each was rendered from."""
-
-    latents: torch.Tensor
-    prompts: list[str]
 
 
 class _PromptEmbeddings:
