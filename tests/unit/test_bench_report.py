@@ -60,3 +60,42 @@ def test_results_on_models_outside_the_repository_are_left_out(tmp_path: Path) -
     assert "[elsewhere]" not in text and "`elsewhere.json` (model `/somewhere/tiny-flux`)" in text
     with pytest.raises(ValueError, match="bench-report"):
         report.replace_between_markers("no markers", text)
+
+
+def test_the_serving_line_says_what_joining_decodes_would_save_and_change() -> None:
+    summary = {
+        "throughput_ratio_continuous": 3.4,
+        "throughput_ratio_dynamic": 2.5,
+        "p99_ratio_continuous": 0.5,
+        "in_process_bound": {"batch": 8, "throughput_ratio": 4.0},
+        "fraction_of_bound": 0.85,
+    }
+    document = {"bench": "serving", "config": {"steps": 20}, "summary": summary}
+    assert "decodes joined" not in report.headline(document)  # a result from before the measure
+    joined = {"batch": 8, "saved_fraction_of_request": 0.012, "outputs_identical": 5, "values_differing": 7}
+    summary["vae_coalescing"] = {**joined, "max_difference": 1}
+    line = report.headline(document)
+    assert "3.40x" in line and "85% of it" in line
+    assert "would save 1.2% of a request's time and change 3 of 8 outputs (7 values, at most 1 level)" in line
+
+
+def test_the_cache_line_gives_the_ratio_against_the_peers_hooks_in_our_loop_when_one_passes() -> None:
+    summary = {
+        "best_speedup_psnr30": 2.6,
+        "best_row": "ours/whole-step k=9",
+        "peer_best_speedup_psnr30": 1.6,
+        "peer_best_row": "diffusers/magcache t=0.12",
+        "ratio_vs_peer": 1.625,
+        "peer_in_our_loop_best_speedup_psnr30": None,
+        "peer_in_our_loop_best_row": None,
+        "ratio_vs_peer_in_our_loop": None,
+        "rule": "r",
+    }
+    document = {"bench": "cache", "config": {"steps": 28}, "summary": summary}
+    assert "in our loop" not in report.headline(document)  # no peer row in our loop passed the rule
+    summary.update(
+        peer_in_our_loop_best_speedup_psnr30=1.4,
+        peer_in_our_loop_best_row="diffusers@ours/magcache t=0.24",
+        ratio_vs_peer_in_our_loop=2.6 / 1.4,
+    )
+    assert "; peers' hooks in our loop 1.40x (magcache t=0.24): ratio 1.86" in report.headline(document)

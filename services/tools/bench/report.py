@@ -50,7 +50,16 @@ def _serving(s: dict[str, Any], c: dict[str, Any]) -> str:
     if bound:
         text += f" (in-process batch-{bound['batch']} bound {bound['throughput_ratio']:.2f}x:"
         text += f" {s['fraction_of_bound']:.0%} of it)"
-    return text + f"; continuous p99 {s['p99_ratio_continuous']:.2f}x of off near capacity, {c.get('steps')} steps"
+    text += f"; continuous p99 {s['p99_ratio_continuous']:.2f}x of off near capacity, {c.get('steps')} steps"
+    joined = s.get("vae_coalescing")
+    if joined:
+        text += (
+            f"; decodes joined {joined['batch']} to a call (`--max-decode-batch`, off by default) would save"
+            f" {joined['saved_fraction_of_request']:.1%} of a request's time and change"
+            f" {joined['batch'] - joined['outputs_identical']} of {joined['batch']} outputs"
+            f" ({joined['values_differing']} values, at most {joined['max_difference']} level)"
+        )
+    return text
 
 
 def _soak(s: dict[str, Any], c: dict[str, Any]) -> str:
@@ -82,6 +91,9 @@ def _cache(s: dict[str, Any], c: dict[str, Any]) -> str:
     text += f" {best(s['peer_best_speedup_psnr30'], s['peer_best_row'])}"
     if s.get("ratio_vs_peer") is not None:
         text += f": ratio {s['ratio_vs_peer']:.2f}"
+    if s.get("ratio_vs_peer_in_our_loop") is not None:
+        in_ours = best(s["peer_in_our_loop_best_speedup_psnr30"], s["peer_in_our_loop_best_row"])
+        text += f"; peers' hooks in our loop {in_ours}: ratio {s['ratio_vs_peer_in_our_loop']:.2f}"
     if "fewer_steps_best_speedup_psnr30" in s:
         text += f"; fewer steps: {best(s['fewer_steps_best_speedup_psnr30'], s['fewer_steps_best_row'])}"
         text += (
