@@ -96,7 +96,11 @@ class LocalModel:
         """The VAE role's decoder, loaded when pixels are first asked for (calibration never needs it)."""
         return self.family.vae_decoder(StageContext("vae", self.folder, self.device, self.dtype, self.limits))
 
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """A batch's uint8 pixels at the folder's default size: images [b, h, w, 3], clips [b, f, h, w, 3]."""
+        frames = [self.defaults.num_frames] if self.decoder.video else []
+        return np.asarray(self.decoder.decode(latents, self.defaults.height, self.defaults.width, *frames))
+
     def pixels(self, latents: torch.Tensor) -> np.ndarray:
         """One sample's uint8 pixels at the folder's default size: an image [h, w, 3], a clip [f, h, w, 3]."""
-        frames = [self.defaults.num_frames] if self.decoder.video else []
-        return self.decoder.decode(latents, self.defaults.height, self.defaults.width, *frames)[0]
+        return self.decode(latents)[0]

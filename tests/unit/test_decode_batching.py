@@ -9,7 +9,7 @@ from ditserve.services.tools.bench.decode_batching import measure_decode_batchin
 
 
 def test_a_batch_of_decodes_is_timed_against_decodes_alone_and_compared(model_dir: Path) -> None:
-    measured = measure_decode_batching(model_dir, batch=3, repeats=1)
+    measured = measure_decode_batching(model_dir, "a red circle on a blue background", batch=3, repeats=1)
     assert measured["batch"] == 3 and measured["values_per_output"] == 64 * 64 * 3
     assert measured["solo_ms_per_output"] > 0 and measured["batched_ms_per_output"] > 0
     assert 0 <= measured["outputs_identical"] <= 3

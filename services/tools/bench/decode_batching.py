@@ -17,10 +17,8 @@ import numpy as np
 
 from ditserve.services.tools.bench.common import median
 
-PROMPT = "a red circle on a blue background"
 
-
-def measure_decode_batching(model: Path, batch: int = 8, repeats: int = 3) -> dict[str, Any]:
+def measure_decode_batching(model: Path, prompt: str, batch: int = 8, repeats: int = 3) -> dict[str, Any]:
     """Per-output decode time alone and in a batch of `batch`, and the batch's outputs against the solo ones."""
     import torch
 
@@ -28,14 +26,12 @@ def measure_decode_batching(model: Path, batch: int = 8, repeats: int = 3) -> di
     from ditserve.services.tools.local_model import LocalModel
 
     local = LocalModel.open(ModelFolder(model), "cpu", "fp32")
-    prompt = local.encode(PROMPT)
-    latents = torch.cat([local.denoise(local.inputs(prompt, seed, 1)).result() for seed in range(batch)])
-    decoder, defaults = local.decoder, local.defaults
-    frames = [defaults.num_frames] if decoder.video else []
+    embedding = local.encode(prompt)
+    latents = torch.cat([local.denoise(local.inputs(embedding, seed, 1)).result() for seed in range(batch)])
 
     def decode(chunk: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
-            return np.asarray(decoder.decode(chunk, defaults.height, defaults.width, *frames))
+            return local.decode(chunk)
 
     def timed(run: Any) -> tuple[float, np.ndarray]:
         started = time.perf_counter()

@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ditserve.client.launcher import Ports, Stack
 
     bound, settings = batching_bound(Path(args.model), args.steps)
-    decoding = measure_decode_batching(Path(args.model), BOUND_BATCH)
+    decoding = measure_decode_batching(Path(args.model), PROMPT, BOUND_BATCH)
     saved_s = (decoding["solo_ms_per_output"] - decoding["batched_ms_per_output"]) / 1000
     levels = [int(c) for c in args.concurrency.split(",")]
     stacks = {}
