@@ -24,7 +24,8 @@ from ditserve.services.common.errors import StartupError
 from ditserve.services.tools.bench.image_metrics import psnr
 from ditserve.v1 import common_pb2
 
-pytestmark = pytest.mark.integration
+# A minute and more of set-up (CPU compilation of the denoiser): make test-slow, which CI runs.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PROMPT = "a red circle on a blue background"
 STEPS = 6

@@ -16,6 +16,8 @@ from tqdm import tqdm
 
 from ditserve.services.tools.training import loop, train
 
+pytestmark = pytest.mark.slow  # half a minute and more of toy training in set-up: make test-slow
+
 TOY: dict[str, Any] = {
     "vae_steps": 2,
     "transformer_steps": 3,
