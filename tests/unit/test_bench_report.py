@@ -99,3 +99,19 @@ def test_the_cache_line_gives_the_ratio_against_the_peers_hooks_in_our_loop_when
         ratio_vs_peer_in_our_loop=2.6 / 1.4,
     )
     assert "; peers' hooks in our loop 1.40x (magcache t=0.24): ratio 1.86" in report.headline(document)
+
+
+def test_the_transport_line_gives_the_middle_half_of_the_rounds_when_measured() -> None:
+    summary = {
+        "codec_decode_gbps": 6.6,
+        "codec_encode_gbps": 3.0,
+        "e2e_overhead_ratio": 1.04,
+        "e2e_overhead_ratio_same_policy": 0.9,
+        "e2e_all_identical": True,
+    }
+    document = {"bench": "transport", "config": {"pairs": 9, "steps": 20}, "summary": summary}
+    assert "diffusers 1.04 (diffusers under the services' OpenMP policy: 0.90)" in report.headline(document)
+    summary["e2e_overhead_ratio_quartiles"] = [0.98, 1.13]
+    line = report.headline(document)
+    assert "diffusers 1.04 (middle half of rounds 0.98-1.13; diffusers under the services' OpenMP policy: 0.90)" in line
+    assert "outputs identical" in line

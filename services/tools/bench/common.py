@@ -38,6 +38,14 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
+def quartiles(values: list[float]) -> list[float]:
+    """[first, third] quartile: the middle half of the values, how far a median can be trusted."""
+    if len(values) < 2:
+        return [float(values[0])] * 2 if values else []
+    first, _, third = statistics.quantiles(values, n=4, method="inclusive")
+    return [float(first), float(third)]
+
+
 def result_document(
     bench: str, model: str, config: dict[str, Any], rows: list[dict[str, Any]], summary: dict[str, Any]
 ) -> dict[str, Any]:

@@ -30,13 +30,16 @@ CACHE_ROWS = (
 
 
 def _transport(s: dict[str, Any], c: dict[str, Any]) -> str:
-    same = s.get("e2e_overhead_ratio_same_policy")
+    asides = []
+    if s.get("e2e_overhead_ratio_quartiles"):
+        first, third = s["e2e_overhead_ratio_quartiles"]
+        asides.append(f"middle half of rounds {first:.2f}-{third:.2f}")
+    if s.get("e2e_overhead_ratio_same_policy") is not None:
+        asides.append(f"diffusers under the services' OpenMP policy: {s['e2e_overhead_ratio_same_policy']:.2f}")
     text = (
         f"codec decode {s['codec_decode_gbps']:.1f} GB/s, encode {s['codec_encode_gbps']:.1f} GB/s; four services /"
-        f" in-process diffusers {s['e2e_overhead_ratio']:.2f}"
+        f" in-process diffusers {s['e2e_overhead_ratio']:.2f}" + (f" ({'; '.join(asides)})" if asides else "")
     )
-    if same is not None:
-        text += f" (diffusers under the services' OpenMP policy: {same:.2f})"
     identical = "identical" if s["e2e_all_identical"] else "NOT identical"
     return text + f", median of {c.get('pairs')} rounds, {c.get('steps')} steps, outputs {identical}"
 
