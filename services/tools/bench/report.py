@@ -52,7 +52,10 @@ def _serving(s: dict[str, Any], c: dict[str, Any]) -> str:
     bound = s.get("in_process_bound")
     if bound:
         text += f" (in-process batch-{bound['batch']} bound {bound['throughput_ratio']:.2f}x:"
-        text += f" {s['fraction_of_bound']:.0%} of it)"
+        text += f" {s['fraction_of_bound']:.0%} of it"
+        if "fraction_of_batched_throughput" in s:
+            text += f"; {s['fraction_of_batched_throughput']:.0%} of its outputs/s"
+        text += ")"
     text += f"; continuous p99 {s['p99_ratio_continuous']:.2f}x of off near capacity, {c.get('steps')} steps"
     joined = s.get("vae_coalescing")
     if joined:
