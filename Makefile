@@ -44,8 +44,8 @@ deploy-tools:
 		{ apt-get update -qq && apt-get install -y -qq --no-install-recommends docker-compose; }
 
 # The suite but the tests marked slow (a fresh-venv install, the GPU script in tiny mode, the toy
-# trainings, CPU compilation): make test stays under 15 minutes on 2 cores (--durations names the 15 slowest tests, what
-# to trim when it does not); CI (.ci/run) runs make test-slow after it.
+# trainings, CPU compilation): make test stays under 15 minutes on 2 cores (--durations names the 15
+# slowest tests, what to trim when it does not); CI (.ci/run) runs make test-slow after it.
 test: install lint prometheus deploy-tools
 	$(PY) -m pytest -q -m "not slow" --durations=15
 
