@@ -65,6 +65,7 @@ bench-cache: install
 # tables regenerated from the results. 59.7 minutes on 2 cores in 2026-11 (the cache bench 42: its timed
 # rounds 22, its quality pass 20 in two worker processes with early stop). Run it on a quiet machine:
 # every figure is a ratio measured side by side, but load from elsewhere still skews it.
+# Not here: the cache bench on the video model (17 min more; its command is in the README's table).
 bench: bench-cache
 	$(VENV)/bin/ditserve bench transport --out bench/results/transport.json
 	$(VENV)/bin/ditserve bench serving --out bench/results/serving.json
