@@ -97,8 +97,8 @@ def wait_until(condition: object, within: float) -> float:
 def test_load_spreads_over_every_replica(replicated: ReplicatedStack) -> None:
     with PipelineClient(replicated.gateway) as client:
         # round_robin picks among READY subchannels only, and the gateway's channel connects to (and
-        # health-checks) the three lazily on its first call: until each has served once, which ones
-        # are picked depends on which connected first on a busy machine (seen: 5/1/3 in a clean clone)
+        # health-checks) the three in parallel as it starts: until each has served once, which ones
+        # are picked depends on which got ready first on a busy machine (seen: 5/1/3 in a clean clone)
         warm_up = 0
         while not all(replicated.denoised(name) for name in REPLICAS):
             assert warm_up < 30, "some replica served nothing after 30 requests"

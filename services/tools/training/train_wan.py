@@ -119,8 +119,8 @@ DITSERVE_DEFAULTS: dict[str, str | int | float] = {
 # transformer trained 3000 steps of 16 on its shipped VAE judged 24% on shape (chance) with colour and
 # background at 100%, as this one did (25% at 3000 steps, 20% at the first recipe's 8000 of 16); the image
 # model draws shapes after 40000 steps of 32. Alone on 2 cores the VAE phases take 22 minutes and a
-# transformer step of 16 clips 75 ms, so the transformer gets 30000 steps (38 min) from a pool of 8192
-# clips. (Before the shapes grew, a decoder fine-tuned alone to 77% of its reconstructions right on
+# transformer step of 16 clips about 85 ms, so the transformer gets 30000 steps (42 min) from a pool of
+# 8192 clips. (Before the shapes grew, a decoder fine-tuned alone to 77% of its reconstructions right on
 # shape left the generated clips at chance: the transformer, not only the VAE, was short.)
 VAE_PHASE = Phase("vae", steps=1700, batch_size=18, learning_rate=3e-4, warmup_steps=50, bf16=False)
 VAE_CLIP_PHASE = Phase("vae_clips", steps=1200, batch_size=18, learning_rate=3e-4, warmup_steps=50, bf16=False)
