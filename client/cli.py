@@ -369,12 +369,20 @@ def cmd_calibrate_step_mask(args: argparse.Namespace) -> int:
 
     try:
         found = calibrate_step_masks(
-            args.model, _calibration_prompts(args), args.steps, args.fewest, args.order, args.device, args.dtype
+            args.model,
+            _calibration_prompts(args),
+            args.steps,
+            args.fewest,
+            args.order,
+            args.objective,
+            args.device,
+            args.dtype,
         )
     except ValueError as error:
         raise SystemExit(f"calibrate step-mask: {error}") from None
     for computed, searched in sorted(found.items()):
-        print(f"{computed:3d} computed  {mask_text(searched.mask)}  latent SNR {snr_db(searched.error):5.1f} dB")
+        snr = snr_db(searched.error)
+        print(f"{computed:3d} computed  {mask_text(searched.mask)}  latent SNR of the objective {snr:5.1f} dB")
     print(f"stored step_masks in {Path(args.model) / 'ditserve.json'}")
     return 0
 
@@ -538,15 +546,31 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "step-mask",
         help="search the steps a whole-step cache computes, for every count down to a fifth of the steps",
         description="Searches, on calibration prompts, which k steps whole-step caching (dbcache fn 0, bn 0,"
-        " static mask) should compute, for every k from steps-1 down to --fewest, with TaylorSeer forecasting"
-        " the others; stores them as the model's step_masks. Requests then ask for"
+        " static mask) should compute, for every k from steps-1 down to --fewest, with TaylorSeer of --order"
+        " forecasting the others (order 0: the last computed output reused), minimising the final latents'"
+        " mean plus worst error; stores them as the model's step_masks, with the order. Requests then ask for"
         ' {"dbcache": {"fn": 0, "bn": 0, "taylorseer": {"order": 1},'
-        ' "scm": {"preset": "calibrated", "computed_steps": K, "policy": "static"}}}.'
-        " About 6 minutes for the default model on 2 cores; the search is deterministic.",
+        ' "scm": {"preset": "calibrated", "computed_steps": K, "policy": "static"}}}'
+        " (without taylorseer for order-0 masks). About 6 minutes for the default image model on 2 cores,"
+        " 18 for the video model at --prompts 8; the search is deterministic.",
     )
     _add_calibration_arguments(step_mask, prompts_help="calibration prompts, 2 seeds each (default: 4)")
     step_mask.add_argument("--fewest", type=int, default=None, help="fewest computed steps (default: steps / 5)")
-    step_mask.add_argument("--order", type=int, default=1, choices=[1, 2], help="TaylorSeer order (default: 1)")
+    step_mask.add_argument(
+        "--order",
+        type=int,
+        default=1,
+        choices=[0, 1, 2],
+        help="TaylorSeer order the masks are searched for; 0: skipped steps reuse the last computed output"
+        " (default: 1)",
+    )
+    step_mask.add_argument(
+        "--objective",
+        default="mean+worst",
+        choices=["mean", "mean+worst"],
+        help="what the search minimises over the prompts: the final latents' mean relative error, or that plus"
+        " the worst prompt's, which keeps a mask from ruining a few prompts (default: mean+worst)",
+    )
     step_mask.set_defaults(func=cmd_calibrate_step_mask)
 
     evaluate = commands.add_parser("eval", help="score images against their prompts")

@@ -43,6 +43,14 @@ def test_whole_step_rows_ask_for_the_models_calibrated_masks() -> None:
     assert all(row.cache.dbcache.fn == row.cache.dbcache.bn == 0 for row in rows)  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_whole_step_rows_forecast_as_the_masks_were_searched(order: int) -> None:
+    rows = [row for row in cache_rows.all_rows(3, order) if row.method == "whole-step"]
+    orders = {row.cache.dbcache.taylorseer.order if row.cache.dbcache.taylorseer else 0 for row in rows}  # type: ignore[union-attr]
+    assert orders == {order}
+    assert all(("+taylorseer" in row.name) == (order > 0) for row in rows)
+
+
 def test_row_patterns_keep_both_baselines_and_reject_typos() -> None:
     rows = cache_rows.all_rows(3)
     chosen = [row.name for row in cache_rows.select_rows(rows, "ours/teacache t=0.4")]

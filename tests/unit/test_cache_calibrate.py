@@ -33,6 +33,7 @@ from ditserve.services.tools.calibrate import (
     calibrate_teacache,
     calibration_prompts,
     fit_teacache,
+    mask_forecast_order,
 )
 from ditserve.services.tools.local_model import LocalModel
 
@@ -88,6 +89,30 @@ def test_mask_objective_is_zero_without_caching_and_grows_with_skipping(model_di
     one = objective((True, True, True, False, True, True, True, True))
     most = objective((True, False, False, True, False, False, False, True))
     assert 0 < one < most
+
+
+def test_order_0_masks_reuse_the_last_output_and_say_so(model_dir: Path, model_copy: Path) -> None:
+    model = LocalModel(ModelFolder(model_dir), torch.device("cpu"), torch.float32)
+    mask = (True, True, False, True, False, False, True, True)
+    plain, forecast = (MaskObjective(model, calibration_prompts(1), steps=8, order=o)(mask) for o in (0, 1))
+    assert plain > 0 and forecast > 0 and plain != forecast  # a different stand-in for the skipped steps
+
+    calibrate_step_masks(model_copy, calibration_prompts(1), steps=7, fewest=5, order=0)
+    assert mask_forecast_order(ModelFolder(model_copy).sidecar, 7) == 0
+    assert mask_forecast_order(ModelFolder(model_copy).sidecar, 9) == 1  # no masks for 9 steps: the default
+    with pytest.raises(ValueError, match="taylorseer_order must be 0, 1 or 2"):
+        mask_forecast_order({"step_mask_calibration": {"7": {"taylorseer_order": 3}}}, 7)
+
+
+def test_the_default_objective_adds_the_worst_prompts_error_to_the_mean(model_dir: Path) -> None:
+    model = LocalModel(ModelFolder(model_dir), torch.device("cpu"), torch.float32)
+    mask = (True, False, True, False, False, True, False, True)
+    mean = MaskObjective(model, calibration_prompts(2), 8, 1, "mean")(mask)
+    both = MaskObjective(model, calibration_prompts(2), 8, 1)(mask)
+    samples = 2 * 2  # prompts x MASK_SEEDS
+    assert 0 < 2 * mean <= both <= (1 + samples) * mean  # the worst lies between the mean and the sum
+    with pytest.raises(ValueError, match="objective must be one of"):
+        MaskObjective(model, calibration_prompts(1), 8, 1, "median")
 
 
 def test_calibrate_step_masks_stores_a_mask_per_count_and_keeps_the_rest(model_dir: Path, model_copy: Path) -> None:

@@ -420,14 +420,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from diffusers import __version__ as diffusers_version
 
     from ditserve.services.common.model import ModelFolder
-    from ditserve.services.tools.calibrate import COEFFICIENTS_KEY, fit_teacache
+    from ditserve.services.tools.calibrate import COEFFICIENTS_KEY, fit_teacache, mask_forecast_order
     from ditserve.services.tools.local_model import LocalModel
 
     os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # else it logs its whole config on every enable
     folder = ModelFolder(args.model)
     model = LocalModel.open(folder, args.device, args.dtype)
     steps = args.steps or folder.defaults.steps
-    rows = select_rows(all_rows(model.runner.executor.num_blocks), args.rows)
+    order = mask_forecast_order(folder.sidecar, steps)
+    rows = select_rows(all_rows(model.runner.executor.num_blocks, order), args.rows)
     chosen, calibration = prompt_sets(args.prompt_file, args.quality_prompts, folder.sidecar, folder.path)
     if args.prompts > len(chosen):
         raise SystemExit(f"--prompts {args.prompts} is more than the {len(chosen)} quality prompts")

@@ -9,8 +9,9 @@ Rows (--rows narrows them by name pattern; the two uncached baselines and the co
   FLUX.1 (4 and 8 of its 57 blocks) scaled to this model's depth, each at DBCACHE_THRESHOLDS, without and
   with TaylorSeer (order 1); the four SCM presets (dynamic, on DBCache Fn 1 with TaylorSeer); whole-step
   caching (DBCache Fn 0 Bn 0: the model's calibrated static mask of WHOLE_STEP_COMPUTED computed steps,
-  searched by `ditserve calibrate step-mask` on the calibration prompts, TaylorSeer order 1 forecasting
-  the skipped steps' transformer output; rows of a model without such masks report an error); and the
+  searched by `ditserve calibrate step-mask` on the calibration prompts, and the skipped steps' transformer
+  output forecast as the masks were searched for: by TaylorSeer of the order stored with them, or, at order
+  0, the last computed output reused; rows of a model without such masks report an error); and the
   baseline any step cache must beat, uncached at fewer steps (the scheduler's own k-step schedule, k the
   computed steps of each whole-step row: the same transformer compute).
 - cache-dit: each of our DBCache and SCM rows field for field (Fn, Bn, threshold, warmup, caps, TaylorSeer
@@ -117,7 +118,14 @@ def depth_scaled_fn(num_blocks: int) -> list[int]:
     return sorted({1} | deeper)
 
 
-def all_rows(num_blocks: int) -> list[Row]:
+def whole_step_suffix(order: int) -> str:
+    """How a whole-step row's name says what stands in for a skipped step: nothing (the last computed
+    output, order 0), or TaylorSeer's forecast."""
+    return {0: "", 1: " +taylorseer"}.get(order, f" +taylorseer order {order}")
+
+
+def all_rows(num_blocks: int, whole_step_order: int = 1) -> list[Row]:
+    """whole_step_order: the forecast the model's step masks were searched for (its ditserve.json says)."""
     rows = [Row("ours/none", "ours", "none"), Row("diffusers/none", "diffusers", "none")]
     rows.append(Row(f"ours/none nudged {CONTROL_NUDGE:g}", "ours", "control"))
     for threshold in TEACACHE_THRESHOLDS:
@@ -140,9 +148,10 @@ def all_rows(num_blocks: int) -> list[Row]:
     for peer in ("ours", "cache-dit"):
         rows += [Row(f"{peer}/{name}", peer, method, CacheConfig(dbcache=c)) for name, method, c in dbcache]
     for k in WHOLE_STEP_COMPUTED:
-        name = f"ours/whole-step calibrated k={k} +taylorseer"
+        name = f"ours/whole-step calibrated k={k}{whole_step_suffix(whole_step_order)}"
         scm = SCMConfig(preset=CALIBRATED, computed_steps=k, policy="static")
-        rows.append(Row(name, "ours", "whole-step", CacheConfig(dbcache=DBCacheConfig.whole_step(scm))))
+        config = DBCacheConfig.whole_step(scm, whole_step_order or None)
+        rows.append(Row(name, "ours", "whole-step", CacheConfig(dbcache=config)))
     # Simply asking for fewer steps: the scheduler's own k-step schedule, the compute of the k-step rows.
     rows += [Row(f"ours/fewer-steps {k}", "ours", "fewer-steps", steps=k) for k in WHOLE_STEP_COMPUTED]
     rows += [Row(f"diffusers/fbc t={t}", "diffusers", "fbc", hook={"threshold": t}) for t in FBC_THRESHOLDS]
