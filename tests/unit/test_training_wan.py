@@ -28,6 +28,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
             vae_steps=1,
             vae_clip_steps=1,
             transformer_steps=2,
+            vae_decoder_steps=1,
             vae_batch_size=1,
             transformer_batch_size=2,
             latent_pool_size=4,
@@ -67,3 +68,15 @@ def test_output_loads_with_wan_pipeline_and_runs_at_the_sidecar_defaults(trained
         output_type="np",
     ).frames
     assert frames.shape == (1, defaults.num_frames, defaults.height, defaults.width, 3)
+
+
+def test_the_decoder_phase_tunes_the_decoder_and_leaves_the_encoder(trained: Path) -> None:
+    """The transformer learned on the clip phase's encoder: its latents must decode, not change."""
+    exported = WanPipeline.from_pretrained(trained, local_files_only=True).vae.state_dict()
+    clip_phase = torch.load(trained.with_name("checkpoints") / f"{train_wan.VAE_CLIP_PHASE.name}.pt", weights_only=True)
+    before = clip_phase["model"]
+    encoder = [name for name in before if name.startswith(("encoder.", "quant_conv."))]
+    decoder = [name for name in before if name.startswith(("decoder.", "post_quant_conv."))]
+    assert encoder and decoder
+    assert all(torch.equal(exported[name], before[name]) for name in encoder)
+    assert not all(torch.equal(exported[name], before[name]) for name in decoder)
