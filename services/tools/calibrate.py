@@ -221,7 +221,7 @@ class MaskObjective:
         if mask is not None:
             compute, cached = mask_bins(mask)
             scm = SCMConfig(compute_bins=compute, cache_bins=cached, policy="static")
-            cache = CacheConfig(dbcache=DBCacheConfig.whole_step(scm, self.order or None))
+            cache = CacheConfig(dbcache=DBCacheConfig.whole_step(scm, self.order))
         trajectories = [
             self.model.runner.start(DenoiseJob("mask", self.model.inputs(prompt, seed, self.steps, cache), self.steps))
             for prompt, seed in self.requests

@@ -277,9 +277,10 @@ class DBCacheConfig:
             raise InvalidArgument("dbcache.fn", "0 needs a static step mask (dbcache.scm with policy 'static')")
 
     @classmethod
-    def whole_step(cls, scm: SCMConfig, taylorseer_order: int | None = 1) -> DBCacheConfig:
-        """Fn 0 Bn 0 on a static mask: a cached step skips the whole call; TaylorSeer forecasts its output."""
-        taylorseer = None if taylorseer_order is None else TaylorSeerConfig(order=taylorseer_order)
+    def whole_step(cls, scm: SCMConfig, taylorseer_order: int = 1) -> DBCacheConfig:
+        """Fn 0 Bn 0 on a static mask: a cached step skips the whole call; TaylorSeer of taylorseer_order
+        forecasts its output, or at order 0 the last computed output is reused (as step masks store it)."""
+        taylorseer = TaylorSeerConfig(order=taylorseer_order) if taylorseer_order else None
         return cls(fn=0, bn=0, max_warmup_steps=0, taylorseer=taylorseer, scm=scm)
 
     def check_blocks(self, num_blocks: int) -> None:

@@ -150,7 +150,7 @@ def all_rows(num_blocks: int, whole_step_order: int = 1) -> list[Row]:
     for k in WHOLE_STEP_COMPUTED:
         name = f"ours/whole-step calibrated k={k}{whole_step_suffix(whole_step_order)}"
         scm = SCMConfig(preset=CALIBRATED, computed_steps=k, policy="static")
-        config = DBCacheConfig.whole_step(scm, whole_step_order or None)
+        config = DBCacheConfig.whole_step(scm, whole_step_order)
         rows.append(Row(name, "ours", "whole-step", CacheConfig(dbcache=config)))
     # Simply asking for fewer steps: the scheduler's own k-step schedule, the compute of the k-step rows.
     rows += [Row(f"ours/fewer-steps {k}", "ours", "fewer-steps", steps=k) for k in WHOLE_STEP_COMPUTED]
