@@ -82,6 +82,17 @@ def test_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupte
     assert _weights(resumed) == _weights(straight)
 
 
+def test_a_run_resumed_after_its_transformer_phase_skips_the_latent_pool(
+    straight: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_pool(*_args: Any) -> None:
+        raise AssertionError("the latent pool was encoded for a finished transformer phase")
+
+    monkeypatch.setattr(train._Job, "_latent_pool", no_pool)
+    again = train.train_default_model(tmp_path / "model", checkpoint_dir=straight.with_name("checkpoints"), **TOY)
+    assert _weights(again) == _weights(straight)
+
+
 def test_a_checkpoint_past_the_asked_steps_is_refused(straight: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="past the 1 asked for"):
         train.train_default_model(

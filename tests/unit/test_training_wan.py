@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,25 +17,25 @@ from ditserve.services.tools.training import train_wan
 
 pytestmark = pytest.mark.slow  # a minute and more of set-up (two compiled training phases): make test-slow
 
+TOY: dict[str, Any] = {
+    "vae_steps": 1,
+    "vae_clip_steps": 1,
+    "transformer_steps": 2,
+    "vae_decoder_steps": 1,
+    "vae_batch_size": 1,
+    "transformer_batch_size": 2,
+    "latent_pool_size": 4,
+    "checkpoint_every_s": 0.0,
+    "progress": False,
+}
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("wan")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_wan, "LATENT_STATS_SAMPLES", 4)
-        return train_wan.train_wan_model(
-            root / "model",
-            checkpoint_dir=root / "checkpoints",
-            vae_steps=1,
-            vae_clip_steps=1,
-            transformer_steps=2,
-            vae_decoder_steps=1,
-            vae_batch_size=1,
-            transformer_batch_size=2,
-            latent_pool_size=4,
-            checkpoint_every_s=0.0,
-            progress=False,
-        )
+        return train_wan.train_wan_model(root / "model", checkpoint_dir=root / "checkpoints", **TOY)
 
 
 def test_the_folder_is_a_wan_model_with_the_video_defaults(trained: Path) -> None:
@@ -80,3 +81,15 @@ def test_the_decoder_phase_tunes_the_decoder_and_leaves_the_encoder(trained: Pat
     assert encoder and decoder
     assert all(torch.equal(exported[name], before[name]) for name in encoder)
     assert not all(torch.equal(exported[name], before[name]) for name in decoder)
+
+
+def test_a_run_resumed_after_its_transformer_phase_skips_the_latent_pool(
+    trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_pool(*_args: object) -> None:
+        raise AssertionError("the latent pool was encoded for a finished transformer phase")
+
+    monkeypatch.setattr(train_wan._WanJob, "_latent_pool", no_pool)
+    again = train_wan.train_wan_model(tmp_path / "model", checkpoint_dir=trained.with_name("checkpoints"), **TOY)
+    weights = {path.relative_to(again): path.read_bytes() for path in again.rglob("*.safetensors")}
+    assert weights == {path.relative_to(trained): path.read_bytes() for path in trained.rglob("*.safetensors")}

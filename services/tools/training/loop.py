@@ -54,6 +54,12 @@ class PhaseRunner:
     progress: bool
     device: torch.device
 
+    def finished(self, phase: Phase) -> bool:
+        """Whether phase's checkpoint is at its last step, so a resumed run can skip the phase's set-up
+        (a transformer's latent pool takes minutes to encode)."""
+        path = self.checkpoint_dir / f"{phase.name}.pt"
+        return path.exists() and load_checkpoint(path)["step"] == phase.steps
+
     def run(
         self,
         phase: Phase,

@@ -212,6 +212,8 @@ class _Job:
         return torch.cat(chunks), [spec.prompt for spec in specs]
 
     def train_transformer(self, phase: Phase, vae: AutoencoderKL, pool_size: int) -> None:
+        if self.runner.finished(phase):  # resumed after it: nothing to set up
+            return
         text = text_components(self.seed)
         embed = _PromptEmbeddings(text)
         rows, cols = _latent_grid(vae)

@@ -66,7 +66,7 @@ MOTION_WORDS = ("moving", "still", *DIRECTIONS)
 # (1 thread, lr 3e-4) from that model's first-phase checkpoint, the 2x layout reached 20.9 dB held out
 # against 20.3 for the 4x one it was trained in, after 263 steps against 340; trained by this recipe it
 # reconstructs held-out clips at 25.8 dB after its clip phase, the judge recognising the shape on 97% of
-# them (of the smaller shapes of the second cut, 26.3 dB and 50%: see motion.py), and at 27.5 dB, 99.4%,
+# them (of the smaller shapes of the second cut, 26.3 dB and 50%: see motion.py), and at 28.4 dB, 99.8%,
 # after the decoder phase.
 # The layout inside is the option AutoencoderKLWan carries for Wan2.2's VAE: the input patchified 2x2
 # (12 channels at 32x32, so no convolution runs at full size) and parameter-free shortcuts around each
@@ -129,10 +129,12 @@ VAE_PHASE = Phase("vae", steps=1700, batch_size=18, learning_rate=3e-4, warmup_s
 VAE_CLIP_PHASE = Phase("vae_clips", steps=1200, batch_size=18, learning_rate=3e-4, warmup_steps=50, bf16=False)
 TRANSFORMER_PHASE = Phase("transformer", steps=30000, batch_size=16, learning_rate=1e-3, warmup_steps=300, bf16=False)
 # Last, the decoder alone on the frozen encoder's latents, so the transformer's latent space stays as it
-# learned it: 1500 steps of 2 clips (8 min) took held-out clips from 25.8 to 27.5 dB and the judge from
-# 97.8% to 99.4% of the reconstructions right. At a constant 3e-4 (the VAE's rate) it lost 0.4 dB in
-# 600 steps; 1e-4 with the usual warm-up and cosine decay gained steadily and flattened by step 1300.
-VAE_DECODER_PHASE = Phase("vae_decoder", steps=1500, batch_size=18, learning_rate=1e-4, warmup_steps=50, bf16=False)
+# learned it: 3000 steps of 2 clips (19 min) took held-out clips from 25.8 to 28.4 dB and the judge from
+# 97.8% to 99.8% of the reconstructions right; 1500 steps (8 min) reached 27.5 dB, flat from step 1300 as
+# its cosine decay ran out. At a constant 3e-4 (the VAE's rate) it lost 0.4 dB in 600 steps; 1e-4 with
+# the usual warm-up and cosine decay gains steadily. The gains are the small batch's noise averaged out,
+# not capacity: a wider decoder (decoder_base_dim 48) would not fit models/ under 40 MB.
+VAE_DECODER_PHASE = Phase("vae_decoder", steps=3000, batch_size=18, learning_rate=1e-4, warmup_steps=50, bf16=False)
 # Each phase's streams are seeded with (seed, its index here); latent statistics use 3, the latent pool 4,
 # the decoder phase (added after them) 5.
 PHASES = ("vae", "vae_clips", "transformer")
@@ -298,6 +300,8 @@ class _WanJob:
         return torch.cat(chunks), [spec.prompt for spec in specs]
 
     def train_transformer(self, phase: Phase, vae: AutoencoderKLWan, pool_size: int) -> None:
+        if self.runner.finished(phase):  # resumed after it: nothing to set up
+            return
         device = self.runner.device
         text = text_components(self.runner.seed)
         embed = _PromptEmbeddings(text)
