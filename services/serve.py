@@ -175,7 +175,10 @@ def _addresses(value: str) -> list[str]:
 
 
 def build_service(role: str, args: argparse.Namespace) -> Service:
-    """Loads the role's model components; a bad --model is a ModelLoadError here, before binding."""
+    """Loads the role's model components; a bad --model is a ModelLoadError here, before binding.
+
+    A stage is built on its compute thread (common/compute.py), where all its torch work then runs.
+    """
     limits = RequestLimits.from_args(args)
     if role == "gateway":
         from ditserve.client.security import ClientSecurity, token_from_file
@@ -204,10 +207,14 @@ def build_service(role: str, args: argparse.Namespace) -> Service:
         )
         return GatewayService(config, Profiler(args.profile_dir))
 
+    import torch
+
     from ditserve.services.common.model import ModelFolder
     from ditserve.services.common.profiling import Profiler
     from ditserve.services.common.stage import StageContext
 
+    if args.threads < 0:
+        raise StartupError(f"--threads must be 0 (torch's own count) or more, got {args.threads}")
     device = device_flags.resolve_device(args.device)
     stage = StageContext(
         role=role,
@@ -217,10 +224,13 @@ def build_service(role: str, args: argparse.Namespace) -> Service:
         limits=limits,
         profiler=Profiler(args.profile_dir),
     )
+    if args.threads:
+        stage.compute.run(torch.set_num_threads, args.threads)  # its OpenMP team is the compute thread's
+    stage.details["threads"] = stage.compute.run(torch.get_num_threads)
     if role == "encoder":
         from ditserve.services.encoder.service import EncoderService
 
-        return EncoderService(stage, embedding_cache_mb=args.embedding_cache_mb)
+        return stage.compute.run(EncoderService, stage, args.embedding_cache_mb)
     if role == "denoiser":
         from ditserve.services.common.errors import InvalidArgument
         from ditserve.services.denoiser.attention import default_backend_name
@@ -262,7 +272,7 @@ def build_service(role: str, args: argparse.Namespace) -> Service:
             compile=args.compile,
             quantize=args.quantize,
         )
-        denoiser = DenoiserService(stage, options)
+        denoiser = stage.compute.run(DenoiserService, stage, options)
         # Alerts and autoscalers compare ditserve_queue_depth with this, not with a number copied from a flag.
         from prometheus_client import Gauge
 
@@ -272,9 +282,7 @@ def build_service(role: str, args: argparse.Namespace) -> Service:
     from ditserve.services.vae.service import VaeService
 
     try:
-        return VaeService(
-            stage, tiling=args.vae_tiling, max_decode_batch=args.max_decode_batch, decode_wait_ms=args.decode_wait_ms
-        )
+        return stage.compute.run(VaeService, stage, args.vae_tiling, args.max_decode_batch, args.decode_wait_ms)
     except ValueError as error:
         raise StartupError(f"--max-decode-batch/--decode-wait-ms: {error}") from None
 

@@ -18,6 +18,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("device")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     group.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="weights dtype (default: auto)")
+    group.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads for the stage's torch work (default: 0, torch's own count). The stages are bit-exact"
+        " with the family's diffusers pipeline when both run the same count",
+    )
 
 
 def dtype_name(dtype: torch.dtype) -> str:

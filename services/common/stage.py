@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 import ditserve
+from ditserve.services.common.compute import ComputeThread
 from ditserve.services.common.device import dtype_name
 from ditserve.services.common.limits import RequestLimits
 from ditserve.services.common.metrics import ServiceMetrics
@@ -29,6 +30,7 @@ class StageContext:
     metrics: ServiceMetrics = None  # type: ignore[assignment]
     profiler: Profiler = field(default_factory=lambda: Profiler(Path("profiles")))
     details: dict[str, object] = field(default_factory=dict)  # what start-up decided, added to Info's details
+    compute: ComputeThread = field(default_factory=lambda: ComputeThread("compute"))  # runs all its torch work
 
     def __post_init__(self) -> None:
         if self.metrics is None:

@@ -1,4 +1,4 @@
-"""The denoiser's engine loop: one worker thread owns the model; the pure scheduler decides.
+"""The denoiser's engine loop: the stage's compute thread runs it and owns the model; the pure scheduler decides.
 
 Handlers never touch the transformer: they submit a job and read its events.
 Each iteration is vLLM's shape: `schedule()` -> run one step for the planned
@@ -13,11 +13,13 @@ import logging
 import threading
 import time
 from collections.abc import Hashable
+from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from ditserve.services.common.compute import ComputeThread
 from ditserve.services.common.errors import DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
 from ditserve.services.common.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, ServiceMetrics
 from ditserve.services.common.profiling import Profiler, trace_range
@@ -72,7 +74,15 @@ class _Run:
 
 
 class Engine:
-    def __init__(self, runner: Runner, metrics: ServiceMetrics, profiler: Profiler, config: BatchingConfig) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        metrics: ServiceMetrics,
+        profiler: Profiler,
+        config: BatchingConfig,
+        compute: ComputeThread | None = None,
+    ) -> None:
+        """compute: the stage's compute thread, which the engine's loop then owns (its own thread if None)."""
         self.runner = runner
         self.profiler = profiler
         self.config = config
@@ -107,8 +117,9 @@ class Engine:
             "Jobs ended by their caller's deadline, waiting or running",
             registry=registry,
         )
-        self._worker = threading.Thread(target=self._loop, name="denoiser-engine", daemon=True)
-        self._worker.start()
+        self._own_thread = compute is None
+        self._compute = compute or ComputeThread("denoiser-engine")
+        self._worker = self._compute.own(self._loop)
 
     def submit(self, job: DenoiseJob) -> None:
         request = ScheduledRequest(
@@ -145,7 +156,9 @@ class Engine:
         with self._condition:
             self._accepting = False
             self._condition.notify()
-        self._worker.join(timeout=10)
+        futures.wait([self._worker], timeout=10)
+        if self._own_thread:
+            self._compute.close()
 
     def _next_plan(self) -> StepPlan | None:
         """Blocks until a step can run; None once closed and idle."""

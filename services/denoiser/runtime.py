@@ -128,7 +128,7 @@ def build_runtime(stage: StageContext, options: DenoiserOptions) -> DenoiserRunt
         batch_sizes = (1,) if options.batching.mode == "off" else (1, 2)
         seconds = warm_up(family, transformer, runner, stage.limits, batch_sizes)
         stage.details["compile_warmup_s"] = f"{seconds:.1f}"
-    engine = Engine(runner, stage.metrics, stage.profiler, options.batching)
+    engine = Engine(runner, stage.metrics, stage.profiler, options.batching, stage.compute)
     for prefix, blocks in family.profiled_blocks(transformer).items():
         add_block_ranges(blocks, prefix)
     stage.publish_model_info(attention_backend=backend.value, quantization=options.quantize)

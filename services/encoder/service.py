@@ -9,7 +9,6 @@ negative prompt of every CFG request included, without the model.
 
 from __future__ import annotations
 
-import threading
 import time
 
 import grpc
@@ -36,7 +35,6 @@ class EncoderService(encoder_pb2_grpc.TextEncoderServicer):
         self.profiler = stage.profiler
         self.model = load_family(stage.folder).text_encoder(stage.folder, stage.device, stage.dtype)
         self.max_sequence_length = min(stage.limits.max_sequence_length, self.model.max_sequence_length)
-        self._lock = threading.Lock()  # one encode at a time bounds activation memory
         # Keys carry the encoder's identity, so a cache never answers for another model, dtype or device.
         self.identity = (str(stage.folder.path), str(stage.dtype), str(stage.device))
         self.cache: ByteLRU[encoder_pb2.PromptEmbedding] | None = (
@@ -102,11 +100,16 @@ class EncoderService(encoder_pb2_grpc.TextEncoderServicer):
         with trace_range("encode"):  # the stage's work in a profile, from the cache or the model
             embeddings = [self._cached(prompt, length) for prompt in request.prompts]
             if any(embedding is None for embedding in embeddings):
-                with self._lock:
-                    queue_ms = elapsed_ms(started)
+
+                def encode_missing() -> float:
+                    waited_ms = elapsed_ms(started)
                     for index, prompt in enumerate(request.prompts):
                         if embeddings[index] is None:
                             embeddings[index] = self._encode(prompt, length)
+                    return waited_ms
+
+                # one encode at a time (it bounds activation memory), on the stage's compute thread
+                queue_ms = self.stage.compute.run(encode_missing)
         response.embeddings.extend(embeddings)
         self.metrics.count_bytes("out", response.ByteSize())
         total = elapsed_ms(started)

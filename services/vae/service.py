@@ -72,7 +72,10 @@ class VaeService(vae_pb2_grpc.VaeDecoderServicer):
         # one decode call at a time (decoding is memory-hungry), joining requests only if asked; built
         # first, so a bad setting fails before the model loads
         self.coalescer = DecodeCoalescer(
-            self._decode, max_decode_batch, decode_wait_ms / 1000, self.decode_batch.observe
+            lambda group: stage.compute.run(self._decode, group),
+            max_decode_batch,
+            decode_wait_ms / 1000,
+            self.decode_batch.observe,
         )
         self.model = load_family(stage.folder).vae_decoder(stage)
         self.scale = self.model.scale_factor
@@ -133,7 +136,7 @@ class VaeService(vae_pb2_grpc.VaeDecoderServicer):
     def Decode(self, request: vae_pb2.DecodeRequest, context: grpc.ServicerContext) -> vae_pb2.DecodeResponse:
         started = time.perf_counter()
         self.metrics.count_bytes("in", len(request.latents.raw_data))
-        latents, num_frames = self._validate(request)
+        latents, num_frames = self.stage.compute.run(self._validate, request)  # it reads the latents' values
         decode = _Decode(latents, request.height, request.width, (num_frames,) if self.model.video else ())
         validated_ms = elapsed_ms(started)
         uint8, waited_s = self.coalescer.submit(decode.key, len(latents), decode)

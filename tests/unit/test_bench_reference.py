@@ -15,9 +15,10 @@ def test_the_users_environment_has_no_threading_variables() -> None:
     assert reference.user_environment(base) == {"PATH": "/bin"}
 
 
-def test_the_services_environment_is_passive_unless_the_user_chose() -> None:
-    assert reference.services_environment({"PATH": "/bin"})["OMP_WAIT_POLICY"] == "PASSIVE"
-    assert reference.services_environment({"OMP_WAIT_POLICY": "ACTIVE"})["OMP_WAIT_POLICY"] == "ACTIVE"
+def test_the_services_environment_spins_briefly_unless_the_user_chose() -> None:
+    assert reference.services_environment({"PATH": "/bin"}) == {"PATH": "/bin", "GOMP_SPINCOUNT": "30000"}
+    assert reference.services_environment({"OMP_WAIT_POLICY": "PASSIVE"}) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert reference.services_environment({"GOMP_SPINCOUNT": "0"}) == {"GOMP_SPINCOUNT": "0"}
 
 
 @pytest.fixture(scope="module")

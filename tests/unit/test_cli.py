@@ -42,3 +42,12 @@ def test_a_shipped_model_is_picked_by_name_and_a_folder_by_path(tmp_path: Path, 
     monkeypatch.setenv("DITSERVE_VIDEO_MODEL", str(tmp_path / "mine"))
     assert config.default_video_model_dir() == tmp_path / "mine"
     assert "--model shapes-flux" in config.missing_model_hint(tmp_path)
+
+
+def test_serve_spins_openmp_only_in_the_denoiser_unless_the_environment_chose() -> None:
+    from ditserve.client.config import services_openmp
+
+    assert services_openmp({}, "denoiser") == {"GOMP_SPINCOUNT": "30000"}
+    assert services_openmp({}, "encoder") == services_openmp({}, "vae") == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert services_openmp({"OMP_WAIT_POLICY": "ACTIVE"}, "vae") == {}
+    assert services_openmp({"GOMP_SPINCOUNT": "0"}, "denoiser") == {}

@@ -161,10 +161,12 @@ def user_environment(base: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def services_environment(base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment `ditserve serve` runs in (cli.prefer_passive_openmp): an explicit policy wins."""
+    """The environment `ditserve serve denoiser` runs in (client/config.py's services_openmp), where the heavy
+    work is: an explicit policy wins."""
+    from ditserve.client.config import services_openmp
+
     base = dict(os.environ if base is None else base)
-    base.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return base
+    return {**base, **services_openmp(base)}
 
 
 class InProcessWorker:

@@ -7,8 +7,8 @@ bytes, decode = bytes -> Tensor -> tensor view.
 run: the family's diffusers pipeline (reference.py) doing exactly the request's work
 (the model's defaults, CFG and negative prompt included), same prompt, seed, size and
 steps, runs interleaved. The headline ratio is against diffusers at its defaults (no
-OpenMP variables: its threads spin, as a user's would); the same-policy ratio, against
-diffusers under the services' OMP_WAIT_POLICY, is reported beside it. Any output that
+OpenMP variables, as a user runs it); the same-policy ratio, against diffusers under the
+services' OpenMP setting (client/config.py's services_openmp), is reported beside it. Any output that
 differs between the sides fails the bench: the times then compare different work.
 """
 
@@ -201,7 +201,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "encoder_embedding_cache": "off: both sides encode the prompt every round",
         "in_process": "the family's diffusers pipeline (bench/reference.py) in a child process without "
         f"{'/'.join(p + '*' for p in THREADING_PREFIXES)} variables; same_policy: with the services' "
-        "OMP_WAIT_POLICY",
-        "services_omp_wait_policy": services_environment().get("OMP_WAIT_POLICY"),
+        "OpenMP variables",
+        "services_openmp": {
+            key: value for key, value in services_environment().items() if key.startswith(THREADING_PREFIXES)
+        },
     }
     return result_document("transport", str(args.model), config, codec + e2e, summary)
