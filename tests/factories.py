@@ -71,3 +71,22 @@ def cached_forward(
 
     slot = Slot(cache.branch(branch), step, total_steps, rows=transformer_kwargs["hidden_states"].shape[0])
     return forward_batch(executor, [slot], **transformer_kwargs)
+
+
+def weight_digests(folder: Path) -> dict[str, str]:
+    """Each safetensors file of a model folder, by its path in the folder: what two trainings must match."""
+    import hashlib
+
+    return {
+        path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in folder.rglob("*.safetensors")
+    }
+
+
+def forbid_latent_pool(monkeypatch: Any, job: type) -> None:
+    """Fails the test if a trainer's job encodes its latent pool (a resumed run past its transformer phase)."""
+
+    def no_pool(*_args: object) -> None:
+        raise AssertionError("the latent pool was encoded for a finished transformer phase")
+
+    monkeypatch.setattr(job, "_latent_pool", no_pool)

@@ -6,7 +6,8 @@ letting idle workers spin (about 100 polls, then sleep), so every small op pays 
 stage that loaded its model on the main thread and then ran requests on gRPC handler threads was in
 that state for good: on 2 cores FluxPipeline on the shipped image model (20 steps, true CFG) took
 0.65 s when run on a second thread after the main thread had used torch, against 0.29 s when all of it
-ran on one thread. Funnelling a stage's torch work through one long-lived thread keeps one team.
+ran on one thread (measured in one process; `ditserve bench transport` measures what the services gain).
+Funnelling a stage's torch work through one long-lived thread keeps one team.
 
 Handler threads still touch small tensors (decoding a request's tensors, range checks); PyTorch runs
 ops under its parallel grain size without OpenMP, so at the shipped models' sizes those make no team.

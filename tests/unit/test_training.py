@@ -3,7 +3,6 @@ folder FluxPipeline loads and runs with the sidecar's defaults."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline
+from factories import forbid_latent_pool, weight_digests
 from tqdm import tqdm
 
 from ditserve.services.tools.training import loop, train
@@ -43,13 +43,6 @@ class _InterruptAfterFirstTransformerStep(tqdm):
         return super().update(n)
 
 
-def _weights(folder: Path) -> dict[str, str]:
-    return {
-        path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in folder.rglob("*.safetensors")
-    }
-
-
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("straight")
@@ -79,18 +72,15 @@ def test_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupte
     reference = torch.load(straight.with_name("checkpoints") / "transformer.pt", weights_only=True)
     assert final["losses"] == reference["losses"]
     assert torch.load(checkpoints / "vae.pt", weights_only=True)["losses"] == vae_state["losses"]
-    assert _weights(resumed) == _weights(straight)
+    assert weight_digests(resumed) == weight_digests(straight)
 
 
 def test_a_run_resumed_after_its_transformer_phase_skips_the_latent_pool(
     straight: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def no_pool(*_args: Any) -> None:
-        raise AssertionError("the latent pool was encoded for a finished transformer phase")
-
-    monkeypatch.setattr(train._Job, "_latent_pool", no_pool)
+    forbid_latent_pool(monkeypatch, train._Job)
     again = train.train_default_model(tmp_path / "model", checkpoint_dir=straight.with_name("checkpoints"), **TOY)
-    assert _weights(again) == _weights(straight)
+    assert weight_digests(again) == weight_digests(straight)
 
 
 def test_a_checkpoint_past_the_asked_steps_is_refused(straight: Path, tmp_path: Path) -> None:
