@@ -79,6 +79,9 @@ def test_the_serving_line_says_what_joining_decodes_would_save_and_change() -> N
     assert "would save 1.2% of a request's time and change 3 of 8 outputs (7 values, at most 1 level)" in line
     summary["fraction_of_batched_throughput"] = 0.97
     assert "(in-process batch-8 bound 4.00x: 85% of it; 97% of its outputs/s)" in report.headline(document)
+    assert not report.headline(document).startswith("6.8 req/s")
+    summary["req_per_s_8_clients"] = {"off": 2.0, "dynamic": 5.0, "continuous": 6.8}
+    assert report.headline(document).startswith("6.8 req/s at 8 clients (off 2.0): continuous batching 3.40x")
 
 
 def test_the_cache_line_gives_the_ratio_against_the_peers_hooks_in_our_loop_when_one_passes() -> None:

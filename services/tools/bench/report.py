@@ -45,7 +45,9 @@ def _transport(s: dict[str, Any], c: dict[str, Any]) -> str:
 
 
 def _serving(s: dict[str, Any], c: dict[str, Any]) -> str:
-    text = (
+    served = s.get("req_per_s_8_clients")
+    text = f"{served['continuous']:.1f} req/s at 8 clients (off {served['off']:.1f}): " if served else ""
+    text += (
         f"continuous batching {s['throughput_ratio_continuous']:.2f}x and dynamic {s['throughput_ratio_dynamic']:.2f}x"
         " req/s vs off at 8 clients"
     )

@@ -224,6 +224,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     continuous = continuous8 / off8
     p99 = pick("continuous", "open")["latency_p99_s"] / pick("off", "open")["latency_p99_s"]
     summary = {
+        # what the ratios divide: requests served per second at 8 clients, each mode
+        "req_per_s_8_clients": {mode: pick(mode, "closed", 8)["req_per_s"] for mode in MODES},
         "throughput_ratio_dynamic": pick("dynamic", "closed", 8)["req_per_s"] / off8,
         "throughput_ratio_continuous": continuous,
         "in_process_bound": bound,
