@@ -41,7 +41,7 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
 }
 
 if sys.byteorder != "little":  # pragma: no cover - every supported host is little-endian
-    raise ImportError("ditserve's zero-copy tensor codec needs a little-endian host")
+    raise ImportError("ditserve's tensor codec views bytes as little-endian and needs a little-endian host")
 
 
 class TensorError(ValueError):
@@ -64,8 +64,13 @@ class TensorLimits:
 DEFAULT_LIMITS = TensorLimits()
 
 
-def validate(message: tensor_pb2.Tensor, field: str = "tensor", limits: TensorLimits = DEFAULT_LIMITS) -> int:
-    """Checks datatype, shape and byte length; returns the element count."""
+def validate(
+    message: tensor_pb2.Tensor, field: str = "tensor", limits: TensorLimits = DEFAULT_LIMITS, raw: bytes | None = None
+) -> int:
+    """Checks datatype, shape and byte length; returns the element count.
+
+    raw: message.raw_data, where the caller has read it already: protobuf's upb backend copies a bytes
+    field out of the message on every read, so a decoder reads it once (4 MB: 0.3 ms a read)."""
     if message.datatype not in ITEMSIZE:
         known = ", ".join(sorted(ITEMSIZE))
         raise TensorError(f"{field}.datatype", f"unknown datatype {message.datatype!r} (known: {known})")
@@ -78,11 +83,10 @@ def validate(message: tensor_pb2.Tensor, field: str = "tensor", limits: TensorLi
     expected = count * ITEMSIZE[message.datatype]
     if expected > limits.max_bytes:
         raise TensorError(f"{field}.shape", f"{shape} needs {expected} bytes, over the limit of {limits.max_bytes}")
-    if len(message.raw_data) != expected:
-        raise TensorError(
-            f"{field}.raw_data",
-            f"has {len(message.raw_data)} bytes; shape {shape} of {message.datatype} needs {expected}",
-        )
+    size = len(message.raw_data if raw is None else raw)
+    if size != expected:
+        needs = f"shape {shape} of {message.datatype} needs {expected}"
+        raise TensorError(f"{field}.raw_data", f"has {size} bytes; {needs}")
     return count
 
 
@@ -97,8 +101,9 @@ def from_numpy(array: np.ndarray, datatype: str | None = None) -> tensor_pb2.Ten
 
 
 def to_numpy(message: tensor_pb2.Tensor, field: str = "tensor", limits: TensorLimits = DEFAULT_LIMITS) -> np.ndarray:
-    """Decodes without copying: the array is a read-only view of the message bytes."""
-    validate(message, field, limits)
+    """Decodes with one copy, the read of the message's bytes: the array is a read-only view of it."""
+    raw = message.raw_data
+    validate(message, field, limits, raw)
     if message.datatype not in NUMPY_DTYPES:
         raise TensorError(f"{field}.datatype", f"{message.datatype} has no numpy dtype; decode it with torch")
-    return np.frombuffer(message.raw_data, dtype=NUMPY_DTYPES[message.datatype]).reshape(tuple(message.shape))
+    return np.frombuffer(raw, dtype=NUMPY_DTYPES[message.datatype]).reshape(tuple(message.shape))

@@ -1,7 +1,8 @@
 """torch <-> Tensor messages, with the same validation as the numpy codec.
 
-Decoding is zero-copy: the returned tensor views the message's bytes and is
-read-only in spirit; callers that write in place must clone first.
+Decoding copies once, when it reads the message's bytes (protobuf's upb backend
+copies a bytes field on every read); the returned tensor views that copy and is
+read-only in spirit: callers that write in place must clone first.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def encode(tensor: torch.Tensor) -> tensor_pb2.Tensor:
 
 
 def decode(message: tensor_pb2.Tensor, field: str = "tensor", limits: TensorLimits = DEFAULT_LIMITS) -> torch.Tensor:
-    """Validates, then views the bytes as a CPU tensor without copying."""
-    count = validate(message, field, limits)
+    """Validates, then views the message's bytes, read once, as a CPU tensor."""
+    raw = message.raw_data
+    count = validate(message, field, limits, raw)
     dtype = TORCH_DTYPES[message.datatype]
     shape = tuple(message.shape)
     if count == 0:
@@ -51,7 +53,7 @@ def decode(message: tensor_pb2.Tensor, field: str = "tensor", limits: TensorLimi
     with warnings.catch_warnings():
         # protobuf bytes are immutable; torch warns that the view is not writable.
         warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(message.raw_data, dtype=dtype).reshape(shape)
+        return torch.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
 def check_values(tensor: torch.Tensor, field: str, max_abs: float) -> None:
