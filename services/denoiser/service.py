@@ -149,7 +149,7 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
 
     def _result(self, event: events.Finished, inputs: object) -> denoiser_pb2.DenoiseEvent:
         latents = tensor_codec.encode(event.latents)
-        self.metrics.count_bytes("out", len(latents.raw_data))
+        self.metrics.count_bytes("out", latents.ByteSize())  # not len(raw_data): a read copies it
         denoise_ms = event.total_ms - event.queue_ms
         timing = common_pb2.Timing(
             computed_steps=event.computed_steps,

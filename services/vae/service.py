@@ -135,7 +135,7 @@ class VaeService(vae_pb2_grpc.VaeDecoderServicer):
 
     def Decode(self, request: vae_pb2.DecodeRequest, context: grpc.ServicerContext) -> vae_pb2.DecodeResponse:
         started = time.perf_counter()
-        self.metrics.count_bytes("in", len(request.latents.raw_data))
+        self.metrics.count_bytes("in", request.latents.ByteSize())  # not len(raw_data): a read copies it
         latents, num_frames = self.stage.compute.run(self._validate, request)  # it reads the latents' values
         decode = _Decode(latents, request.height, request.width, (num_frames,) if self.model.video else ())
         validated_ms = elapsed_ms(started)
