@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import threading
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
 
 from ditserve.client.tensors import ITEMSIZE, TensorError, TensorLimits, from_numpy, to_numpy, validate
 from ditserve.services.common import tensor_codec
+from ditserve.services.common.errors import InvalidArgument
 from ditserve.v1 import tensor_pb2
 
 
@@ -91,3 +96,42 @@ def test_every_datatype_has_a_torch_dtype_of_its_itemsize() -> None:
     assert set(ITEMSIZE) == set(tensor_codec.TORCH_DTYPES)
     for name, dtype in tensor_codec.TORCH_DTYPES.items():
         assert torch.empty(0, dtype=dtype).element_size() == ITEMSIZE[name]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("bad", "words"), [(float("nan"), "NaN or Inf"), (-float("inf"), "NaN or Inf"), (-300.0, "beyond")]
+)
+def test_check_values_refuses_non_finite_and_huge_values(dtype: torch.dtype, bad: float, words: str) -> None:
+    tensor = torch.linspace(-200, 200, 1001).to(dtype)
+    tensor_codec.check_values(tensor, "prompt_embeds", 256.0)  # within +-256, 200 itself included
+    spoiled = tensor.clone()
+    spoiled[617] = bad
+    with pytest.raises(InvalidArgument, match=words) as caught:
+        tensor_codec.check_values(spoiled, "prompt_embeds", 256.0)
+    assert caught.value.field == "prompt_embeds"
+
+
+def test_bf16_values_widen_exactly_to_float32() -> None:
+    every = torch.arange(0, 2**16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    assert np.array_equal(tensor_codec._float_values(every), every.float().numpy(), equal_nan=True)
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="torch runs one thread here: no team to leave out")
+def test_checking_values_starts_no_openmp_team_on_the_calling_thread() -> None:
+    """A torch reduction this large runs in parallel, and on a thread that never ran one libgomp first
+    starts a team for it: a handler thread checking a request must not."""
+    values = torch.randn(1 << 22)
+    counts: list[int] = []
+
+    def check(run: Callable[[], object]) -> None:
+        before = len(os.listdir("/proc/self/task"))
+        run()
+        counts.append(len(os.listdir("/proc/self/task")) - before)
+
+    for run in (lambda: tensor_codec.check_values(values, "latents", 1e4), lambda: values.abs().max()):
+        thread = threading.Thread(target=check, args=(run,))
+        thread.start()
+        thread.join()
+    assert counts[0] == 0
+    assert counts[1] > 0  # the same size in torch does start one: the count can see a team
