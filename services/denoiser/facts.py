@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from ditserve.services.common.errors import InvalidArgument, StartupError
 from ditserve.services.common.model import SIDECAR, ModelDefaults, ModelFolder
 from ditserve.services.denoiser.cache.policy import CacheConfig, TeaCacheConfig, model_teacache_coefficients
-from ditserve.services.denoiser.cache.step_masks import Mask, resolve, stored_masks
+from ditserve.services.denoiser.cache.step_masks import Mask, mask_orders, resolve, stored_masks
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class ModelFacts:
     defaults: ModelDefaults = field(default_factory=ModelDefaults)
     teacache_coefficients: tuple[float, ...] | None = None  # calibrated, else the family's published ones
     step_masks: Mapping[int, Mapping[int, Mask]] = field(default_factory=dict)  # {steps: {computed: mask}}
+    mask_orders: Mapping[int, int] = field(default_factory=dict)  # {steps: the forecast its masks assume}
     num_blocks: int = 0  # the transformer's cacheable blocks, for DBCache's Fn + Bn
 
     @classmethod
@@ -31,6 +32,7 @@ class ModelFacts:
                 defaults=folder.defaults,
                 teacache_coefficients=model_teacache_coefficients(published, folder.sidecar),
                 step_masks=stored_masks(folder.sidecar),
+                mask_orders=mask_orders(folder.sidecar),
                 num_blocks=num_blocks,
             )
         except (InvalidArgument, ValueError) as error:
@@ -39,8 +41,8 @@ class ModelFacts:
     def accept(self, config: CacheConfig, steps: int) -> CacheConfig:
         """The policy with a calibrated mask filled in; raises InvalidArgument (field relative to the policy)
         for one the model cannot serve: Fn + Bn deeper than the model, no TeaCache coefficients, no
-        calibrated mask for these steps."""
-        config = resolve(config, steps, self.step_masks)
+        calibrated mask for these steps or another forecast than its masks were searched for."""
+        config = resolve(config, steps, self.step_masks, self.mask_orders)
         if config.teacache is not None:
             self.teacache(config.teacache)
         if config.dbcache is not None:

@@ -55,6 +55,7 @@ from ditserve.services.denoiser.cache.policy import (
 )
 from ditserve.services.denoiser.cache.state import relative_l1
 from ditserve.services.denoiser.cache.step_masks import (
+    MASK_CALIBRATION_KEY,
     STEP_MASKS_KEY,
     Mask,
     SearchedMask,
@@ -66,7 +67,6 @@ from ditserve.services.tools.local_model import LocalModel
 from ditserve.services.tools.prompt_file import SHAPES, VOCABULARIES, read_prompts, vocabulary_prompts
 
 CALIBRATION_KEY = "teacache_calibration"
-MASK_CALIBRATION_KEY = "step_mask_calibration"
 MASK_SEEDS = (10_000, 10_001)  # per calibration prompt; the cache bench's seeds count from 0
 CALIBRATION_SEED = 1234  # picks the calibration prompts; the cache bench picks its prompts from the rest
 DEFAULT_PROMPTS = 4
@@ -289,17 +289,6 @@ def calibrate_step_masks(
     }
     store_in_sidecar(folder.path, {STEP_MASKS_KEY: masks, MASK_CALIBRATION_KEY: provenance})
     return found
-
-
-def mask_forecast_order(sidecar: dict[str, object], steps: int) -> int:
-    """The TaylorSeer order a model's masks for `steps` were searched for (0: plain reuse); 1, the
-    search's first default, where ditserve.json does not say."""
-    provenance = sidecar.get(MASK_CALIBRATION_KEY, {})
-    entry = provenance.get(str(steps), {}) if isinstance(provenance, dict) else {}
-    order = entry.get("taylorseer_order", 1) if isinstance(entry, dict) else 1
-    if isinstance(order, bool) or order not in (0, 1, 2):
-        raise ValueError(f"{MASK_CALIBRATION_KEY}[{steps}].taylorseer_order must be 0, 1 or 2, got {order!r}")
-    return order
 
 
 def snr_db(relative_error: float) -> float:

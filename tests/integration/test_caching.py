@@ -185,6 +185,17 @@ def test_a_calibrated_mask_the_model_lacks_is_refused(
     assert caught.value.details().startswith(field)
 
 
+def test_a_calibrated_mask_asked_with_another_forecast_is_refused(denoisers: dict, model_dir: Path) -> None:
+    """The shipped image model's masks were searched for TaylorSeer order 1; without it they lose quality."""
+    _, stage = denoisers["off"]
+    scm = {"preset": "calibrated", "computed_steps": 9, "policy": "static"}
+    plain_reuse = policy(json.dumps({"dbcache": {"fn": 0, "bn": 0, "scm": scm}}))
+    with pytest.raises(grpc.RpcError) as caught:
+        _result(stage, request(8, ModelFolder(model_dir).defaults.steps, cache=plain_reuse))
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("cache.dbcache.taylorseer: the model's calibrated masks for 28 steps")
+
+
 def test_a_default_calibrated_policy_needs_the_models_masks(model_dir: Path, tmp_path: Path) -> None:
     folder = tmp_path / "uncalibrated"
     shutil.copytree(model_dir, folder)

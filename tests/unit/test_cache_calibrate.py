@@ -23,7 +23,7 @@ from ditserve.services.denoiser.cache.policy import (
     mask_bins,
     model_teacache_coefficients,
 )
-from ditserve.services.denoiser.cache.step_masks import STEP_MASKS_KEY, stored_masks
+from ditserve.services.denoiser.cache.step_masks import STEP_MASKS_KEY, mask_forecast_order, stored_masks
 from ditserve.services.denoiser.facts import ModelFacts
 from ditserve.services.families import load_family
 from ditserve.services.tools.calibrate import (
@@ -33,7 +33,6 @@ from ditserve.services.tools.calibrate import (
     calibrate_teacache,
     calibration_prompts,
     fit_teacache,
-    mask_forecast_order,
 )
 from ditserve.services.tools.local_model import LocalModel
 

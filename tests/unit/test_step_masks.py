@@ -17,8 +17,10 @@ from ditserve.services.denoiser.cache.policy import (
     scm_mask,
 )
 from ditserve.services.denoiser.cache.step_masks import (
+    MASK_CALIBRATION_KEY,
     STEP_MASKS_KEY,
     Mask,
+    mask_orders,
     mask_text,
     parse_mask,
     resolve,
@@ -105,9 +107,10 @@ def test_masks_round_trip_through_text_and_bins() -> None:
         parse_mask("10a1")
 
 
-def calibrated(computed: int, policy: str = "static") -> CacheConfig:
+def calibrated(computed: int, policy: str = "static", order: int = 1) -> CacheConfig:
     scm = SCMConfig(preset="calibrated", computed_steps=computed, policy=policy)
-    return CacheConfig(dbcache=DBCacheConfig(fn=0, taylorseer=TaylorSeerConfig(order=1), scm=scm))
+    taylorseer = TaylorSeerConfig(order=order) if order else None
+    return CacheConfig(dbcache=DBCacheConfig(fn=0, taylorseer=taylorseer, scm=scm))
 
 
 SIDECAR = {STEP_MASKS_KEY: {"10": {"4": "1100010001", "5": "1101010001"}}}
@@ -115,13 +118,13 @@ SIDECAR = {STEP_MASKS_KEY: {"10": {"4": "1100010001", "5": "1101010001"}}}
 
 def test_resolve_gives_the_stored_mask_as_bins() -> None:
     masks = stored_masks(SIDECAR)
-    config = resolve(calibrated(4), 10, masks)
+    config = resolve(calibrated(4), 10, masks, mask_orders(SIDECAR))
     assert config.dbcache is not None and config.dbcache.scm is not None
     assert config.dbcache.scm.preset is None and config.dbcache.scm.policy == "static"
     assert mask_text(tuple(config.dbcache.scm.mask(10))) == "1100010001"
     assert config.dbcache.taylorseer == TaylorSeerConfig(order=1) and config.dbcache.fn == 0
     other = CacheConfig(dbcache=DBCacheConfig(scm=SCMConfig(preset="fast")))
-    assert resolve(other, 10, masks) is other
+    assert resolve(other, 10, masks, mask_orders(SIDECAR)) is other
 
 
 @pytest.mark.parametrize(
@@ -134,8 +137,31 @@ def test_resolve_gives_the_stored_mask_as_bins() -> None:
 )
 def test_resolve_names_what_the_model_lacks(computed: int, steps: int, masks: dict, field: str) -> None:
     with pytest.raises(InvalidArgument) as caught:
-        resolve(calibrated(computed), steps, stored_masks(masks))
+        resolve(calibrated(computed), steps, stored_masks(masks), mask_orders(masks))
     assert caught.value.field == field
+
+
+def searched_for(order: int) -> dict:
+    return {**SIDECAR, MASK_CALIBRATION_KEY: {"10": {"taylorseer_order": order}}}
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_resolve_serves_a_mask_with_the_forecast_it_was_searched_for(order: int) -> None:
+    sidecar = searched_for(order)
+    assert mask_orders(sidecar) == {10: order}
+    config = resolve(calibrated(4, order=order), 10, stored_masks(sidecar), mask_orders(sidecar))
+    assert config.dbcache is not None and config.dbcache.scm is not None and config.dbcache.scm.preset is None
+
+
+@pytest.mark.parametrize(
+    ("order", "asked", "words"),
+    [(0, 1, "searched for plain reuse"), (1, 0, "searched for TaylorSeer order 1"), (1, 2, "order 1")],
+)
+def test_resolve_refuses_another_forecast_than_the_masks(order: int, asked: int, words: str) -> None:
+    sidecar = searched_for(order)
+    with pytest.raises(InvalidArgument, match=words) as caught:
+        resolve(calibrated(4, order=asked), 10, stored_masks(sidecar), mask_orders(sidecar))
+    assert caught.value.field == "dbcache.taylorseer"
 
 
 def test_an_unresolved_calibrated_mask_is_never_used() -> None:

@@ -53,7 +53,7 @@ from ditserve.client.config import add_model_argument
 from ditserve.services.common.device import add_arguments as add_device_arguments
 from ditserve.services.common.errors import InvalidArgument
 from ditserve.services.denoiser.cache.policy import CacheConfig
-from ditserve.services.denoiser.cache.step_masks import resolve, stored_masks
+from ditserve.services.denoiser.cache.step_masks import mask_forecast_order, mask_orders, resolve, stored_masks
 from ditserve.services.tools.bench.cache_harness import OurHarness, PipelineHarness
 from ditserve.services.tools.bench.cache_plot import plot
 from ditserve.services.tools.bench.cache_quality import ModelSpec, Scorer, score_rows
@@ -390,7 +390,7 @@ def _prepare_rows(rows: list[Row], model: LocalModel, steps: int, coefficients: 
     """Each row's cache resolved for the model (TeaCache's coefficients, a calibrated mask), or its error:
     a peer that is not installed, a mask the model lacks, a fewer-steps count not under the bench's."""
     cache_dit_installed = importlib.util.find_spec("cache_dit") is not None
-    masks = stored_masks(model.folder.sidecar)
+    masks, orders = stored_masks(model.folder.sidecar), mask_orders(model.folder.sidecar)
     for row in rows:
         if row.peer == "cache-dit" and not cache_dit_installed:
             row.error = "cache-dit is not installed: pip install 'ditserve[bench]'"
@@ -399,7 +399,7 @@ def _prepare_rows(rows: list[Row], model: LocalModel, steps: int, coefficients: 
         if row.cache.teacache is not None and coefficients is not None:
             row.cache = CacheConfig(dataclasses.replace(row.cache.teacache, coefficients=tuple(coefficients)))
         try:
-            row.cache = resolve(row.cache, steps, masks)
+            row.cache = resolve(row.cache, steps, masks, orders)
         except InvalidArgument as error:
             row.error = f"{error.field}: {error.reason}"
 
@@ -420,7 +420,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from diffusers import __version__ as diffusers_version
 
     from ditserve.services.common.model import ModelFolder
-    from ditserve.services.tools.calibrate import COEFFICIENTS_KEY, fit_teacache, mask_forecast_order
+    from ditserve.services.tools.calibrate import COEFFICIENTS_KEY, fit_teacache
     from ditserve.services.tools.local_model import LocalModel
 
     os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # else it logs its whole config on every enable
