@@ -19,6 +19,7 @@ from ditserve.services.common.limits import check_range
 from ditserve.services.common.profiling import SAFE_NAME
 from ditserve.services.common.stage import StageContext
 from ditserve.services.denoiser import job as events
+from ditserve.services.denoiser.cache.step_masks import describe_masks
 from ditserve.services.denoiser.cache.wire import cache_config
 from ditserve.services.denoiser.job import DenoiseJob
 from ditserve.services.denoiser.requests import request_steps
@@ -87,6 +88,7 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             cache_policy=self.runtime.default_cache.mode,
             max_batch_size=self.options.batching.max_batch_size,
             sequence_parallel=str(self.options.sequence_parallel),
+            step_masks=describe_masks(self.runtime.facts.step_masks, self.runtime.facts.mask_orders),
         )
 
     def close(self) -> None:

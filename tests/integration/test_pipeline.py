@@ -245,6 +245,8 @@ def test_info_and_health_on_every_service(stack: object) -> None:
             assert info.model.endswith(DEFAULT_MODEL_NAME) and info.dtype == "fp32" and info.device == "cpu"
         if role == "denoiser":
             assert info.attention_backend == "torch_sdpa"  # auto's choice on CPU
+            # what preset "calibrated" can ask of the shipped model: its ditserve.json's 28-step masks
+            assert info.details["step_masks"] == "28 steps: 6-27 computed, TaylorSeer order 1"
             metrics = scrape(stack.ports.metrics[role])
             assert sample(metrics, "ditserve_model_info", service=role, attention_backend="torch_sdpa") == 1
 

@@ -20,6 +20,7 @@ from ditserve.services.denoiser.cache.step_masks import (
     MASK_CALIBRATION_KEY,
     STEP_MASKS_KEY,
     Mask,
+    describe_masks,
     mask_orders,
     mask_text,
     parse_mask,
@@ -162,6 +163,14 @@ def test_resolve_refuses_another_forecast_than_the_masks(order: int, asked: int,
     with pytest.raises(InvalidArgument, match=words) as caught:
         resolve(calibrated(4, order=asked), 10, stored_masks(sidecar), mask_orders(sidecar))
     assert caught.value.field == "dbcache.taylorseer"
+
+
+def test_describe_masks_says_what_a_request_may_ask_for() -> None:
+    sidecar = {**searched_for(0), STEP_MASKS_KEY: {**SIDECAR[STEP_MASKS_KEY], "6": {"3": "101001"}}}
+    assert describe_masks(stored_masks(sidecar), mask_orders(sidecar)) == (
+        "6 steps: 3-3 computed, TaylorSeer order 1; 10 steps: 4-5 computed, plain reuse"
+    )
+    assert describe_masks({}, {}).startswith("none")
 
 
 def test_an_unresolved_calibrated_mask_is_never_used() -> None:

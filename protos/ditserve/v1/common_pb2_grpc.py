@@ -60,7 +60,8 @@ class AdminServicer:
 
     def Info(self, request, context):
         """What the process serves; details carries role facts (the denoiser: default_height, default_width,
-        default_steps, default_true_cfg_scale, batching, cache_policy, max_batch_size, sequence_parallel).
+        default_steps, default_true_cfg_scale, batching, cache_policy, max_batch_size, sequence_parallel,
+        step_masks: per step count, the computed steps and forecast of the masks preset "calibrated" serves).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -143,6 +143,18 @@ def mask_orders(sidecar: Mapping[str, object]) -> dict[int, int]:
     return {steps: mask_forecast_order(sidecar, steps) for steps in stored_masks(sidecar)}
 
 
+def describe_masks(masks: Mapping[int, Mapping[int, Mask]], orders: Mapping[int, int]) -> str:
+    """What a client may ask for, as Info reports it: "28 steps: 6-27 computed, TaylorSeer order 1"."""
+    if not masks:
+        return "none (ditserve calibrate step-mask)"
+    forecast = {0: "plain reuse"}
+    return "; ".join(
+        f"{steps} steps: {min(by_count)}-{max(by_count)} computed,"
+        f" {forecast.get(orders[steps], f'TaylorSeer order {orders[steps]}')}"
+        for steps, by_count in sorted(masks.items())
+    )
+
+
 def _forecast(order: int) -> str:
     return f'TaylorSeer order {order} ("taylorseer": {{"order": {order}}})' if order else "plain reuse (no taylorseer)"
 
