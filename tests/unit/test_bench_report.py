@@ -82,6 +82,11 @@ def test_the_serving_line_says_what_joining_decodes_would_save_and_change() -> N
     assert not report.headline(document).startswith("6.8 req/s")
     summary["req_per_s_8_clients"] = {"off": 2.0, "dynamic": 5.0, "continuous": 6.8}
     assert report.headline(document).startswith("6.8 req/s at 8 clients (off 2.0): continuous batching 3.40x")
+    assert "CPU per request" not in report.headline(document)  # a result from before the measure
+    summary["cpu_ms_per_request_8_clients"] = {"continuous": {"denoiser": 130.2, "vae": 25.6, "total": 164.7}}
+    summary["in_process_bound"]["batch8_cpu_ms_per_output"] = 107.5  # type: ignore[index]
+    expected = "CPU per request at 8 clients 165 ms (denoiser 130, VAE 26) against 108 ms per output in-process"
+    assert expected in report.headline(document)
 
 
 def test_the_cache_line_gives_the_ratio_against_the_peers_hooks_in_our_loop_when_one_passes() -> None:

@@ -34,6 +34,13 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) a live process has used so far; Linux's /proc."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
 

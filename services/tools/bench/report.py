@@ -59,6 +59,12 @@ def _serving(s: dict[str, Any], c: dict[str, Any]) -> str:
             text += f"; {s['fraction_of_batched_throughput']:.0%} of its outputs/s"
         text += ")"
     text += f"; continuous p99 {s['p99_ratio_continuous']:.2f}x of off near capacity, {c.get('steps')} steps"
+    cpu = (s.get("cpu_ms_per_request_8_clients") or {}).get("continuous")
+    if cpu and bound and "batch8_cpu_ms_per_output" in bound:
+        text += (
+            f"; CPU per request at 8 clients {cpu['total']:.0f} ms (denoiser {cpu['denoiser']:.0f}, VAE"
+            f" {cpu['vae']:.0f}) against {bound['batch8_cpu_ms_per_output']:.0f} ms per output in-process at batch 8"
+        )
     joined = s.get("vae_coalescing")
     if joined:
         text += (

@@ -13,12 +13,18 @@ as a ratio of speed-ups (fraction_of_bound) and in outputs per second (fraction_
 Every request sends the same prompt, so the encoder's embedding cache answers all but the first.
 The stacks decode each request alone (the VAE's default); `vae_coalescing` measures in-process what joining
 BOUND_BATCH decodes into one call (`--max-decode-batch`) would save, and how many values it would change.
+
+Every row also counts the CPU time each process of its stack (and this process, the clients) used per
+completed request, and the bound the reference's per output at batch 1 and BOUND_BATCH: on a machine whose
+cores the batched denoiser fills, throughput is cores over CPU per request, so the two say where the
+services' share of the bound goes (which stage, and how much more than the reference's own work).
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import os
 import random
 import threading
 import time
@@ -27,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ditserve.client.config import add_model_argument
-from ditserve.services.tools.bench.common import median, result_document
+from ditserve.services.tools.bench.common import median, process_cpu_seconds, result_document
 from ditserve.services.tools.bench.decode_batching import measure_decode_batching
 
 MODES = ("off", "dynamic", "continuous")
@@ -133,9 +139,23 @@ class Load:
         return time.perf_counter() - started
 
 
-def _row(mode: str, load: str, value: float, runner: Load, wall: float, steps_delta: float, steps: int) -> dict:
+def _cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    return {role: process_cpu_seconds(pid) for role, pid in pids.items()}
+
+
+def _row(
+    mode: str,
+    load: str,
+    value: float,
+    runner: Load,
+    wall: float,
+    steps_delta: float,
+    steps: int,
+    cpu_s: dict[str, float],
+) -> dict:
     lat = sorted(runner.latencies)
     done = len(lat)
+    cpu_ms = {role: 1000 * seconds / done for role, seconds in cpu_s.items()} if done else {}
     return {
         "mode": mode,
         "load": load,
@@ -148,6 +168,7 @@ def _row(mode: str, load: str, value: float, runner: Load, wall: float, steps_de
         "latency_p99_s": lat[min(done - 1, int(0.99 * done))] if done else None,
         "queue_ms_mean": sum(runner.queue_ms) / done if done else None,
         "mean_batch_size": done * steps / steps_delta if steps_delta else None,
+        "cpu_ms_per_request": {**cpu_ms, "total": sum(cpu_ms.values())} if done else None,
     }
 
 
@@ -159,9 +180,12 @@ def batching_bound(model: Path, steps: int) -> tuple[dict[str, Any], dict[str, A
     with InProcessWorker(model, steps, services_environment()) as worker:
         worker(PROMPT, 0, 1)  # untimed: first-call costs
         single, batched = [], []
+        cpu_s = {1: 0.0, BOUND_BATCH: 0.0}
         for repeat in range(BOUND_REPEATS):
-            single.append(worker(PROMPT, repeat, 1)[0])
-            batched.append(worker(PROMPT, repeat, BOUND_BATCH)[0])
+            for batch, times in ((1, single), (BOUND_BATCH, batched)):
+                before = process_cpu_seconds(worker.process.pid)
+                times.append(worker(PROMPT, repeat, batch)[0])
+                cpu_s[batch] += process_cpu_seconds(worker.process.pid) - before
         settings = worker.settings
     single_s, batched_s = median(single), median(batched)
     bound = {
@@ -169,6 +193,9 @@ def batching_bound(model: Path, steps: int) -> tuple[dict[str, Any], dict[str, A
         "batch1_s": single_s,
         f"batch{BOUND_BATCH}_s": batched_s,
         "throughput_ratio": BOUND_BATCH * single_s / batched_s,
+        # CPU per output, each call's whole process (its pixels' trip to the parent included)
+        "batch1_cpu_ms": 1000 * cpu_s[1] / BOUND_REPEATS,
+        f"batch{BOUND_BATCH}_cpu_ms_per_output": 1000 * cpu_s[BOUND_BATCH] / (BOUND_BATCH * BOUND_REPEATS),
     }
     return bound, settings
 
@@ -194,10 +221,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         def measure(mode: str, load: str, value: float, body: Any) -> dict:
             stack = stacks[mode]
             runner = Load(stack.gateway, settings)
+            pids = {role: process.pid for role, process in stack.processes.items()} | {"clients": os.getpid()}
             before = _scrape_steps(stack.ports.metrics["denoiser"])
+            cpu_before = _cpu_seconds(pids)
             wall = body(runner)
+            cpu = {role: seconds - cpu_before[role] for role, seconds in _cpu_seconds(pids).items()}
             delta = _scrape_steps(stack.ports.metrics["denoiser"]) - before
-            row = _row(mode, load, value, runner, wall, delta, args.steps)
+            row = _row(mode, load, value, runner, wall, delta, args.steps, cpu)
             rows.append(row)
             return row
 
@@ -226,6 +256,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary = {
         # what the ratios divide: requests served per second at 8 clients, each mode
         "req_per_s_8_clients": {mode: pick(mode, "closed", 8)["req_per_s"] for mode in MODES},
+        # and the CPU each process spent per request there, against the reference's per output (the bound)
+        "cpu_ms_per_request_8_clients": {mode: pick(mode, "closed", 8)["cpu_ms_per_request"] for mode in MODES},
         "throughput_ratio_dynamic": pick("dynamic", "closed", 8)["req_per_s"] / off8,
         "throughput_ratio_continuous": continuous,
         "in_process_bound": bound,
