@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -28,11 +29,17 @@ def _concurrently(stage: StageClient, requests: list[denoiser_pb2.DenoiseRequest
         return list(pool.map(lambda message: latents_of(stage, message), requests))
 
 
+def cfg_request(seed: int) -> denoiser_pb2.DenoiseRequest:
+    """With true CFG: a batch then runs both branches in one transformer call (runner.py)."""
+    return request(seed, true_cfg_scale=3.0, negative_prompt=embedding(100 + seed))
+
+
 @pytest.mark.parametrize("mode", ["dynamic", "continuous"])
-def test_batched_images_match_their_solo_images(denoisers: dict, mode: str) -> None:
+@pytest.mark.parametrize("make", [request, cfg_request], ids=["no-cfg", "cfg"])
+def test_batched_images_match_their_solo_images(denoisers: dict, mode: str, make: Callable) -> None:
     server, stage = denoisers[mode]
     _, solo_stage = denoisers["off"]
-    requests = [request(seed) for seed in range(4)]
+    requests = [make(seed) for seed in range(4)]
     solo = [latents_of(solo_stage, message) for message in requests]
     before = scrape(server.metrics_port)
     together = _concurrently(stage, requests)

@@ -90,6 +90,8 @@ class FluxTrajectory(Trajectory):
 class FluxRunner(TransformerRunner):
     """TransformerRunner for FluxTransformer2DModel: packed latents, true CFG, guidance embedding."""
 
+    shared_inputs = frozenset({"txt_ids", "img_ids"})  # one text and one image position grid per call
+
     def __init__(
         self,
         *args: Any,
