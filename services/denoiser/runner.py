@@ -183,9 +183,9 @@ class TransformerRunner(ABC):
         Alone, this is the pipeline's exact call sequence (bit-exact: with CFG, one call per branch);
         together, one transformer call for both CFG branches of all samples. A batch's rows already differ
         from their solo runs in the low bits (the matmuls block differently), and on the shipped image
-        model one call of 2n rows costs less than two of n (24% at n = 8, 36% at n = 2). Under sequence parallelism
-        the branches keep a call each, the calls the mirror replays. If a batched call raises, each
-        trajectory is retried alone so only the culprit fails: no trajectory has moved before every
+        model one call of 2n rows costs less than two of n (24% at n = 8, 36% at n = 2). Under sequence
+        parallelism the branches keep a call each, the calls the mirror replays. If a batched call raises,
+        each trajectory is retried alone so only the culprit fails: no trajectory has moved before every
         prediction exists. Not with a mirror: the other ranks may be left inside a collective, so the call
         fails them all.
         """
