@@ -162,10 +162,19 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
             " in a few values, and peak memory grows with the batch (default: 1, each request alone)",
         )
         parser.add_argument(
+            "--batched-decode-batch",
+            type=int,
+            default=8,
+            help="join concurrent decodes of the same shape whose latents a batched denoise made (the"
+            " denoiser's --batching dynamic or continuous; they already differ from a solo run's in the low"
+            " bits) into one VAE call of up to this many; a request denoised alone still decodes alone,"
+            " bit-exact with the pipeline (default: 8; 1: each alone)",
+        )
+        parser.add_argument(
             "--decode-wait-ms",
             type=float,
             default=0.0,
-            help="with --max-decode-batch above 1, how long a decode waits for others of its shape to join"
+            help="for a decode that may join others, how long it waits for more of its shape to come"
             " (default: 0, only those already waiting join)",
         )
 
@@ -282,9 +291,16 @@ def build_service(role: str, args: argparse.Namespace) -> Service:
     from ditserve.services.vae.service import VaeService
 
     try:
-        return stage.compute.run(VaeService, stage, args.vae_tiling, args.max_decode_batch, args.decode_wait_ms)
+        return stage.compute.run(
+            VaeService,
+            stage,
+            args.vae_tiling,
+            args.max_decode_batch,
+            args.decode_wait_ms,
+            args.batched_decode_batch,
+        )
     except ValueError as error:
-        raise StartupError(f"--max-decode-batch/--decode-wait-ms: {error}") from None
+        raise StartupError(f"--max-decode-batch/--batched-decode-batch/--decode-wait-ms: {error}") from None
 
 
 def run(role: str, args: argparse.Namespace) -> int:

@@ -254,4 +254,4 @@ class Engine:
         queue_ms = (run.started - run.job.submitted) * 1000.0
         total_ms = (time.perf_counter() - run.job.submitted) * 1000.0
         computed = run.trajectory.computed_steps()
-        run.job.emit(Finished(latents, queue_ms, run.step_ms, total_ms, run.trace, computed))
+        run.job.emit(Finished(latents, queue_ms, run.step_ms, total_ms, run.trace, computed, run.trajectory.batched))

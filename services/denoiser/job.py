@@ -27,6 +27,7 @@ class Finished:
     total_ms: float
     profile_trace: str = ""
     computed_steps: dict[str, str] = field(default_factory=dict)
+    batched: bool = False  # shared a transformer call with another job
 
 
 @dataclass(frozen=True)

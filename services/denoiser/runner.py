@@ -42,6 +42,8 @@ class Trajectory:
         self.true_cfg_scale = true_cfg_scale
         self.has_negative = has_negative
         self.index = 0
+        # whether it ever shared a transformer call: then its result may differ from a solo run's low bits
+        self.batched = False
 
     @property
     def rows(self) -> int:
@@ -189,6 +191,9 @@ class TransformerRunner(ABC):
         prediction exists. Not with a mirror: the other ranks may be left inside a collective, so the call
         fails them all.
         """
+        if len(trajectories) > 1:
+            for trajectory in trajectories:
+                trajectory.batched = True
         try:
             cfg = trajectories[0].has_negative
             joint = len(trajectories) > 1 and cfg and self.mirror is None

@@ -167,5 +167,6 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             num_frames=inputs.num_frames,
             timing=timing,
             profile_trace=event.profile_trace,
+            batched=event.batched,
         )
         return denoiser_pb2.DenoiseEvent(result=result)

@@ -331,6 +331,7 @@ class GatewayService(pipeline_pb2_grpc.PipelineServicer):
             num_frames=result.num_frames,
             fps=request.fps,
             video_format=request.video_format,
+            batched=result.batched,
         )
         decoded = self._call(self.vae, "Decode", decode_request, context, calls)
         stage_ms["decode"] = elapsed_ms(t0)

@@ -1,8 +1,11 @@
 """Decodes from concurrent requests, joined into one VAE call when they have the same shape.
 
-Off by default (`--max-decode-batch 1`): on CPU a batched decode's convolutions and group norms reduce in
-another order than a decode of one, so a coalesced image can differ from the one its request gets alone by
-one uint8 level in a few values (`ditserve bench serving` reports how many, and what a batch saves).
+Each request says how many outputs the call it joins may hold (its limit; requests join only others of the
+same shape and limit). On CPU a batched decode's convolutions and group norms reduce in another order than
+a decode of one, so a coalesced image can differ from the one its request gets alone by one uint8 level in a
+few values (`ditserve bench serving` reports how many, and what a batch saves): the VAE lets a request join
+others when its latents come from a batched denoise, which already moved its low bits, or when
+`--max-decode-batch` says every request may.
 
 One decode runs at a time (decoding is memory-hungry). When the VAE is free, the oldest waiting request
 is decoded together with every later one of the same shape, in arrival order, up to max_batch outputs;
@@ -29,18 +32,19 @@ class Pending(Generic[Item]):
     key: Hashable
     count: int
     item: Item
+    limit: int = 1  # the most outputs of a call it joins
     arrived: float = field(default_factory=time.monotonic)
     decode_started: float | None = None
     future: Future[Any] = field(default_factory=Future)
 
 
 def take_group(pending: Sequence[Pending[Item]], max_batch: int) -> list[Pending[Item]]:
-    """The oldest request and, in arrival order, each later one with its key that still fits in max_batch
-    outputs (the oldest alone when it is over max_batch by itself)."""
+    """The oldest request and, in arrival order, each later one with its key and limit that still fits in
+    max_batch outputs (the oldest alone when it is over max_batch by itself)."""
     head = pending[0]
     group, total = [head], head.count
     for candidate in pending[1:]:
-        if candidate.key == head.key and total + candidate.count <= max_batch:
+        if candidate.key == head.key and candidate.limit == head.limit and total + candidate.count <= max_batch:
             group.append(candidate)
             total += candidate.count
     return group
@@ -55,6 +59,7 @@ class DecodeCoalescer(Generic[Item]):
     """Runs decode(items) -> one result per item, one call at a time, for items submitted from any thread.
 
     decode is given the group's items in arrival order; observe(outputs) is called per decode call.
+    max_batch: the limit of a request that names none.
     """
 
     def __init__(
@@ -74,13 +79,16 @@ class DecodeCoalescer(Generic[Item]):
         self._changed = threading.Condition()
         self._busy = False
 
-    def submit(self, key: Hashable, count: int, item: Item) -> tuple[Any, float]:
-        """Decodes item (count outputs) with whatever joins it; returns its result and the seconds it waited
-        for its decode call to start, or raises its error.
+    def submit(self, key: Hashable, count: int, item: Item, limit: int | None = None) -> tuple[Any, float]:
+        """Decodes item (count outputs) with whatever joins it, in calls of at most limit outputs (default
+        max_batch); returns its result and the seconds it waited for its decode call to start, or raises
+        its error.
 
         The calling thread waits while another decodes; when the VAE is free and its own request is still
         waiting, it decodes the oldest group (which may be another request's) and looks again."""
-        request: Pending[Item] = Pending(key, count, item)
+        if limit is not None and limit < 1:
+            raise ValueError(f"a decode's batch limit must be at least 1, got {limit}")
+        request: Pending[Item] = Pending(key, count, item, self.max_batch if limit is None else limit)
         with self._changed:
             self._pending.append(request)
             self._changed.notify_all()
@@ -103,12 +111,12 @@ class DecodeCoalescer(Generic[Item]):
     def _gather(self) -> list[Pending[Item]]:
         """Under the lock: waits out the oldest request's window (or until its group is full), then removes
         and returns its group."""
-        while not group_is_full(self._pending, self.max_batch):
+        while not group_is_full(self._pending, self._pending[0].limit):
             remaining = self._pending[0].arrived + self.wait_s - time.monotonic()
             if remaining <= 0:
                 break
             self._changed.wait(remaining)
-        group = take_group(self._pending, self.max_batch)
+        group = take_group(self._pending, self._pending[0].limit)
         self._pending = [request for request in self._pending if request not in group]
         return group
 

@@ -58,19 +58,28 @@ class VaeService(vae_pb2_grpc.VaeDecoderServicer):
     role = "vae"
 
     def __init__(
-        self, stage: StageContext, tiling: bool = False, max_decode_batch: int = 1, decode_wait_ms: float = 0.0
+        self,
+        stage: StageContext,
+        tiling: bool = False,
+        max_decode_batch: int = 1,
+        decode_wait_ms: float = 0.0,
+        batched_decode_batch: int = 8,
     ) -> None:
         self.stage = stage
         self.metrics = stage.metrics
         self.profiler = stage.profiler
         self.decode_batch = Histogram(
             "ditserve_decode_batch_size",
-            "Images or clips decoded in one VAE call (a request's own unless --max-decode-batch coalesces)",
+            "Images or clips decoded in one VAE call (a request's own unless it joined others)",
             buckets=BATCH_BUCKETS,
             registry=stage.metrics.registry,
         )
-        # one decode call at a time (decoding is memory-hungry), joining requests only if asked; built
+        # one decode call at a time (decoding is memory-hungry), joining requests only where allowed; built
         # first, so a bad setting fails before the model loads
+        if batched_decode_batch < 1:
+            raise ValueError(f"the batched decode batch must be at least 1, got {batched_decode_batch}")
+        # what a decode of a batched denoise may join (coalescer.py), never less than what any may
+        self.batched_limit = max(batched_decode_batch, max_decode_batch)
         self.coalescer = DecodeCoalescer(
             lambda group: stage.compute.run(self._decode, group),
             max_decode_batch,
@@ -139,7 +148,8 @@ class VaeService(vae_pb2_grpc.VaeDecoderServicer):
         latents, num_frames = self.stage.compute.run(self._validate, request)  # it reads the latents' values
         decode = _Decode(latents, request.height, request.width, (num_frames,) if self.model.video else ())
         validated_ms = elapsed_ms(started)
-        uint8, waited_s = self.coalescer.submit(decode.key, len(latents), decode)
+        limit = self.batched_limit if request.batched else None  # None: --max-decode-batch
+        uint8, waited_s = self.coalescer.submit(decode.key, len(latents), decode, limit)
         queue_ms = validated_ms + 1000 * waited_s
         decode_ms = elapsed_ms(started) - queue_ms
         quality = request.quality or 90

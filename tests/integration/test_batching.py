@@ -137,3 +137,18 @@ def test_every_step_streams_when_the_interval_is_zero(model_dir: Path, tmp_path:
         client.close()
         server.stop(grace=1)
     assert [e.progress.step for e in events if e.HasField("progress")] == [1, 2, 3, 4, 5]
+
+
+def test_a_result_says_whether_it_shared_a_call(denoisers: dict) -> None:
+    """DenoiseResult.batched: what lets the VAE join its decode with others (batched latents already moved)."""
+
+    def result(stage: StageClient, message: denoiser_pb2.DenoiseRequest) -> denoiser_pb2.DenoiseResult:
+        return list(stage.denoiser.Denoise(message, timeout=120))[-1].result
+
+    _, solo_stage = denoisers["off"]
+    _, stage = denoisers["continuous"]
+    assert not result(solo_stage, request(40)).batched
+    assert not result(stage, request(41)).batched  # alone in a batching denoiser
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda seed: result(stage, request(seed, steps=12)), range(42, 46)))
+    assert sum(r.batched for r in together) >= 2  # at least the first two overlapped

@@ -15,7 +15,7 @@ import pytest
 from helpers import beside, latents_of, request, sample, scrape, wait_for
 
 from ditserve.client.launcher import free_port
-from ditserve.client.stub import StageClient
+from ditserve.client.stub import PipelineClient, StageClient
 from ditserve.client.tensors import from_numpy, to_numpy
 from ditserve.v1 import common_pb2, vae_pb2
 
@@ -66,4 +66,41 @@ def test_a_bad_decode_batch_setting_stops_start_up_before_the_model_loads(model_
     command += ["--max-decode-batch", "0", "--port", str(free_port()), "--metrics-port", str(free_port())]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
-    assert "--max-decode-batch/--decode-wait-ms" in result.stderr and "at least 1" in result.stderr
+    assert "--max-decode-batch/--batched-decode-batch/--decode-wait-ms" in result.stderr
+    assert "at least 1" in result.stderr
+
+
+def test_decodes_of_a_batched_denoise_join_one_call_and_a_solo_request_stays_bit_exact(
+    stack: object, tmp_path: Path
+) -> None:
+    """A continuous denoiser batches four requests that arrive together; their latents say so, and the VAE
+    (its default --batched-decode-batch, no --max-decode-batch) decodes them in one call. The shared stack's
+    denoiser (batching off) gives the solo images, which its VAE decodes alone."""
+    prompts = [f"a red {shape} on a blue background" for shape in ("circle", "square", "ring", "cross")]
+    shared = PipelineClient(stack.gateway)
+    alone = [_generated(shared, prompt) for prompt in prompts]
+    shared.close()
+    flags = {"denoiser": ["--batching", "continuous"], "vae": ["--batched-decode-batch", str(BATCH)]}
+    flags["vae"] += ["--decode-wait-ms", "20000"]  # a group of four is full at once: never waited out
+    with beside(stack, ("denoiser", "vae", "gateway"), tmp_path, **flags) as side:
+        for role in ("denoiser", "vae", "gateway"):
+            side.wait_ready(role, 180)
+        port = side.ports.metrics["vae"]
+        batched = PipelineClient(side.gateway)
+        before = scrape(port)
+        with concurrent.futures.ThreadPoolExecutor(BATCH) as pool:
+            images = list(pool.map(lambda prompt: _generated(batched, prompt), prompts))
+        solo_again = _generated(batched, prompts[0])  # alone on the side stack too: decoded alone
+        batched.close()
+        count, total = "ditserve_decode_batch_size_count", "ditserve_decode_batch_size_sum"
+        after = wait_for(port, count, sample(before, count) + 2)
+    assert sample(after, count) - sample(before, count) == 2  # the four in one call, then the fifth alone
+    assert sample(after, total) - sample(before, total) == BATCH + 1
+    assert np.array_equal(solo_again, alone[0])  # alone end to end: bit-exact, as on the shared stack
+    for image, solo in zip(images, alone, strict=True):
+        assert np.abs(image.astype(int) - solo.astype(int)).max() <= 2  # low bits only: same images
+    assert len({image.tobytes() for image in images}) == BATCH
+
+
+def _generated(client: PipelineClient, prompt: str) -> np.ndarray:
+    return np.asarray(client.generate(prompt, seed=5, steps=4, output_format="raw").images[0])

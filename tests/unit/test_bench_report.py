@@ -76,13 +76,17 @@ def test_the_serving_line_says_what_joining_decodes_would_save_and_change() -> N
     summary["vae_coalescing"] = {**joined, "max_difference": 1}
     line = report.headline(document)
     assert "3.40x" in line and "85% of it)" in line
-    assert "would save 1.2% of a request's time and change 3 of 8 outputs (7 values, at most 1 level)" in line
+    assert (
+        "joined 8 to a call save 1.2% of a request's time and change 3 of 8 outputs (7 values, at most 1 level)" in line
+    )
     summary["fraction_of_batched_throughput"] = 0.97
     assert "(in-process batch-8 bound 4.00x: 85% of it; 97% of its outputs/s)" in report.headline(document)
     assert not report.headline(document).startswith("6.8 req/s")
     summary["req_per_s_8_clients"] = {"off": 2.0, "dynamic": 5.0, "continuous": 6.8}
     assert report.headline(document).startswith("6.8 req/s at 8 clients (off 2.0): continuous batching 3.40x")
     assert "CPU per request" not in report.headline(document)  # a result from before the measure
+    summary["vae_batch_size"] = {"off": 1.0, "continuous": 1.6}
+    assert "the continuous stack's VAE decoded 1.60 requests per call" in report.headline(document)
     summary["cpu_ms_per_request_8_clients"] = {"continuous": {"denoiser": 130.2, "vae": 25.6, "total": 164.7}}
     summary["in_process_bound"]["batch8_cpu_ms_per_output"] = 107.5  # type: ignore[index]
     expected = "CPU per request at 8 clients 165 ms (denoiser 130, VAE 26) against 108 ms per output in-process"

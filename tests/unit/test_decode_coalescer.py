@@ -126,3 +126,27 @@ def test_a_decode_that_loses_results_fails_its_requests_instead_of_hanging_them(
     coalescer = DecodeCoalescer(lambda items: items[:-1], max_batch=2, wait_s=0.0)
     with pytest.raises(RuntimeError, match="0 results for 1 requests"):
         coalescer.submit("a", 1, 1)
+
+
+def test_a_request_joins_only_others_of_its_limit_and_one_alone_never_waits() -> None:
+    """Decodes of a batched denoise (limit 4) join each other; one whose latents were made alone (limit 1)
+    joins nothing and, its group full by itself, does not wait out the window."""
+    calls: list[list[int]] = []
+    coalescer = DecodeCoalescer(_record(calls, 0.2), max_batch=1, wait_s=0.0)
+
+    def one(item: int, limit: int | None) -> object:
+        return coalescer.submit("a", 1, item, limit)[0]
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = []
+        for item, limit in ((1, 4), (2, None), (3, 4), (4, 4)):
+            futures.append(pool.submit(one, item, limit))
+            time.sleep(0.02)
+        assert [future.result(timeout=30) for future in futures] == [10, 20, 30, 40]
+    assert calls[0] == [1] and sorted(calls[1:]) == [[2], [3, 4]]
+    assert [p.item for p in take_group([Pending("a", 1, 0, 4), Pending("a", 1, 1, 1)], 4)] == [0]
+    with pytest.raises(ValueError, match="at least 1"):
+        coalescer.submit("a", 1, 5, 0)
+    waited = DecodeCoalescer(_record([]), max_batch=8, wait_s=5.0)
+    started = time.monotonic()
+    assert waited.submit("a", 1, 6, 1)[0] == 60 and time.monotonic() - started < 2

@@ -50,20 +50,22 @@ class StepProgress(_message.Message):
     def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., step_ms: _Optional[float] = ...) -> None: ...
 
 class DenoiseResult(_message.Message):
-    __slots__ = ("latents", "height", "width", "timing", "profile_trace", "num_frames")
+    __slots__ = ("latents", "height", "width", "timing", "profile_trace", "num_frames", "batched")
     LATENTS_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     PROFILE_TRACE_FIELD_NUMBER: _ClassVar[int]
     NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_FIELD_NUMBER: _ClassVar[int]
     latents: _tensor_pb2.Tensor
     height: int
     width: int
     timing: _common_pb2.Timing
     profile_trace: str
     num_frames: int
-    def __init__(self, latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., timing: _Optional[_Union[_common_pb2.Timing, _Mapping]] = ..., profile_trace: _Optional[str] = ..., num_frames: _Optional[int] = ...) -> None: ...
+    batched: bool
+    def __init__(self, latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., timing: _Optional[_Union[_common_pb2.Timing, _Mapping]] = ..., profile_trace: _Optional[str] = ..., num_frames: _Optional[int] = ..., batched: _Optional[bool] = ...) -> None: ...
 
 class DenoiseEvent(_message.Message):
     __slots__ = ("progress", "result")

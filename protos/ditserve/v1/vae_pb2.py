@@ -26,7 +26,7 @@ from ditserve.v1 import common_pb2 as ditserve_dot_v1_dot_common__pb2
 from ditserve.v1 import tensor_pb2 as ditserve_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64itserve/v1/vae.proto\x12\x0b\x64itserve.v1\x1a\x18\x64itserve/v1/common.proto\x1a\x18\x64itserve/v1/tensor.proto\"\xe0\x01\n\rDecodeRequest\x12$\n\x07latents\x18\x01 \x01(\x0b\x32\x13.ditserve.v1.Tensor\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\x12(\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x18.ditserve.v1.ImageFormat\x12\x0f\n\x07quality\x18\x05 \x01(\x05\x12\x12\n\nnum_frames\x18\x06 \x01(\x05\x12\x0b\n\x03\x66ps\x18\x07 \x01(\x02\x12.\n\x0cvideo_format\x18\x08 \x01(\x0e\x32\x18.ditserve.v1.VideoFormat\"}\n\x0e\x44\x65\x63odeResponse\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.ditserve.v1.Image\x12#\n\x06timing\x18\x02 \x01(\x0b\x32\x13.ditserve.v1.Timing\x12\"\n\x06videos\x18\x03 \x03(\x0b\x32\x12.ditserve.v1.Video2O\n\nVaeDecoder\x12\x41\n\x06\x44\x65\x63ode\x12\x1a.ditserve.v1.DecodeRequest\x1a\x1b.ditserve.v1.DecodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64itserve/v1/vae.proto\x12\x0b\x64itserve.v1\x1a\x18\x64itserve/v1/common.proto\x1a\x18\x64itserve/v1/tensor.proto\"\xf1\x01\n\rDecodeRequest\x12$\n\x07latents\x18\x01 \x01(\x0b\x32\x13.ditserve.v1.Tensor\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\x12(\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x18.ditserve.v1.ImageFormat\x12\x0f\n\x07quality\x18\x05 \x01(\x05\x12\x12\n\nnum_frames\x18\x06 \x01(\x05\x12\x0b\n\x03\x66ps\x18\x07 \x01(\x02\x12.\n\x0cvideo_format\x18\x08 \x01(\x0e\x32\x18.ditserve.v1.VideoFormat\x12\x0f\n\x07\x62\x61tched\x18\t \x01(\x08\"}\n\x0e\x44\x65\x63odeResponse\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.ditserve.v1.Image\x12#\n\x06timing\x18\x02 \x01(\x0b\x32\x13.ditserve.v1.Timing\x12\"\n\x06videos\x18\x03 \x03(\x0b\x32\x12.ditserve.v1.Video2O\n\nVaeDecoder\x12\x41\n\x06\x44\x65\x63ode\x12\x1a.ditserve.v1.DecodeRequest\x1a\x1b.ditserve.v1.DecodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,9 +34,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ditserve.v1.vae_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DECODEREQUEST']._serialized_start=91
-  _globals['_DECODEREQUEST']._serialized_end=315
-  _globals['_DECODERESPONSE']._serialized_start=317
-  _globals['_DECODERESPONSE']._serialized_end=442
-  _globals['_VAEDECODER']._serialized_start=444
-  _globals['_VAEDECODER']._serialized_end=523
+  _globals['_DECODEREQUEST']._serialized_end=332
+  _globals['_DECODERESPONSE']._serialized_start=334
+  _globals['_DECODERESPONSE']._serialized_end=459
+  _globals['_VAEDECODER']._serialized_start=461
+  _globals['_VAEDECODER']._serialized_end=540
 # @@protoc_insertion_point(module_scope)

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("latents", "height", "width", "format", "quality", "num_frames", "fps", "video_format")
+    __slots__ = ("latents", "height", "width", "format", "quality", "num_frames", "fps", "video_format", "batched")
     LATENTS_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class DecodeRequest(_message.Message):
     NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
     FPS_FIELD_NUMBER: _ClassVar[int]
     VIDEO_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_FIELD_NUMBER: _ClassVar[int]
     latents: _tensor_pb2.Tensor
     height: int
     width: int
@@ -26,7 +27,8 @@ class DecodeRequest(_message.Message):
     num_frames: int
     fps: float
     video_format: _common_pb2.VideoFormat
-    def __init__(self, latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., quality: _Optional[int] = ..., num_frames: _Optional[int] = ..., fps: _Optional[float] = ..., video_format: _Optional[_Union[_common_pb2.VideoFormat, str]] = ...) -> None: ...
+    batched: bool
+    def __init__(self, latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., quality: _Optional[int] = ..., num_frames: _Optional[int] = ..., fps: _Optional[float] = ..., video_format: _Optional[_Union[_common_pb2.VideoFormat, str]] = ..., batched: _Optional[bool] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("images", "timing", "videos")

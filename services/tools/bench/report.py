@@ -65,10 +65,13 @@ def _serving(s: dict[str, Any], c: dict[str, Any]) -> str:
             f"; CPU per request at 8 clients {cpu['total']:.0f} ms (denoiser {cpu['denoiser']:.0f}, VAE"
             f" {cpu['vae']:.0f}) against {bound['batch8_cpu_ms_per_output']:.0f} ms per output in-process at batch 8"
         )
+    per_call = (s.get("vae_batch_size") or {}).get("continuous")
+    if per_call:
+        text += f"; the continuous stack's VAE decoded {per_call:.2f} requests per call"
     joined = s.get("vae_coalescing")
     if joined:
         text += (
-            f"; decodes joined {joined['batch']} to a call (`--max-decode-batch`, off by default) would save"
+            f"; decodes joined {joined['batch']} to a call save"
             f" {joined['saved_fraction_of_request']:.1%} of a request's time and change"
             f" {joined['batch'] - joined['outputs_identical']} of {joined['batch']} outputs"
             f" ({joined['values_differing']} values, at most {joined['max_difference']} level)"

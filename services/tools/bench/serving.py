@@ -11,8 +11,9 @@ measures the bound batching can reach on this machine: the model's throughput at
 in one process under the services' OpenMP policy; continuous batching is reported as a fraction of it,
 as a ratio of speed-ups (fraction_of_bound) and in outputs per second (fraction_of_batched_throughput).
 Every request sends the same prompt, so the encoder's embedding cache answers all but the first.
-The stacks decode each request alone (the VAE's default); `vae_coalescing` measures in-process what joining
-BOUND_BATCH decodes into one call (`--max-decode-batch`) would save, and how many values it would change.
+The stacks run the VAE's defaults: decodes of batched denoises join each other (`vae_batch_size` says how
+many a call held), others decode alone; `vae_coalescing` measures in-process what joining BOUND_BATCH
+decodes into one call saves, and how many values it changes.
 
 Every row also counts the CPU time each process of its stack (and this process, the clients) used per
 completed request, and the bound the reference's per output at batch 1 and BOUND_BATCH: on a machine whose
@@ -270,7 +271,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "open_loop_rate": rate,
         "encoder_cache_hit_rate": hit_rates,
         "vae_batch_size": decode_batches,
-        # what --max-decode-batch would save of a batch-1 request's time, and what it would change
+        # what joining decodes saves of a batch-1 request's time, and what it changes
         "vae_coalescing": {**decoding, "saved_fraction_of_request": saved_s / bound["batch1_s"]},
         "errors": sum(r["errors"] for r in rows),
         "targets": TARGETS,
