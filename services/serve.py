@@ -159,7 +159,8 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
             help="join concurrent decodes of the same shape into one VAE call of up to this many images or"
             " clips: fewer, larger calls (what that saves: vae_coalescing in `ditserve bench serving`), but a"
             " joined image can differ from its solo decode by one uint8 level"
-            " in a few values, and peak memory grows with the batch (default: 1, each request alone)",
+            " in a few values, and peak memory grows with the batch (default: 1, only decodes of batched"
+            " denoises join, under --batched-decode-batch)",
         )
         parser.add_argument(
             "--batched-decode-batch",

@@ -1,8 +1,8 @@
-"""Would coalescing concurrent decodes pay? The VAE role's decoder at batch N against N decodes of one.
+"""What does coalescing concurrent decodes pay and change? The VAE's decoder at batch N against N of one.
 
-The VAE role decodes each request alone (`ditserve_decode_batch_size` 1 under any load). Coalescing
-equal-shape decodes from different requests would save what a batched decode saves per output, but the
-outputs must stay the ones the request would get alone; this measures both on the model, in this process:
+The VAE joins equal-shape decodes of batched denoises by default, any under `--max-decode-batch`. A joined
+decode saves what a batched decode saves per output, but its outputs are not quite the ones the request
+would get alone; this measures both on the model, in this process:
 the same N latents (each a request's, after its prompt's first denoising step) decoded one at a time and
 as one batch, the median of `repeats` alternating timings each, and how many uint8 values differ.
 """
