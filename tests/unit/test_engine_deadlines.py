@@ -23,6 +23,7 @@ STEP_S = 0.02
 @dataclass
 class FakeTrajectory:
     steps_done: int = 0
+    batched: bool = False
 
     def result(self) -> int:
         return self.steps_done
