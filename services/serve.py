@@ -174,9 +174,9 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
         parser.add_argument(
             "--decode-wait-ms",
             type=float,
-            default=0.0,
-            help="for a decode that may join others, how long it waits for more of its shape to come"
-            " (default: 0, only those already waiting join)",
+            default=8.0,
+            help="for a decode that may join others, how long it waits for more of its shape to come; a"
+            " decode that may not never waits (default: 8)",
         )
 
 

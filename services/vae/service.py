@@ -62,7 +62,7 @@ class VaeService(vae_pb2_grpc.VaeDecoderServicer):
         stage: StageContext,
         tiling: bool = False,
         max_decode_batch: int = 1,
-        decode_wait_ms: float = 0.0,
+        decode_wait_ms: float = 8.0,
         batched_decode_batch: int = 8,
     ) -> None:
         self.stage = stage
