@@ -62,8 +62,9 @@ bench-cache: install
 	$(VENV)/bin/ditserve bench cache --out bench/results/cache.json
 
 # Every CPU bench at its defaults on the repository's models (the README's figures), then the README's
-# tables regenerated from the results. 59.7 minutes on 2 cores in 2026-11 (the cache bench 42: its timed
-# rounds 22, its quality pass 20 in two worker processes with early stop). Run it on a quiet machine:
+# tables regenerated from the results. 22.7 minutes on 2 cores on 2026-12-01 (the cache bench 11 of it);
+# 59.7 in 2026-11, when this machine ran ~3x slower (the cache bench 42: its timed rounds 22, its quality
+# pass 20 in two worker processes with early stop). Run it on a quiet machine:
 # every figure is a ratio measured side by side, but load from elsewhere still skews it.
 # Not here: the cache bench on the video model (17 min more; its command is in the README's table).
 bench: bench-cache
