@@ -27,6 +27,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from ditserve.services.families.executor import StagedExecutor, Tensor
+from ditserve.services.families.flux.rotary import memoize_rotary
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class FluxBlockExecutor(StagedExecutor):
     def __init__(self, transformer: FluxTransformer2DModel) -> None:
         super().__init__(transformer, (*transformer.transformer_blocks, *transformer.single_transformer_blocks))
         self.num_double_blocks = len(transformer.transformer_blocks)
+        memoize_rotary(transformer)  # the model's own forward (uncached calls) takes it too
 
     def embed(
         self,
