@@ -14,6 +14,8 @@ Why our own processor rather than diffusers' dispatcher (`transformer.set_attent
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import (
@@ -68,6 +70,12 @@ class DitserveFluxAttnProcessor(RegistryAttnProcessor):
         )
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
         return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
+
+
+# diffusers' FluxAttention.forward reads its processor's signature on every call (to drop keywords the
+# processor does not take); a stored signature makes that a lookup: 13 -> 4 us, 240 times a request on
+# the shipped image model.
+DitserveFluxAttnProcessor.__call__.__signature__ = inspect.signature(DitserveFluxAttnProcessor.__call__)
 
 
 def apply_attention_backend(transformer: FluxTransformer2DModel, backend: BackendName) -> None:
