@@ -191,9 +191,6 @@ class TransformerRunner(ABC):
         prediction exists. Not with a mirror: the other ranks may be left inside a collective, so the call
         fails them all.
         """
-        if len(trajectories) > 1:
-            for trajectory in trajectories:
-                trajectory.batched = True
         try:
             cfg = trajectories[0].has_negative
             joint = len(trajectories) > 1 and cfg and self.mirror is None
@@ -209,6 +206,9 @@ class TransformerRunner(ABC):
             if len(trajectories) == 1:
                 return [error]
             return [self.step([trajectory])[0] for trajectory in trajectories]
+        if len(trajectories) > 1:  # their latents now move by a shared call: the low bits of a batch
+            for trajectory in trajectories:
+                trajectory.batched = True
         errors: list[Exception | None] = []
         for trajectory, cond, uncond in zip(trajectories, noise, negative, strict=True):
             try:

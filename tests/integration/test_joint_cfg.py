@@ -87,3 +87,27 @@ def test_join_branches_concatenates_rows_and_refuses_what_cannot_share_a_call() 
     assert join_branches(cond, longer, frozenset({"txt_ids"})) is None
     moved = {**uncond, "txt_ids": ids + 1}
     assert join_branches(cond, moved, frozenset({"txt_ids"})) is None
+
+
+def test_a_batch_retried_alone_after_its_call_failed_is_not_marked_batched(model: LocalModel) -> None:
+    """`batched` (what lets the VAE join a decode) means a shared call moved the latents; a batch whose
+    call raised is retried one trajectory at a time, so its first step stays a solo run's."""
+    trajectories = [
+        model.runner.start(DenoiseJob(f"r{i}", model.inputs(model.encode(PROMPTS[i]), i, STEPS, None), STEPS))
+        for i in (0, 1)
+    ]
+    failed: list[int] = []
+
+    def fail_once_batched(_module: object, _args: object, kwargs: dict) -> None:
+        if kwargs["hidden_states"].shape[0] > 1 and not failed:
+            failed.append(1)
+            raise RuntimeError("a batched call failed")
+
+    hook = model.runner.executor.transformer.register_forward_pre_hook(fail_once_batched, with_kwargs=True)
+    try:
+        assert model.runner.step(trajectories) == [None, None]
+    finally:
+        hook.remove()
+    assert failed and [t.batched for t in trajectories] == [False, False]
+    assert model.runner.step(trajectories) == [None, None]
+    assert [t.batched for t in trajectories] == [True, True]
