@@ -4,8 +4,8 @@ Three full stacks run side by side (one per --batching mode) on the same model; 
 run against each mode in turn (A B C, A B C, ...) so machine noise hits all modes alike. Closed loop:
 C clients each send their next request when the last one returns. Open loop: the same --open-requests
 Poisson arrivals for every mode, at a fixed rate near the off-mode capacity, latency counted from the
-scheduled arrival; the p99 is the second-slowest of the default 200 (over 60, as before, it was the
-slowest, and off's queue had not yet grown to what that load keeps it at).
+scheduled arrival. The p99 is the second-slowest of the default 200: enough arrivals for it not to be
+the slowest one, and for off's queue to grow to what that load keeps it at.
 
 Requests ask for the model folder's defaults at --steps (a video family: its frames, returned raw), the
 work of the family's in-process reference (reference.py). Before the stacks start, that reference
