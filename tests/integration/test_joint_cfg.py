@@ -13,7 +13,7 @@ from helpers import TOLERANCE_BATCHED
 from ditserve.services.common.model import ModelFolder
 from ditserve.services.denoiser.cache.policy import CacheConfig, DBCacheConfig, SCMConfig, TeaCacheConfig
 from ditserve.services.denoiser.job import DenoiseJob
-from ditserve.services.denoiser.runner import join_branches
+from ditserve.services.denoiser.runner import Trajectory, join_branches
 from ditserve.services.tools.local_model import LocalModel
 
 pytestmark = pytest.mark.integration
@@ -28,15 +28,20 @@ def model(request: pytest.FixtureRequest, model_dir: Path, video_model_dir: Path
     return LocalModel(folder, torch.device("cpu"), torch.float32)
 
 
+def start(model: LocalModel, samples: list[int], cache: CacheConfig | None) -> list[Trajectory]:
+    """A trajectory per sample: prompt PROMPTS[i], seed i."""
+    return [
+        model.runner.start(DenoiseJob(f"s{i}", model.inputs(model.encode(PROMPTS[i]), i, STEPS, cache), STEPS))
+        for i in samples
+    ]
+
+
 def denoise(model: LocalModel, samples: list[int], cache: CacheConfig | None) -> tuple[list[torch.Tensor], int, list]:
     """The samples' final latents stepped as one batch, the transformer calls it took, their step patterns."""
     calls: list[int] = []
     hook = model.runner.executor.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
     try:
-        trajectories = [
-            model.runner.start(DenoiseJob(f"s{i}", model.inputs(model.encode(PROMPTS[i]), i, STEPS, cache), STEPS))
-            for i in samples
-        ]
+        trajectories = start(model, samples, cache)
         assert all(t.has_negative for t in trajectories), "the shipped models' defaults use CFG"
         for _ in range(STEPS):
             assert model.runner.step(trajectories) == [None] * len(trajectories)
@@ -92,10 +97,7 @@ def test_join_branches_concatenates_rows_and_refuses_what_cannot_share_a_call() 
 def test_a_batch_retried_alone_after_its_call_failed_is_not_marked_batched(model: LocalModel) -> None:
     """`batched` (what lets the VAE join a decode) means a shared call moved the latents; a batch whose
     call raised is retried one trajectory at a time, so its first step stays a solo run's."""
-    trajectories = [
-        model.runner.start(DenoiseJob(f"r{i}", model.inputs(model.encode(PROMPTS[i]), i, STEPS, None), STEPS))
-        for i in (0, 1)
-    ]
+    trajectories = start(model, [0, 1], None)
     failed: list[int] = []
 
     def fail_once_batched(_module: object, _args: object, kwargs: dict) -> None:
