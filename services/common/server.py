@@ -51,6 +51,19 @@ def connection_age(seconds: float) -> list[tuple[str, int]]:
     return [("grpc.max_connection_age_ms", int(seconds * 1000))] if seconds > 0 else []
 
 
+def health_service() -> health.HealthServicer:
+    """grpc.health.v1 in its blocking mode: each Watch stream holds a worker thread while open.
+
+    The default non-blocking Watch sends its first status while holding the servicer's lock and waits for
+    the server's event thread to finish the send; that thread, closing an old Watch (a client moving to a
+    new connection at --max-connection-age), waits for the same lock. Both wait for ever: the server
+    answers nothing more and its process cannot exit (seen under CPU load in
+    test_stage_channels.py, py-spy showing the two threads). Blocking Watches only queue responses under
+    the lock.
+    """
+    return health.HealthServicer(experimental_non_blocking=False)
+
+
 @dataclass(frozen=True)
 class ServerOptions:
     host: str = "127.0.0.1"
@@ -175,7 +188,7 @@ def start_server(service: Service, options: ServerOptions, security: ServerSecur
     )
     service.register(server)
     common_pb2_grpc.add_AdminServicer_to_server(AdminServicer(service), server)
-    health_servicer = health.HealthServicer()
+    health_servicer = health_service()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [*service.grpc_service_names(), "ditserve.v1.Admin"]
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)

@@ -14,7 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from ditserve.services.common.server import connection_age
+from ditserve.services.common.server import connection_age, health_service
 from ditserve.services.gateway.pool import (
     DOWN_AFTER_S,
     MAX_ATTEMPTS,
@@ -113,7 +113,7 @@ def start_replicas(count: int, max_connection_age_s: float = 0) -> list[Running]
     running = []
     for index in range(count):
         server = grpc.server(futures.ThreadPoolExecutor(4), options=connection_age(max_connection_age_s))
-        replica, checks = Replica(f"r{index}"), health.HealthServicer()
+        replica, checks = Replica(f"r{index}"), health_service()  # as the stages serve it
         common_pb2_grpc.add_AdminServicer_to_server(replica, server)
         health_pb2_grpc.add_HealthServicer_to_server(checks, server)
         port = server.add_insecure_port("127.0.0.1:0")
