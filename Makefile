@@ -60,13 +60,12 @@ compose-smoke:
 bench-cache: install
 	$(PIP) install -q -e ".[serve,bench]"
 	$(VENV)/bin/ditserve bench cache --out bench/results/cache.json
+	$(VENV)/bin/ditserve bench cache --model models/shapes-wan --quality-prompts 100 --out bench/results/cache-video.json
 
 # Every CPU bench at its defaults on the repository's models (the README's figures), then the README's
-# tables regenerated from the results. 22.7 minutes on 2 cores on 2026-12-01 (the cache bench 11 of it);
-# 59.7 in 2026-11, when this machine ran ~3x slower (the cache bench 42: its timed rounds 22, its quality
-# pass 20 in two worker processes with early stop). Run it on a quiet machine:
-# every figure is a ratio measured side by side, but load from elsewhere still skews it.
-# Not here: the cache bench on the video model (17 min more; its command is in the README's table).
+# tables regenerated from the results. About 40 minutes on 2 cores on 2026-12-01: the image cache bench
+# 11, the video one 17 (59.7 without the video one in 2026-11, when this machine ran ~3x slower). Run it
+# on a quiet machine: every figure is a ratio measured side by side, but load from elsewhere still skews it.
 bench: bench-cache
 	$(VENV)/bin/ditserve bench transport --out bench/results/transport.json
 	$(VENV)/bin/ditserve bench serving --out bench/results/serving.json
