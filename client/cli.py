@@ -198,6 +198,7 @@ DENOISER_PASSTHROUGH = (
     "attention_benchmark",
     "cache_policy",
     "quantize",
+    "joint_cfg",
     "sp_ulysses",
     "sp_ring",
 )
@@ -429,6 +430,12 @@ def _stack_arguments(parser: argparse.ArgumentParser, up: bool = False) -> None:
     group = parser.add_argument_group("denoiser (passed to `ditserve serve denoiser`; default: its own)")
     group.add_argument("--batching", choices=["off", "dynamic", "continuous"], default=None, help="batching mode")
     group.add_argument("--max-batch-size", type=int, default=None, help="requests per batch")
+    group.add_argument(
+        "--joint-cfg",
+        choices=["batched", "always"],
+        default=None,
+        help="always: a true-CFG request alone runs both branches in one call (faster, not bit-exact)",
+    )
     group.add_argument("--attention-backend", default=None, help="auto, torch_sdpa, sdpa_cudnn, fa, ...")
     group.add_argument(
         "--attention-benchmark",

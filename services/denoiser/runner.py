@@ -42,7 +42,8 @@ class Trajectory:
         self.true_cfg_scale = true_cfg_scale
         self.has_negative = has_negative
         self.index = 0
-        # whether it ever shared a transformer call: then its result may differ from a solo run's low bits
+        # whether it ever shared a transformer call with other trajectories: then its result may differ
+        # from a solo run's low bits, and its decode may join theirs
         self.batched = False
 
     @property
@@ -84,7 +85,8 @@ class TransformerRunner(ABC):
     """Holds the transformer and the scheduler template; a family says how jobs start and call it.
 
     Under sequence parallelism `executor` runs on this rank's shard and `mirror` announces each call to
-    the other ranks before rank 0 makes it.
+    the other ranks before rank 0 makes it. `joint_cfg_alone` (the denoiser's --joint-cfg always) gives
+    a request alone the one call for both CFG branches that a batch takes: faster, no longer bit-exact.
     """
 
     temporal_factor = 1  # frames per latent frame after the first (a video VAE's); clips are tk+1 frames
@@ -101,6 +103,7 @@ class TransformerRunner(ABC):
         dtype: torch.dtype,
         on_cache_step: Callable[[str, bool], None] | None = None,
         mirror: CallMirror | None = None,
+        joint_cfg_alone: bool = False,
     ) -> None:
         self.executor = executor
         self.scheduler = scheduler
@@ -109,6 +112,7 @@ class TransformerRunner(ABC):
         self.dtype = dtype
         self.on_cache_step = on_cache_step
         self.mirror = mirror
+        self.joint_cfg_alone = joint_cfg_alone
 
     # --- what a family provides ---
     @abstractmethod
@@ -182,10 +186,11 @@ class TransformerRunner(ABC):
     def step(self, trajectories: list[Trajectory]) -> list[Exception | None]:
         """One step for a batch; returns, per trajectory, the error that failed it.
 
-        Alone, this is the pipeline's exact call sequence (bit-exact: with CFG, one call per branch);
-        together, one transformer call for both CFG branches of all samples. A batch's rows already differ
-        from their solo runs in the low bits (the matmuls block differently), and on the shipped image
-        model one call of 2n rows costs less than two of n (24% at n = 8, 36% at n = 2). Under sequence
+        Alone, this is the pipeline's exact call sequence (bit-exact: with CFG, one call per branch),
+        unless joint_cfg_alone; together, one transformer call for both CFG branches of all samples. A
+        batch's rows already differ from their solo runs in the low bits (the matmuls block differently),
+        and on the shipped image model one call of 2n rows costs less than two of n (24% at n = 8, 36% at
+        n = 2; a request alone's denoise 30% less at n = 1). Under sequence
         parallelism the branches keep a call each, the calls the mirror replays. If a batched call raises,
         each trajectory is retried alone so only the culprit fails: no trajectory has moved before every
         prediction exists. Not with a mirror: the other ranks may be left inside a collective, so the call
@@ -193,7 +198,7 @@ class TransformerRunner(ABC):
         """
         try:
             cfg = trajectories[0].has_negative
-            joint = len(trajectories) > 1 and cfg and self.mirror is None
+            joint = (len(trajectories) > 1 or self.joint_cfg_alone) and cfg and self.mirror is None
             both = self._predict_both(trajectories) if joint else None
             if both is not None:
                 noise, negative = both

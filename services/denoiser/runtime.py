@@ -44,6 +44,7 @@ class DenoiserOptions:
     sp_timeout_s: float = 120.0  # a collective inside a call: longer than any rank lags behind another
     compile: bool = False  # --compile: regional torch.compile of the blocks, warmed up before SERVING
     quantize: str = "none"  # --quantize: none, int8-weight or fp8 (torchao), the blocks' Linears
+    joint_cfg: str = "batched"  # --joint-cfg: both CFG branches in one call for a batch, or always
 
 
 @dataclass
@@ -121,7 +122,9 @@ def build_runtime(stage: StageContext, options: DenoiserOptions) -> DenoiserRunt
         facts,
         on_cache_step=lambda policy, computed: cache_steps.labels(policy, "computed" if computed else "cached").inc(),
         mirror=sp,
+        joint_cfg_alone=options.joint_cfg == "always",
     )
+    stage.details["joint_cfg"] = options.joint_cfg if sp is None else "off (sequence parallel: a call per branch)"
     if options.compile:  # before the engine exists, so health is not SERVING until compiled
         from ditserve.services.denoiser.compile import warm_up
 

@@ -118,6 +118,7 @@ class ModelFamily(ABC):
         facts: ModelFacts,
         on_cache_step: Callable[[str, bool], None] | None = None,
         mirror: Any = None,
+        joint_cfg_alone: bool = False,
     ) -> TransformerRunner:
         """The denoiser's runner (a denoiser/runner.py TransformerRunner subclass) for this family."""
         return self._class(self.runner_class)(
@@ -128,6 +129,7 @@ class ModelFamily(ABC):
             dtype,
             on_cache_step=on_cache_step,
             mirror=mirror,
+            joint_cfg_alone=joint_cfg_alone,
             transformer_config=transformer.config,
             **self.runner_options(transformer, folder),
         )

@@ -1,6 +1,7 @@
 """Both CFG branches of a batch in one transformer call (runner.py): one call per step instead of two,
 each sample as it would be alone within the batched tolerance, step caches deciding per branch as alone;
-a sample alone keeps the pipeline's two calls. The shipped models, in process (no services needed)."""
+a sample alone keeps the pipeline's two calls unless --joint-cfg always. The shipped models, in process
+(no services needed)."""
 
 from __future__ import annotations
 
@@ -113,3 +114,20 @@ def test_a_batch_retried_alone_after_its_call_failed_is_not_marked_batched(model
     assert failed and [t.batched for t in trajectories] == [False, False]
     assert model.runner.step(trajectories) == [None, None]
     assert [t.batched for t in trajectories] == [True, True]
+
+
+def test_joint_cfg_always_gives_a_request_alone_one_call_per_step(model: LocalModel) -> None:
+    """--joint-cfg always: a request alone takes the batch's one call for both branches, within the
+    batched tolerance of its bit-exact two-call run. It shared no call with another request, so it is not
+    marked batched: its decode does not wait for others to join it."""
+    (split,), split_calls, _ = denoise(model, [0], None)
+    model.runner.joint_cfg_alone = True
+    try:
+        (joint,), joint_calls, _ = denoise(model, [0], None)
+        (trajectory,) = start(model, [0], None)
+        assert model.runner.step([trajectory]) == [None]
+    finally:
+        model.runner.joint_cfg_alone = False
+    assert (split_calls, joint_calls) == (2 * STEPS, STEPS)
+    assert (split - joint).abs().max() <= TOLERANCE_BATCHED
+    assert not trajectory.batched

@@ -19,9 +19,20 @@ CLI = [sys.executable, "-m", "ditserve.client.cli"]
 
 
 @pytest.mark.timeout(420)
-def test_up_quantize_reaches_the_denoiser() -> None:
+def test_up_quantize_and_joint_cfg_reach_the_denoiser() -> None:
     up = subprocess.Popen(
-        [*CLI, "up", "--free-ports", "--no-http", "--device", "cpu", "--quantize", "int8-weight"],
+        [
+            *CLI,
+            "up",
+            "--free-ports",
+            "--no-http",
+            "--device",
+            "cpu",
+            "--quantize",
+            "int8-weight",
+            "--joint-cfg",
+            "always",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -35,6 +46,7 @@ def test_up_quantize_reaches_the_denoiser() -> None:
         assert info.returncode == 0, info.stderr
         details = json.loads(info.stdout)["details"]
         assert details["quantize"] == "int8-weight"
+        assert details["joint_cfg"] == "always"
         assert int(details["quantized_linears"]) > 0
         assert details["attention"].startswith("auto chose torch_sdpa")  # the reason, in Info
     finally:

@@ -129,3 +129,7 @@ def test_the_transport_line_gives_the_middle_half_of_the_rounds_when_measured() 
     line = report.headline(document)
     assert "diffusers 1.04 (middle half of rounds 0.98-1.13; diffusers under the services' OpenMP policy: 0.90)" in line
     assert "outputs identical" in line
+    summary.update(e2e_overhead_ratio_joint_cfg=0.72, e2e_joint_cfg_max_levels=1)
+    assert report.headline(document).endswith(
+        "outputs identical; with --joint-cfg always 0.72, outputs within 1/255 of in-process"
+    )

@@ -41,7 +41,13 @@ def _transport(s: dict[str, Any], c: dict[str, Any]) -> str:
         f" in-process diffusers {s['e2e_overhead_ratio']:.2f}" + (f" ({'; '.join(asides)})" if asides else "")
     )
     identical = "identical" if s["e2e_all_identical"] else "NOT identical"
-    return text + f", median of {c.get('pairs')} rounds, {c.get('steps')} steps, outputs {identical}"
+    text += f", median of {c.get('pairs')} rounds, {c.get('steps')} steps, outputs {identical}"
+    if s.get("e2e_overhead_ratio_joint_cfg") is not None:
+        text += (
+            f"; with --joint-cfg always {s['e2e_overhead_ratio_joint_cfg']:.2f},"
+            f" outputs within {s['e2e_joint_cfg_max_levels']}/255 of in-process"
+        )
+    return text
 
 
 def _serving(s: dict[str, Any], c: dict[str, Any]) -> str:

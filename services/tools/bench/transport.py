@@ -9,13 +9,16 @@ run: the family's diffusers pipeline (reference.py) doing exactly the request's 
 steps, runs interleaved. The headline ratio is against diffusers at its defaults (no
 OpenMP variables, as a user runs it); the same-policy ratio, against diffusers under the
 services' OpenMP setting (client/config.py's services_openmp), is reported beside it. Any output that
-differs between the sides fails the bench: the times then compare different work.
+differs between the sides fails the bench: the times then compare different work. A second stack
+under the denoiser's --joint-cfg always (a request alone runs both CFG branches in one call) is timed
+in the same rounds; its outputs may differ by rounding, by at most JOINT_CFG_MAX_LEVELS.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -86,12 +89,16 @@ def codec_rows(repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
-SIDES = ("services", "in_process", "in_process_same_policy")
+SIDES = ("services", "services_joint_cfg", "in_process", "in_process_same_policy")
+# The services under `--joint-cfg always`: a request alone runs both CFG branches in one call, so its
+# output may differ from the pipeline's by rounding; more than this many uint8 levels is different work.
+JOINT_CFG_MAX_LEVELS = 2
 
 
 def e2e_rows(model: Path, steps: int, pairs: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Each round runs the services, diffusers at its defaults and diffusers under the services' OpenMP
-    policy on the same prompt and seed, the order rotating by one each round."""
+    """Each round runs the services (as started by default, and with --joint-cfg always), diffusers at
+    its defaults and diffusers under the services' OpenMP policy on the same prompt and seed, the order
+    rotating by one each round."""
     import numpy as np
 
     from ditserve.client.launcher import Ports, Stack
@@ -106,53 +113,66 @@ def e2e_rows(model: Path, steps: int, pairs: int) -> tuple[list[dict[str, Any]],
 
     rows: list[dict[str, Any]] = []
     # The embedding cache would spare the services the text encoding the in-process side does every round.
-    stack = Stack(model=model, ports=Ports.free(), extra_args={"encoder": ["--embedding-cache-mb", "0"]})
+    no_cache = {"encoder": ["--embedding-cache-mb", "0"]}
+    stacks = {
+        "services": Stack(model=model, ports=Ports.free(), extra_args=no_cache),
+        "services_joint_cfg": Stack(
+            model=model, ports=Ports.free(), extra_args={**no_cache, "denoiser": ["--joint-cfg", "always"]}
+        ),
+    }
     with (
         InProcessWorker(model, steps, user_environment()) as user,
         InProcessWorker(model, steps, services_environment()) as same_policy,
     ):
         settings = user.settings
         family = family_of(model)
-        stack.start(timeout=STARTUP_TIMEOUT_S)
-        try:
-            with PipelineClient(stack.gateway) as client:
+        with ExitStack() as running:
+            for stack in stacks.values():
+                running.callback(stack.stop)
+                stack.start(timeout=STARTUP_TIMEOUT_S)
+            clients = {name: running.enter_context(PipelineClient(stack.gateway)) for name, stack in stacks.items()}
 
-                def services(seed: int) -> tuple[float, np.ndarray, Any]:
+            def served(name: str) -> Any:
+                def side(seed: int) -> tuple[float, np.ndarray, Any]:
                     started = time.perf_counter()
-                    output = client.generate(PROMPT, seed=seed, timeout=600, **settings)
+                    output = clients[name].generate(PROMPT, seed=seed, timeout=600, **settings)
                     return time.perf_counter() - started, served_pixels(family, output), output
 
-                sides = {
-                    "services": services,
-                    "in_process": lambda seed: (*user(PROMPT, seed), None),
-                    "in_process_same_policy": lambda seed: (*same_policy(PROMPT, seed), None),
-                }
-                for side in sides.values():  # warm every path once
-                    side(0)
-                for pair in range(pairs):
-                    seed = pair + 1
-                    order = SIDES[pair % 3 :] + SIDES[: pair % 3]
-                    measured = {name: sides[name](seed) for name in order}
-                    (served_s, served, output), (local_s, local, _) = measured["services"], measured["in_process"]
-                    policy_s, policy_pixels, _ = measured["in_process_same_policy"]
-                    rows.append(
-                        {
-                            "kind": "e2e",
-                            "pair": pair,
-                            "order": list(order),
-                            "services_s": served_s,
-                            "in_process_s": local_s,
-                            "in_process_same_policy_s": policy_s,
-                            "ratio": served_s / local_s,
-                            "ratio_same_policy": served_s / policy_s,
-                            "identical": bool(np.array_equal(served, local) and np.array_equal(served, policy_pixels)),
-                            "stage_ms": dict(output.timing.stage_ms),
-                            "queue_ms": output.timing.queue_ms,
-                            "step_ms_median": median(list(output.timing.step_ms)),
-                        }
-                    )
-        finally:
-            stack.stop()
+                return side
+
+            sides = {
+                **{name: served(name) for name in stacks},
+                "in_process": lambda seed: (*user(PROMPT, seed), None),
+                "in_process_same_policy": lambda seed: (*same_policy(PROMPT, seed), None),
+            }
+            for side in sides.values():  # warm every path once
+                side(0)
+            for pair in range(pairs):
+                seed = pair + 1
+                order = SIDES[pair % len(SIDES) :] + SIDES[: pair % len(SIDES)]
+                measured = {name: sides[name](seed) for name in order}
+                (served_s, pixels, output), (local_s, local, _) = measured["services"], measured["in_process"]
+                policy_s, policy_pixels, _ = measured["in_process_same_policy"]
+                joint_s, joint_pixels, _ = measured["services_joint_cfg"]
+                rows.append(
+                    {
+                        "kind": "e2e",
+                        "pair": pair,
+                        "order": list(order),
+                        "services_s": served_s,
+                        "services_joint_cfg_s": joint_s,
+                        "in_process_s": local_s,
+                        "in_process_same_policy_s": policy_s,
+                        "ratio": served_s / local_s,
+                        "ratio_same_policy": served_s / policy_s,
+                        "ratio_joint_cfg": joint_s / local_s,
+                        "identical": bool(np.array_equal(pixels, local) and np.array_equal(pixels, policy_pixels)),
+                        "joint_cfg_max_levels": int(np.abs(joint_pixels.astype(np.int16) - local).max()),
+                        "stage_ms": dict(output.timing.stage_ms),
+                        "queue_ms": output.timing.queue_ms,
+                        "step_ms_median": median(list(output.timing.step_ms)),
+                    }
+                )
     return rows, {"family": family, **settings}
 
 
@@ -173,6 +193,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     e2e, settings = e2e_rows(Path(args.model), args.steps, args.pairs)
     total_bytes = sum(row["bytes"] for row in codec)
     identical = all(row["identical"] for row in e2e)
+    joint_levels = max(row["joint_cfg_max_levels"] for row in e2e)
+    failures = [] if identical else ["e2e_all_identical: the services and in-process outputs differ"]
+    if joint_levels > JOINT_CFG_MAX_LEVELS:
+        failures.append(f"joint CFG: outputs {joint_levels} levels from in-process (> {JOINT_CFG_MAX_LEVELS})")
     summary = {
         "codec_encode_gbps": total_bytes / sum(row["bytes"] / row["encode_gbps"] for row in codec),
         "codec_decode_gbps": total_bytes / sum(row["bytes"] / row["decode_gbps"] for row in codec),
@@ -184,10 +208,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "e2e_in_process_s_median": median([row["in_process_s"] for row in e2e]),
         "e2e_in_process_same_policy_s_median": median([row["in_process_same_policy_s"] for row in e2e]),
         "e2e_all_identical": identical,
+        # --joint-cfg always: a request alone's two CFG branches in one call (not bit-exact, within levels)
+        "e2e_overhead_ratio_joint_cfg": median([row["ratio_joint_cfg"] for row in e2e]),
+        "e2e_services_joint_cfg_s_median": median([row["services_joint_cfg_s"] for row in e2e]),
+        "e2e_joint_cfg_max_levels": joint_levels,
         # where the services' time goes: each stage's median, and what no stage accounts for (hops, codecs)
         "e2e_services_stage_ms_median": stage_breakdown(e2e),
         "targets": TARGETS,
-        "failures": [] if identical else ["e2e_all_identical: the services and in-process outputs differ"],
+        "failures": failures,
     }
     summary["targets_met"] = {
         "e2e_overhead_ratio": summary["e2e_overhead_ratio"] <= TARGETS["e2e_overhead_ratio"],
