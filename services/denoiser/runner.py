@@ -73,8 +73,13 @@ class CallMirror(Protocol):
     """Replays each transformer call on other processes: sequence parallelism (parallel/serving.py)."""
 
     def announce(
-        self, trajectories: list[Trajectory], branch: str, caching: bool, inputs: dict[str, torch.Tensor | None]
-    ) -> None: ...
+        self,
+        trajectories: list[Trajectory],
+        branches: tuple[str, ...],
+        caching: bool,
+        inputs: dict[str, torch.Tensor | None],
+    ) -> None:
+        """Before a call over the trajectories' rows of each branch in turn (as _call lays them out)."""
 
     def fail(self, error: Exception) -> Exception:
         """The error every trajectory of a failed call ends with: the other ranks' state is lost."""
@@ -151,7 +156,7 @@ class TransformerRunner(ABC):
         runs = [(t, t.cache.branch(branch)) for branch in branches for t in trajectories]
         caching = any(t.caching for t in trajectories)
         if self.mirror is not None:
-            self.mirror.announce(trajectories, branches[0], caching, inputs)
+            self.mirror.announce(trajectories, branches, caching, inputs)
         if caching:
             slots = [Slot(cache, t.index, len(t.timesteps), t.rows) for t, cache in runs]
             noise = forward_batch(self.executor, slots, **inputs)
@@ -186,19 +191,18 @@ class TransformerRunner(ABC):
     def step(self, trajectories: list[Trajectory]) -> list[Exception | None]:
         """One step for a batch; returns, per trajectory, the error that failed it.
 
-        Alone, this is the pipeline's exact call sequence (bit-exact: with CFG, one call per branch),
-        unless joint_cfg_alone; together, one transformer call for both CFG branches of all samples. A
-        batch's rows already differ from their solo runs in the low bits (the matmuls block differently),
-        and on the shipped image model one call of 2n rows costs less than two of n (24% at n = 8, 36% at
-        n = 2; a request alone's denoise 30% less at n = 1). Under sequence
-        parallelism the branches keep a call each, the calls the mirror replays. If a batched call raises,
-        each trajectory is retried alone so only the culprit fails: no trajectory has moved before every
-        prediction exists. Not with a mirror: the other ranks may be left inside a collective, so the call
-        fails them all.
+        Alone, this is the pipeline's exact call sequence (bit-exact: with CFG, one call per branch), unless
+        joint_cfg_alone; together, one transformer call for both CFG branches of all samples. A batch's rows
+        already differ from their solo runs in the low bits (the matmuls block differently), and on the shipped
+        image model one call of 2n rows costs less than two of n (24% at n = 8, 36% at n = 2; a request alone's
+        denoise 30% less at n = 1). Under sequence parallelism the mirror announces each call, a joint one with
+        a slot per branch, and the other ranks replay it. If a batched call raises, each trajectory is retried
+        alone so only the culprit fails: no trajectory has moved before every prediction exists. Not with a
+        mirror: the other ranks may be left inside a collective, so the call fails them all.
         """
         try:
             cfg = trajectories[0].has_negative
-            joint = (len(trajectories) > 1 or self.joint_cfg_alone) and cfg and self.mirror is None
+            joint = (len(trajectories) > 1 or self.joint_cfg_alone) and cfg
             both = self._predict_both(trajectories) if joint else None
             if both is not None:
                 noise, negative = both

@@ -124,7 +124,7 @@ def build_runtime(stage: StageContext, options: DenoiserOptions) -> DenoiserRunt
         mirror=sp,
         joint_cfg_alone=options.joint_cfg == "always",
     )
-    stage.details["joint_cfg"] = options.joint_cfg if sp is None else "off (sequence parallel: a call per branch)"
+    stage.details["joint_cfg"] = options.joint_cfg
     if options.compile:  # before the engine exists, so health is not SERVING until compiled
         from ditserve.services.denoiser.compile import warm_up
 

@@ -155,7 +155,8 @@ def wan_request(seed: int, policy_text: str | None = None) -> denoiser_pb2.Denoi
 
 
 def test_wan_sp_matches_single_process_alone_and_batched(wan_model: Path, tmp_path: Path) -> None:
-    """U=2xR=2 over the video tokens (text replicated for cross-attention), plain and step-cached."""
+    """U=2xR=2 over the video tokens (text replicated for cross-attention), plain and step-cached; CFG
+    requests, so batched they share one call for both branches, which every rank replays slot by slot."""
     single = cpu_denoiser(wan_model, batching=BatchingConfig(mode="off"), attention_backend=BACKEND)
     messages = [wan_request(1), wan_request(2, DBCACHE)]
     flags = ("--batching", "continuous", "--max-batch-size", "4")

@@ -231,18 +231,24 @@ class SPDriver:
             raise Unavailable(f"the sequence-parallel group is down ({self.broken}); restart the denoiser")
 
     def announce(
-        self, trajectories: list[Any], branch: str, caching: bool, inputs: dict[str, torch.Tensor | None]
+        self,
+        trajectories: list[Any],
+        branches: tuple[str, ...],
+        caching: bool,
+        inputs: dict[str, torch.Tensor | None],
     ) -> None:
-        """Sends the followers the call rank 0 makes next, with its inputs."""
+        """Sends the followers the call rank 0 makes next, with its inputs: a slot per branch and
+        trajectory, in the call's row order (both CFG branches when they share the call)."""
         self.check_available()
         slots, configs = [], {}
-        for trajectory in trajectories:
-            job = self._jobs.get(trajectory)
-            if job is None:
-                job = self._jobs[trajectory] = next(self._ids)
-                weakref.finalize(trajectory, self._released.append, job)
-                configs[job] = trajectory.cache.config
-            slots.append((job, branch, trajectory.index, len(trajectory.timesteps), trajectory.latents.shape[0]))
+        for branch in branches:
+            for trajectory in trajectories:
+                job = self._jobs.get(trajectory)
+                if job is None:
+                    job = self._jobs[trajectory] = next(self._ids)
+                    weakref.finalize(trajectory, self._released.append, job)
+                    configs[job] = trajectory.cache.config
+                slots.append((job, branch, trajectory.index, len(trajectory.timesteps), trajectory.latents.shape[0]))
         released = [self._released.popleft() for _ in range(len(self._released))]
         specs = {name: None if t is None else (tuple(t.shape), t.dtype) for name, t in inputs.items()}
         dist.broadcast_object_list([CallHeader(caching, slots, configs, released, specs)], src=0, group=self.headers)
