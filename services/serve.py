@@ -95,8 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
             "--batching",
             default="off",
             choices=["off", "dynamic", "continuous"],
-            help="off: one request at a time (bit-exact with FluxPipeline); dynamic: request-level"
-            " batches; continuous: requests join and leave the running batch at step boundaries",
+            help="off: one request at a time (bit-exact with the pipeline unless --joint-cfg always);"
+            " dynamic: request-level batches; continuous: requests join and leave the running batch at step"
+            " boundaries",
         )
         group.add_argument("--max-batch-size", type=int, default=8, help="requests per batch (default: 8)")
         group.add_argument(
