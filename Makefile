@@ -63,8 +63,8 @@ bench-cache: install
 	$(VENV)/bin/ditserve bench cache --model models/shapes-wan --quality-prompts 100 --out bench/results/cache-video.json
 
 # Every CPU bench at its defaults on the repository's models (the README's figures), then the README's
-# tables regenerated from the results. About 40 minutes on 2 cores on 2026-12-01: the image cache bench
-# 11, the video one 17 (59.7 without the video one in 2026-11, when this machine ran ~3x slower). Run it
+# tables regenerated from the results. 40.5 minutes on 2 cores on 2026-12-01: the image cache bench 11,
+# the video one 17 (59.7 without the video one in 2026-11, when this machine ran ~3x slower). Run it
 # on a quiet machine: every figure is a ratio measured side by side, but load from elsewhere still skews it.
 bench: bench-cache
 	$(VENV)/bin/ditserve bench transport --out bench/results/transport.json
