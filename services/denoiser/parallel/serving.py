@@ -240,21 +240,28 @@ class SPDriver:
         """Sends the followers the call rank 0 makes next, with its inputs: a slot per branch and
         trajectory, in the call's row order (both CFG branches when they share the call)."""
         self.check_available()
-        slots, configs = [], {}
-        for branch in branches:
-            for trajectory in trajectories:
-                job = self._jobs.get(trajectory)
-                if job is None:
-                    job = self._jobs[trajectory] = next(self._ids)
-                    weakref.finalize(trajectory, self._released.append, job)
-                    configs[job] = trajectory.cache.config
-                slots.append((job, branch, trajectory.index, len(trajectory.timesteps), trajectory.latents.shape[0]))
+        configs: dict[int, CacheConfig] = {}
+        jobs = [self._job(trajectory, configs) for trajectory in trajectories]
+        slots = [
+            (job, branch, trajectory.index, len(trajectory.timesteps), trajectory.latents.shape[0])
+            for branch in branches
+            for job, trajectory in zip(jobs, trajectories, strict=True)
+        ]
         released = [self._released.popleft() for _ in range(len(self._released))]
         specs = {name: None if t is None else (tuple(t.shape), t.dtype) for name, t in inputs.items()}
         dist.broadcast_object_list([CallHeader(caching, slots, configs, released, specs)], src=0, group=self.headers)
         for tensor in inputs.values():
             if tensor is not None:
                 dist.broadcast(tensor.contiguous(), src=0)
+
+    def _job(self, trajectory: Any, configs: dict[int, CacheConfig]) -> int:
+        """The trajectory's job id; a new one's cache config goes into configs, for the followers."""
+        job = self._jobs.get(trajectory)
+        if job is None:
+            job = self._jobs[trajectory] = next(self._ids)
+            weakref.finalize(trajectory, self._released.append, job)
+            configs[job] = trajectory.cache.config
+        return job
 
     def fail(self, error: Exception) -> Unavailable:
         """A call raised: the other ranks may be stuck in a collective, so the whole group is lost."""
