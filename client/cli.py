@@ -19,6 +19,8 @@ import grpc
 from ditserve.client.config import (
     DEFAULT_HTTP_PORT,
     DEFAULT_PORTS,
+    JOINT_CFG_CHOICES,
+    QUANTIZE_CHOICES,
     add_model_argument,
     missing_model_hint,
     services_openmp,
@@ -432,7 +434,7 @@ def _stack_arguments(parser: argparse.ArgumentParser, up: bool = False) -> None:
     group.add_argument("--max-batch-size", type=int, default=None, help="requests per batch")
     group.add_argument(
         "--joint-cfg",
-        choices=["batched", "always"],
+        choices=JOINT_CFG_CHOICES,
         default=None,
         help="always: a true-CFG request alone runs both branches in one call (faster, not bit-exact)",
     )
@@ -450,7 +452,7 @@ def _stack_arguments(parser: argparse.ArgumentParser, up: bool = False) -> None:
     )
     group.add_argument(
         "--quantize",
-        choices=["none", "int8-weight", "fp8"],
+        choices=QUANTIZE_CHOICES,
         default=None,
         help="the blocks' Linears through torchao: int8-weight (any device) or fp8 (CUDA sm89+); Info reports it",
     )

@@ -18,6 +18,9 @@ DEFAULT_PORTS: dict[str, tuple[int, int]] = {
     "vae": (50053, 9403),
 }
 STAGES = ("encoder", "denoiser", "vae")
+# The denoiser's --quantize and --joint-cfg values, which `ditserve up` passes on as given.
+QUANTIZE_CHOICES = ("none", "int8-weight", "fp8")
+JOINT_CFG_CHOICES = ("batched", "always")
 DEFAULT_HTTP_PORT = 8000  # the gateway's OpenAI-compatible HTTP API
 DEFAULT_MODEL_NAME = "shapes-flux"  # the shipped image model, the default everywhere a model is taken
 DEFAULT_VIDEO_MODEL_NAME = "shapes-wan"  # the shipped video model, picked by name (--model shapes-wan)

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from ditserve.client.config import DEFAULT_PORTS, add_model_argument
+from ditserve.client.config import DEFAULT_PORTS, JOINT_CFG_CHOICES, QUANTIZE_CHOICES, add_model_argument
 from ditserve.services.common import device as device_flags
 from ditserve.services.common.errors import StartupError
 from ditserve.services.common.limits import RequestLimits
@@ -87,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
         parser.add_argument(
             "--quantize",
             default="none",
-            choices=["none", "int8-weight", "fp8"],
+            choices=QUANTIZE_CHOICES,
             help="the blocks' Linears through torchao: int8-weight (any device) or fp8 (dynamic, CUDA sm89+)",
         )
         group = parser.add_argument_group("batching")
@@ -114,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
         group.add_argument(
             "--joint-cfg",
             default="batched",
-            choices=["batched", "always"],
+            choices=JOINT_CFG_CHOICES,
             help="batched: a batch of true-CFG requests runs both branches in one transformer call, a request"
             " alone one call per branch (bit-exact with the pipeline); always: a request alone takes one call"
             " too, ~30%% less denoising time on the shipped image model, its latents within ~1e-5 of the"

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ditserve.client.config import QUANTIZE_CHOICES as MODES
 from ditserve.services.common.errors import StartupError
 
 if TYPE_CHECKING:
     import torch
 
-MODES = ("none", "int8-weight", "fp8")
 FP8_MIN_CAPABILITY = (8, 9)
 
 
